@@ -1,0 +1,3 @@
+from moectl.cli import main
+
+main()

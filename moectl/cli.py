@@ -1,0 +1,150 @@
+"""Command-line wiring only: each command parses flags and calls a library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from moectl.errors import UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train Mixture-of-Experts models with pluggable parallel strategies; measure speed and check numerics.",
+    pretty_exceptions_enable=False,
+)
+
+Opt = typer.Option
+
+
+@app.callback()
+def _root() -> None:
+    """Train Mixture-of-Experts models with pluggable parallel strategies; measure speed and check numerics."""
+
+
+def _flag_overrides(**flags: Any) -> dict[str, dict[str, Any]]:
+    sections = {
+        "strategy": "parallel",
+        "nproc": "parallel",
+        "dp_size": "parallel",
+        "tp_size": "parallel",
+        "ep_size": "parallel",
+        "nnodes": "parallel",
+        "node_rank": "parallel",
+        "rdzv_endpoint": "parallel",
+        "steps": "train",
+        "global_batch": "train",
+        "micro_batch": "train",
+        "seq_len": "train",
+        "lr": "train",
+        "seed": "train",
+        "model": "model.path",
+        "data": "data.source",
+    }
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        section, _, key = sections[name].partition(".")
+        overrides.setdefault(section, {})[key or name] = str(value) if isinstance(value, Path) else value
+    return overrides
+
+
+@app.command()
+def train(
+    config: Annotated[
+        str | None, Opt("--config", "-c", help="Preset name (see configs/) or a YAML path. Default: tiny.")
+    ] = None,
+    strategy: Annotated[
+        str | None, Opt(help="single, ddp, fsdp, tp, mixed, ep, a plugin name, module:Class or a .py file.")
+    ] = None,
+    steps: Annotated[int | None, Opt(help="Optimizer steps.")] = None,
+    global_batch: Annotated[
+        int | None, Opt(help="Sequences per optimizer step over all data-parallel ranks.")
+    ] = None,
+    micro_batch: Annotated[int | None, Opt(help="Sequences per forward/backward on one rank.")] = None,
+    seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate.")] = None,
+    seed: Annotated[int | None, Opt(help="Seed for initial weights and data order.")] = None,
+    nproc: Annotated[int | None, Opt(help="Processes per node. Default: follows from the degrees.")] = None,
+    dp_size: Annotated[int | None, Opt(help="Data-parallel degree.")] = None,
+    tp_size: Annotated[int | None, Opt(help="Tensor-parallel degree.")] = None,
+    ep_size: Annotated[int | None, Opt(help="Expert-parallel degree.")] = None,
+    nnodes: Annotated[int | None, Opt(help="Number of machines (multi-node rendezvous).")] = None,
+    node_rank: Annotated[int | None, Opt(help="This machine's index among --nnodes.")] = None,
+    rdzv_endpoint: Annotated[
+        str | None, Opt(help="HOST:PORT of the rendezvous, the same on every node.")
+    ] = None,
+    model: Annotated[
+        Path | None, Opt(help="Local HF checkpoint directory (config.json + safetensors) to start from.")
+    ] = None,
+    data: Annotated[str | None, Opt(help="'synthetic' or a .bin/.npy/.txt/.jsonl file.")] = None,
+    run_dir: Annotated[Path | None, Opt(help="Output directory. Default: runs/<time>-<strategy>.")] = None,
+    set_: Annotated[
+        list[str] | None, Opt("--set", help="Override any config key: section.key=value (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool, Opt(help="Print the resolved config, parameter counts, flops and memory per rank; exit.")
+    ] = False,
+) -> None:
+    """Train with one strategy and write a run directory (config.yaml, metrics.jsonl, summary.json, model/)."""
+    from moectl.config import merge_overrides, parse_set_option
+    from moectl.train import describe, plan, resolve, run
+
+    overrides = merge_overrides(
+        parse_set_option(set_ or []),
+        _flag_overrides(
+            strategy=strategy,
+            nproc=nproc,
+            dp_size=dp_size,
+            tp_size=tp_size,
+            ep_size=ep_size,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            rdzv_endpoint=rdzv_endpoint,
+            steps=steps,
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            seq_len=seq_len,
+            lr=lr,
+            seed=seed,
+            model=model,
+            data=data,
+        ),
+    )
+    the_plan = plan(resolve(config, overrides))
+    if dry_run:
+        describe(the_plan, Console())
+        return
+    result = run(the_plan, run_dir)
+    where = result if isinstance(result, Path) else the_plan.cfg.run_dir
+    if not hasattr(result, "strategy") or _is_rank0():
+        Console().print(f"[green]done[/green]: run directory {where}")
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main() -> None:
+    """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    from moectl.launch import WorkerFailed
+
+    try:
+        app()
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except WorkerFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

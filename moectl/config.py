@@ -1,0 +1,286 @@
+"""Typed run configuration: four sections loaded from a YAML preset, then overridden.
+
+The resolved config is the single source of truth for a run: the launcher writes it to the run
+directory and every worker reads it back, so all ranks agree on every value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moectl.errors import UsageError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+@dataclass
+class ModelConfig:
+    """Qwen3-MoE dimensions (HF names in comments where ours differ)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 2  # num_hidden_layers
+    num_heads: int = 4  # num_attention_heads
+    num_kv_heads: int = 2  # num_key_value_heads
+    head_dim: int = 16
+    num_experts: int = 8
+    top_k: int = 2  # num_experts_per_tok
+    moe_intermediate_size: int = 32
+    intermediate_size: int = 128  # dense MLP width; unused while every layer is sparse
+    norm_topk_prob: bool = True
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 40960
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    path: str | None = None  # a local HF checkpoint directory to load instead of random init
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" or a path to .bin / .npy / .txt / .jsonl
+    token_dtype: str = "uint16"  # element type of flat .bin token files: uint16 or uint32
+    tokenizer: str | None = None  # local tokenizer directory for text files; byte-level if absent
+    noise: float = 0.0  # synthetic only: share of tokens replaced by random ones
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 4  # sequences per forward/backward on one rank
+    seq_len: int = 64
+    lr: float = 0.1
+    weight_decay: float = 0.1
+    momentum: float = 0.0
+    optimizer: str = "sgd"  # sgd or adamw
+    seed: int = 0
+    warmup_steps: int = 2  # steps left out of the timing summary
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    device: str = "auto"  # auto, cpu, cuda
+    activation_checkpointing: bool = False
+    compile: bool = False
+    peak_tflops: float | None = None  # overrides the device table for MFU
+    on_nonfinite: str = "stop"  # stop or skip a step whose loss or gradient is not finite
+    checkpoint_every: int = 0  # 0 = no intermediate checkpoints
+    save_model: bool = True  # write the final HF model directory
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "single"
+    nproc: int | None = None  # processes per node; default follows from the degrees
+    dp_size: int | None = None
+    tp_size: int = 1
+    ep_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous; needed with --nnodes > 1
+    timeout_s: int = 300  # collective timeout: a stuck or dead peer ends the job after this
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "run_dir"}
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or say what is wrong."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        annotation = options[0]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise UsageError(f"{where} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())
+        ):
+            raise UsageError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where} must be a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise UsageError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply_section(section_obj: Any, values: dict[str, Any], section: str) -> None:
+    types_by_name = _field_types(type(section_obj))
+    for key, value in values.items():
+        if key not in types_by_name:
+            known = ", ".join(types_by_name)
+            raise UsageError(f"unknown key '{section}.{key}'; known keys in '{section}': {known}")
+        setattr(section_obj, key, _coerce(value, types_by_name[key], f"{section}.{key}"))
+
+
+def load_yaml(source: str | None) -> dict[str, Any]:
+    """Read a preset by name or a YAML file by path."""
+    source = source or DEFAULT_PRESET
+    path = Path(source)
+    if not (source.endswith((".yaml", ".yml")) or path.exists()):
+        path = CONFIGS_DIR / f"{source}.yaml"
+        if not path.exists():
+            raise UsageError(
+                f"unknown preset '{source}'; choose one of {', '.join(list_presets())} or give a YAML path"
+            )
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist; give a preset name or an existing YAML path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise UsageError(f"config file {path} is not valid YAML ({first_line}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
+    return data
+
+
+def build_config(source: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """Preset or YAML file, then overrides section by section; validated at the end."""
+    cfg = RunConfig()
+    layers = [load_yaml(source), overrides or {}]
+    for layer in layers:
+        for section, values in layer.items():
+            if section == "run_dir":
+                cfg.run_dir = None if values is None else str(values)
+                continue
+            if section not in SECTIONS:
+                raise UsageError(f"unknown config section '{section}'; sections are {', '.join(SECTIONS)}")
+            if not isinstance(values, dict):
+                raise UsageError(f"config section '{section}' must be a mapping of keys to values")
+            _apply_section(getattr(cfg, section), values, section)
+    validate(cfg)
+    return cfg
+
+
+def parse_set_option(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn repeated `--set section.key=value` into nested overrides; values parse as YAML scalars."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UsageError(f"--set takes section.key=value, got {item!r} (e.g. --set train.lr=0.05)")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def _require_positive(values: dict[str, int | float | None]) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise UsageError(f"{name} must be positive, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no world size: sizes positive, choices known."""
+    m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
+    _require_positive(
+        {
+            "model.vocab_size": m.vocab_size,
+            "model.hidden_size": m.hidden_size,
+            "model.num_layers": m.num_layers,
+            "model.num_heads": m.num_heads,
+            "model.num_kv_heads": m.num_kv_heads,
+            "model.head_dim": m.head_dim,
+            "model.num_experts": m.num_experts,
+            "model.top_k": m.top_k,
+            "model.moe_intermediate_size": m.moe_intermediate_size,
+            "train.steps": t.steps,
+            "train.global_batch": t.global_batch,
+            "train.micro_batch": t.micro_batch,
+            "train.seq_len": t.seq_len,
+            "train.lr": t.lr,
+            "parallel.nproc": p.nproc,
+            "parallel.dp_size": p.dp_size,
+            "parallel.tp_size": p.tp_size,
+            "parallel.ep_size": p.ep_size,
+            "parallel.nnodes": p.nnodes,
+            "parallel.timeout_s": p.timeout_s,
+        }
+    )
+    if m.top_k > m.num_experts:
+        raise UsageError(f"model.top_k ({m.top_k}) cannot exceed model.num_experts ({m.num_experts})")
+    if m.num_heads % m.num_kv_heads:
+        raise UsageError(
+            f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})"
+        )
+    for name, value in {
+        "train.weight_decay": t.weight_decay,
+        "train.momentum": t.momentum,
+        "train.warmup_steps": t.warmup_steps,
+        "train.checkpoint_every": t.checkpoint_every,
+        "data.noise": d.noise,
+        "parallel.node_rank": p.node_rank,
+    }.items():
+        if value < 0:
+            raise UsageError(f"{name} must not be negative, got {value}")
+    choices = {
+        "train.optimizer": (t.optimizer, ("sgd", "adamw")),
+        "train.dtype": (t.dtype, ("auto", "float32", "bfloat16")),
+        "train.device": (t.device, ("auto", "cpu", "cuda")),
+        "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
+        "data.token_dtype": (d.token_dtype, ("uint16", "uint32")),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if not 0 <= d.noise <= 1:
+        raise UsageError(f"data.noise must lie in [0, 1], got {d.noise}")
+    if p.node_rank >= p.nnodes:
+        raise UsageError(f"parallel.node_rank ({p.node_rank}) must be below parallel.nnodes ({p.nnodes})")
+    if p.nnodes > 1 and not p.rdzv_endpoint:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every node")

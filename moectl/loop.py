@@ -1,0 +1,203 @@
+"""The one training loop. It never asks which strategy it runs: everything parallel sits behind
+the Strategy contract (strategies/base.py)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moectl import runtime
+from moectl.config import RunConfig, TrainConfig
+from moectl.data import build_data, rank_slice
+from moectl.errors import UsageError
+from moectl.hf_io import HFCheckpoint
+from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
+from moectl.model import build_meta_model, materialize, random_init_source
+from moectl.outputs import write_json_atomic
+from moectl.report import StepReporter
+from strategies.base import Strategy
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Summary:
+    """What a run measured; medians are over the steps after warm-up."""
+
+    strategy: str
+    world_size: int
+    steps: int
+    warmup_steps: int
+    tokens_per_step: int
+    median_step_time_s: float
+    tokens_per_s: float
+    tokens_per_s_per_device: float
+    mfu: float | None
+    mfu_seed: float | None
+    flops_per_token: float
+    peak_mem_gib: float
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    device: str = "cpu"
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+
+
+def train_step(model, strategy, optimizer, micro_batches, num_target_tokens) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
+
+    Why the loss is divided by the token count of the *whole global batch* (not of the
+    micro-batch): gradients then add up across micro-batches and data-parallel ranks to exactly the
+    gradient of one big batch, so any accumulation or parallel layout trains the same model.
+    """
+    loss_sum = torch.zeros((), device=micro_batches[0].device)
+    for index, tokens in enumerate(micro_batches):
+        is_last = index == len(micro_batches) - 1
+        with strategy.no_sync(model, is_last):
+            logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
+            token_loss = F.cross_entropy(
+                logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"
+            )
+            (token_loss * (strategy.loss_scale / num_target_tokens)).backward()
+        loss_sum += token_loss.detach()
+    strategy.after_backward(model)
+    return loss_sum
+
+
+def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Summary:
+    """Build, train and save; every rank runs this, rank 0 reports and writes."""
+    train = cfg.train
+    device = runtime.pick_device(train)
+    dtype = runtime.pick_dtype(train, device)
+    is_rank0 = runtime.rank() == 0
+    torch.manual_seed(train.seed)
+
+    source = (
+        HFCheckpoint(Path(cfg.model.path)) if cfg.model.path else random_init_source(cfg.model, train.seed)
+    )
+    strategy.mesh = strategy.build_mesh(device.type)
+    model = build_meta_model(cfg.model, dtype)
+    model = strategy.parallelize(model, lambda m: materialize(m, device, source, strategy.shard), train)
+    model.train()
+    optimizer = build_optimizer(model, train)
+    data = build_data(cfg.data, cfg.model.vocab_size, train.seed)
+
+    dp_rank, dp_size = strategy.dp_rank(), strategy.dp_size
+    num_target_tokens = train.global_batch * train.seq_len
+    flops_tok, seed_flops_tok = flops_per_token(cfg.model, train.seq_len), seed_flops_per_token(cfg.model)
+    peak = device_peak_flops(device, train.peak_tflops)
+    world = runtime.world_size()
+    reporter = StepReporter(run_dir, train.steps, is_rank0, f"{strategy.name} ×{world}")
+
+    losses, step_times = [], []
+    try:
+        for step in range(train.steps):
+            local = rank_slice(
+                data.global_batch(step, train.global_batch, train.seq_len), dp_rank, dp_size
+            ).to(device)
+            runtime.synchronize(device)
+            started = time.perf_counter()
+            loss_sum = train_step(
+                model, strategy, optimizer, local.split(train.micro_batch), num_target_tokens
+            )
+            if dist.is_initialized():
+                dist.all_reduce(loss_sum, group=strategy.loss_group())
+            loss = loss_sum.item() / num_target_tokens
+            if not math.isfinite(loss):
+                if train.on_nonfinite == "stop":
+                    raise NonFiniteLoss(
+                        f"loss is {loss} at step {step + 1}; lower --lr or use --set train.on_nonfinite=skip"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                reporter.message(f"step {step + 1}: loss is {loss}; step skipped")
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            runtime.synchronize(device)
+            elapsed = time.perf_counter() - started
+            losses.append(loss)
+            step_times.append(elapsed)
+            tokens_per_s = num_target_tokens / elapsed
+            reporter.step(
+                {
+                    "step": step,
+                    "loss": loss,
+                    "step_time_s": elapsed,
+                    "tokens_per_s": tokens_per_s,
+                    "tokens_per_s_per_device": tokens_per_s / world,
+                    "mfu": mfu(flops_tok, tokens_per_s / world, peak),
+                    "mfu_seed": mfu(seed_flops_tok, tokens_per_s / world, peak),
+                    "mem_gib": peak_memory_gib(device),
+                    "warmup": step < train.warmup_steps,
+                }
+            )
+    finally:
+        reporter.close()
+
+    timed = step_times[train.warmup_steps :] or step_times
+    median_time = statistics.median(timed)
+    peak_mem = torch.tensor(peak_memory_gib(device), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+    tokens_per_s = num_target_tokens / median_time
+    summary = Summary(
+        strategy=strategy.name,
+        world_size=world,
+        steps=train.steps,
+        warmup_steps=train.warmup_steps,
+        tokens_per_step=num_target_tokens,
+        median_step_time_s=median_time,
+        tokens_per_s=tokens_per_s,
+        tokens_per_s_per_device=tokens_per_s / world,
+        mfu=mfu(flops_tok, tokens_per_s / world, peak),
+        mfu_seed=mfu(seed_flops_tok, tokens_per_s / world, peak),
+        flops_per_token=flops_tok,
+        peak_mem_gib=float(peak_mem),
+        final_loss=losses[-1] if losses else float("nan"),
+        losses=losses,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    )
+    save_outputs(cfg, strategy, model, run_dir, summary, is_rank0)
+    return summary
+
+
+def save_outputs(
+    cfg: RunConfig,
+    strategy: Strategy,
+    model: nn.Module,
+    run_dir: Path | None,
+    summary: Summary,
+    is_rank0: bool,
+) -> None:
+    from moectl.hf_io import save_hf_model
+    from moectl.model import hf_config
+
+    state = strategy.full_state_dict(model) if cfg.train.save_model else None
+    if not is_rank0 or run_dir is None:
+        return
+    if state is not None:
+        bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+        if bad:
+            raise NonFiniteLoss(
+                f"non-finite weights in {bad[0]} (and {len(bad) - 1} more); the model was not written"
+            )
+        save_hf_model(state, hf_config(cfg.model), run_dir / "model")
+    write_json_atomic(run_dir / "summary.json", asdict(summary))
+
+
+__all__ = ["run_training", "Summary", "NonFiniteLoss", "UsageError"]

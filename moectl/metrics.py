@@ -1,0 +1,140 @@
+"""Parameter counts, flops per token and MFU, exactly as the README states the formulas."""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+import torch
+
+from moectl.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device (SXM parts, no sparsity). Longer names first: "H200" contains "H20".
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("H20", 148e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+]
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    active: int  # per token: routed experts scaled by top_k / num_experts, embeddings included
+    active_matmul: int  # matmul weights a token passes through; input embedding excluded unless tied
+    experts: int  # all routed-expert weights
+    embedding: int  # input embedding + lm_head
+
+    @property
+    def dense(self) -> int:
+        return self.total - self.experts
+
+
+def count_params(cfg: ModelConfig) -> ParamCounts:
+    """Hand count from the dimensions, so `--dry-run` works for 30B models without building them."""
+    hidden, layers = cfg.hidden_size, cfg.num_layers
+    q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
+    norms_per_layer = 2 * hidden + 2 * cfg.head_dim  # input/post-attention norms, q_norm, k_norm
+    router = cfg.num_experts * hidden
+    experts_per_layer = cfg.num_experts * 3 * hidden * cfg.moe_intermediate_size
+    input_embedding = cfg.vocab_size * hidden
+    lm_head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * hidden
+    experts = layers * experts_per_layer
+    total = (
+        input_embedding
+        + lm_head
+        + layers * (attention + norms_per_layer + router + experts_per_layer)
+        + hidden
+    )
+    routed_fraction = cfg.top_k / cfg.num_experts
+    active_experts = layers * experts_per_layer * routed_fraction
+    active = total - experts + active_experts
+    output_matmul = cfg.vocab_size * hidden  # lm_head, or the tied embedding used as the output matmul
+    active_matmul = output_matmul + layers * (attention + router) + active_experts
+    return ParamCounts(
+        total=int(total),
+        active=int(active),
+        active_matmul=int(active_matmul),
+        experts=int(experts),
+        embedding=int(input_embedding + lm_head),
+    )
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6 · N_active_matmul + 12 · n_layers · n_heads · head_dim · seq_len (forward + backward)."""
+    counts = count_params(cfg)
+    return 6 * counts.active_matmul + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def seed_flops_per_token(cfg: ModelConfig) -> float:
+    """The seed validator's simpler 6 · N_active (embeddings included, no attention term)."""
+    return 6 * count_params(cfg).active
+
+
+def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Peak bf16 FLOP/s of one device; None (shown as "n/a") when unknown, never a guess."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+def mfu(flops_per_tok: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:
+    if peak is None:
+        return None
+    return flops_per_tok * tokens_per_s_per_device / peak
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak device memory allocated by torch on GPU; the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def format_mfu(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def estimate_memory_gib(
+    cfg: ModelConfig,
+    params_per_rank: float,
+    param_bytes: int,
+    optimizer: str,
+    momentum: float,
+    micro_batch: int,
+    seq_len: int,
+    activation_checkpointing: bool,
+) -> float:
+    """Rough per-rank memory: weights + grads + optimizer state + activations (an estimate, not a promise)."""
+    optimizer_bytes = 8 if optimizer == "adamw" else (4 if momentum else 0)
+    state = params_per_rank * (2 * param_bytes + optimizer_bytes)
+    tokens = micro_batch * seq_len
+    per_layer = (
+        tokens
+        * (
+            10 * cfg.hidden_size
+            + 4 * cfg.num_heads * cfg.head_dim
+            + cfg.top_k * 4 * cfg.moe_intermediate_size
+        )
+        * param_bytes
+    )
+    layers_kept = 1 if activation_checkpointing else cfg.num_layers
+    activations = per_layer * layers_kept + (
+        tokens * cfg.hidden_size * param_bytes * cfg.num_layers if activation_checkpointing else 0
+    )
+    logits = tokens * cfg.vocab_size * 4 * 2
+    return (state + activations + logits) / 2**30

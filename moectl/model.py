@@ -1,0 +1,184 @@
+"""The model: transformers' own Qwen3-MoE, built on the meta device and materialised in place.
+
+Why meta first: a strategy shards the model before any memory is spent, then every rank fills only
+its own shard. Initial values are a pure function of (seed, parameter name), drawn for the full
+tensor and sliced, so every strategy starts from exactly the weights `single` starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from moectl.config import ModelConfig
+from moectl.errors import UsageError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def hf_config(cfg: ModelConfig) -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        norm_topk_prob=cfg.norm_topk_prob,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.initializer_range,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+
+
+def model_config_from_hf_dir(path: Path) -> ModelConfig:
+    """Read a local HF checkpoint's config.json into our ModelConfig (no network, no remote code)."""
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise UsageError(f"--model {path} is not a directory; give a local HF checkpoint directory")
+    if not config_file.is_file():
+        raise UsageError(f"--model {path} has no config.json; point it at an HF checkpoint directory")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{config_file} is not valid JSON ({exc.msg}); restore the file") from None
+    if raw.get("model_type") != "qwen3_moe":
+        raise UsageError(
+            f"{config_file} has model_type {raw.get('model_type')!r}; moectl trains qwen3_moe models"
+        )
+    rope = raw.get("rope_parameters") or {}
+    try:
+        return ModelConfig(
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=raw["num_attention_heads"],
+            num_kv_heads=raw["num_key_value_heads"],
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
+            num_experts=raw["num_experts"],
+            top_k=raw["num_experts_per_tok"],
+            moe_intermediate_size=raw["moe_intermediate_size"],
+            intermediate_size=raw.get("intermediate_size", 4 * raw["hidden_size"]),
+            norm_topk_prob=raw.get("norm_topk_prob", True),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 1_000_000.0)),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=raw.get("max_position_embeddings", 40960),
+            initializer_range=raw.get("initializer_range", 0.02),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            path=str(path),
+        )
+    except KeyError as exc:
+        raise UsageError(
+            f"{config_file} lacks the key {exc.args[0]!r}; it is not a complete Qwen3-MoE config"
+        ) from None
+
+
+def build_meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Qwen3MoeForCausalLM:
+    """The HF module tree on the meta device: shapes only, no memory, no initialisation cost."""
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(hf_config(cfg))
+    return model.to(dtype)
+
+
+def canonical_name(name: str) -> str:
+    """Strip wrapper prefixes (DDP, compile, activation checkpointing) to get the HF key."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def init_full_tensor(
+    name: str, shape: torch.Size, cfg: ModelConfig, seed: int, device: torch.device
+) -> torch.Tensor:
+    """Initial value of one parameter: a pure function of (seed, name, shape), as HF initialises it."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, device=device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return torch.randn(shape, generator=generator, device=device) * cfg.initializer_range
+
+
+TensorSource = Callable[[str, torch.Size, torch.device], torch.Tensor]
+
+
+def random_init_source(cfg: ModelConfig, seed: int) -> TensorSource:
+    return lambda name, shape, device: init_full_tensor(name, shape, cfg, seed, device)
+
+
+def local_shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a full tensor: DTensors by their placements, plain tensors whole."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+    return full
+
+
+def _reset_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary frequencies) are garbage after to_empty; rebuild them."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            fresh = type(module)(config=module.config)
+            for buffer_name, value in fresh.named_buffers(recurse=False):
+                getattr(module, buffer_name).copy_(value)
+
+
+ShardFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def materialize(
+    model: nn.Module, device: torch.device, source: TensorSource, shard: ShardFn | None = None
+) -> None:
+    """Allocate every (possibly sharded) parameter on `device` and fill this rank's part from `source`.
+
+    `shard(name, param, full)` lets a strategy that keeps plain local tensors pick its slice;
+    DTensor parameters need no help.
+    """
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        key = canonical_name(name)
+        full_shape = param.shape
+        full = source(key, full_shape, device).to(device=device, dtype=param.dtype)
+        piece = shard(key, param, full) if shard is not None else local_shard(param, full)
+        target = param.to_local() if isinstance(param, DTensor) else param
+        if target.shape != piece.shape:
+            raise RuntimeError(
+                f"shard of {name} has shape {tuple(piece.shape)}, parameter {tuple(target.shape)}"
+            )
+        target.copy_(piece)
+    _reset_buffers(model)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a (possibly wrapped) Qwen3-MoE causal LM."""
+    inner = model.module if hasattr(model, "module") else model
+    return inner.model.layers
+
+
+def apply_layer_wrappers(model: nn.Module, train) -> None:
+    """Activation checkpointing, then torch.compile, per decoder layer (the fixed middle of the wrap order).
+
+    Checkpointing goes through transformers' own switch (non-reentrant), which keeps parameter names
+    unchanged; compile is per layer so that graph breaks stay local and FSDP can still wrap layers.
+    """
+    if train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.compile:
+        for layer in decoder_layers(model):
+            layer.compile()

@@ -1,0 +1,56 @@
+"""Process-level setup: which device, which dtype, and the process group when there are peers."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from moectl.config import TrainConfig
+
+
+def under_torchrun() -> bool:
+    """True inside a worker started by an elastic agent (ours or an outside torchrun)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def pick_device(train: TrainConfig) -> torch.device:
+    use_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def pick_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
+    if train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, train.dtype)
+
+
+def init_process_group(device: torch.device, timeout_s: int) -> None:
+    """nccl on GPUs, gloo on the CPU; a dead peer surfaces as an error after `timeout_s`, never a hang."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) == 1 and not under_torchrun():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    if device.type == "cpu":
+        # Several CPU workers share the cores: one thread each avoids oversubscription.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,161 @@
+"""`moectl train` as a library function: resolve and check everything, then run or launch.
+
+Every check that can fail on user input runs here, before the run directory exists, so bad input
+never leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
+
+from moectl import runtime
+from moectl.config import RunConfig, build_config
+from moectl.data import load_tokens
+from moectl.errors import UsageError
+from moectl.hf_io import HFCheckpoint
+from moectl.metrics import count_params, estimate_memory_gib, flops_per_token, seed_flops_per_token
+from moectl.model import model_config_from_hf_dir
+from moectl.outputs import check_run_dir_writable, create_run_dir, default_run_dir
+from strategies import get_strategy
+from strategies.base import Strategy
+
+
+@dataclass
+class Plan:
+    cfg: RunConfig
+    strategy: Strategy
+    world_size: int
+    nproc_per_node: int
+    num_micro_batches: int
+
+
+def resolve(config: str | None, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    cfg = build_config(config, overrides)
+    if cfg.model.path:
+        cfg.model = model_config_from_hf_dir(Path(cfg.model.path))
+    return cfg
+
+
+def plan(cfg: RunConfig) -> Plan:
+    """World size from --nproc (or the outside launcher, or the degrees); every degree checked."""
+    strategy_cls = get_strategy(cfg.parallel.strategy)
+    parallel = cfg.parallel
+    if runtime.under_torchrun():
+        world_size = int(os.environ["WORLD_SIZE"])
+        nproc_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    elif parallel.nproc:
+        nproc_per_node, world_size = parallel.nproc, parallel.nproc * parallel.nnodes
+    else:
+        world_size = strategy_cls.default_world_size(parallel)
+        if world_size % parallel.nnodes:
+            raise UsageError(
+                f"world size {world_size} does not split over {parallel.nnodes} nodes; give --nproc"
+            )
+        nproc_per_node = world_size // parallel.nnodes
+    strategy = strategy_cls(parallel, world_size)
+    strategy.validate(cfg.model, cfg.train)
+
+    train = cfg.train
+    per_step = train.micro_batch * strategy.dp_size
+    if train.global_batch % per_step:
+        raise UsageError(
+            f"global batch {train.global_batch} is not a multiple of micro-batch {train.micro_batch} × "
+            f"data-parallel degree {strategy.dp_size} = {per_step}; use --global-batch {max(per_step, train.global_batch // per_step * per_step)}"
+        )
+    if train.seq_len > cfg.model.max_position_embeddings:
+        raise UsageError(
+            f"--seq-len {train.seq_len} exceeds model.max_position_embeddings {cfg.model.max_position_embeddings}"
+        )
+    if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UsageError("train.device is cuda but no GPU is visible; use --set train.device=cpu")
+        if nproc_per_node > torch.cuda.device_count():
+            raise UsageError(
+                f"{nproc_per_node} processes per node but {torch.cuda.device_count()} GPUs; lower --nproc"
+            )
+    if cfg.data.source != "synthetic":
+        load_tokens(cfg.data)
+    if cfg.model.path:
+        HFCheckpoint(Path(cfg.model.path))
+    return Plan(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step)
+
+
+def describe(p: Plan, console: Console) -> None:
+    """The --dry-run report: resolved config, parameter counts, flops per token, memory per rank."""
+    cfg = p.cfg
+    counts = count_params(cfg.model)
+    device_is_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    param_bytes = (
+        4 if (cfg.train.dtype == "float32" or (cfg.train.dtype == "auto" and not device_is_gpu)) else 2
+    )
+    memory = estimate_memory_gib(
+        cfg.model,
+        p.strategy.params_per_rank(counts),
+        param_bytes,
+        cfg.train.optimizer,
+        cfg.train.momentum,
+        cfg.train.micro_batch,
+        cfg.train.seq_len,
+        cfg.train.activation_checkpointing,
+    )
+    console.print(cfg.to_yaml(), markup=False, highlight=False)
+    table = Table(title=f"{p.strategy.name} on {p.world_size} process(es)", show_header=False)
+    rows = [
+        ("total parameters", f"{counts.total / 1e9:.3f} B ({counts.total:,})"),
+        ("active parameters / token", f"{counts.active / 1e9:.3f} B"),
+        ("active matmul parameters / token", f"{counts.active_matmul / 1e9:.3f} B"),
+        (
+            "flops / token (6·N_active_matmul + attention)",
+            f"{flops_per_token(cfg.model, cfg.train.seq_len):.4g}",
+        ),
+        ("flops / token, seed style (6·N_active)", f"{seed_flops_per_token(cfg.model):.4g}"),
+        ("data-parallel degree", str(p.strategy.dp_size)),
+        ("micro-batches per step (accumulation)", str(p.num_micro_batches)),
+        ("parameters per rank", f"{p.strategy.params_per_rank(counts) / 1e9:.3f} B"),
+        ("memory estimate per rank", f"{memory:.2f} GiB"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+def run(p: Plan, run_dir: Path | None) -> Any:
+    """Run on this process (world 1, or inside an outside torchrun) or launch workers."""
+    from moectl.launch import launch_workers
+    from moectl.loop import run_training
+
+    cfg = p.cfg
+    if runtime.under_torchrun():
+        device = runtime.pick_device(cfg.train)
+        runtime.init_process_group(device, cfg.parallel.timeout_s)
+        target = [None]
+        if runtime.rank() == 0:
+            target[0] = str(_prepare_run_dir(cfg, run_dir))
+        if dist.is_initialized():
+            dist.broadcast_object_list(target, src=0)
+        try:
+            return run_training(cfg, p.strategy, Path(target[0]))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    target = _prepare_run_dir(cfg, run_dir)
+    if p.world_size == 1 and cfg.parallel.nnodes == 1:
+        return run_training(cfg, p.strategy, target)
+    launch_workers(cfg.parallel, p.nproc_per_node, target / "config.yaml", target)
+    return target
+
+
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path | None) -> Path:
+    target = Path(run_dir or cfg.run_dir or default_run_dir(cfg.parallel.strategy))
+    cfg.run_dir = str(target)
+    check_run_dir_writable(target)
+    create_run_dir(target, cfg.to_yaml())
+    return target

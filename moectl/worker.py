@@ -1,0 +1,34 @@
+"""Entry point of one worker process started by the elastic launcher: `python -m moectl.worker CONFIG RUN_DIR`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from moectl import runtime
+from moectl.config import build_config
+from moectl.errors import UsageError
+from moectl.loop import run_training
+from strategies import get_strategy
+
+
+def main(config_path: str, run_dir: str) -> int:
+    cfg = build_config(config_path)
+    device = runtime.pick_device(cfg.train)
+    runtime.init_process_group(device, cfg.parallel.timeout_s)
+    try:
+        strategy = get_strategy(cfg.parallel.strategy)(cfg.parallel, runtime.world_size())
+        run_training(cfg, strategy, Path(run_dir))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
