@@ -85,6 +85,8 @@ class ParallelConfig:
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # host:port of the rendezvous; needed with --nnodes > 1
     timeout_s: int = 300  # collective timeout: a stuck or dead peer ends the job after this
+    fsdp: bool = False  # ep: also shard dense parameters (and expert replicas) with FSDP2
+    mixed_dp: str = "fsdp"  # mixed: what runs over the dp axis, fsdp or ddp
 
 
 @dataclass
