@@ -141,6 +141,9 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config, out_dir: Path)
     beside the target, and renamed into place, so a crash never leaves a half-written model.
     """
     from transformers import Qwen3MoeForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(hf_config)

@@ -63,30 +63,31 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
         raise UsageError(
             f"{config_file} has model_type {raw.get('model_type')!r}; moectl trains qwen3_moe models"
         )
-    rope = raw.get("rope_parameters") or {}
     try:
+        hf = Qwen3MoeConfig.from_dict(raw)  # maps every transformers version's key names
+        rope = getattr(hf, "rope_parameters", None) or {}
         return ModelConfig(
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            num_layers=raw["num_hidden_layers"],
-            num_heads=raw["num_attention_heads"],
-            num_kv_heads=raw["num_key_value_heads"],
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
-            num_experts=raw["num_experts"],
-            top_k=raw["num_experts_per_tok"],
-            moe_intermediate_size=raw["moe_intermediate_size"],
-            intermediate_size=raw.get("intermediate_size", 4 * raw["hidden_size"]),
-            norm_topk_prob=raw.get("norm_topk_prob", True),
-            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 1_000_000.0)),
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=raw.get("max_position_embeddings", 40960),
-            initializer_range=raw.get("initializer_range", 0.02),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=hf.num_key_value_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+            num_experts=hf.num_experts,
+            top_k=hf.num_experts_per_tok,
+            moe_intermediate_size=hf.moe_intermediate_size,
+            intermediate_size=hf.intermediate_size,
+            norm_topk_prob=hf.norm_topk_prob,
+            rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", 1_000_000.0)),
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=hf.max_position_embeddings,
+            initializer_range=hf.initializer_range,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             path=str(path),
         )
-    except KeyError as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(
-            f"{config_file} lacks the key {exc.args[0]!r}; it is not a complete Qwen3-MoE config"
+            f"{config_file} is not a complete Qwen3-MoE config ({exc}); re-save the checkpoint"
         ) from None
 
 
