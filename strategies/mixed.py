@@ -143,5 +143,6 @@ class Mixed(TensorParallel):
         yield
 
     def after_backward(self, model: nn.Module) -> None:
+        super().after_backward(model)  # tp: Partial q_norm/k_norm gradients (a no-op under FSDP2)
         if self.parallel.mixed_dp == "ddp" and self.dp_size > 1:
             all_reduce_gradients(model, self.mesh.get_group("dp"))

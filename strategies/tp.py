@@ -19,7 +19,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -154,8 +154,9 @@ def parallelize_attention(attention: nn.Module, tp_mesh: DeviceMesh) -> None:
     input gradients add up as DTensors and are all-reduced once, not three times.
     q_norm/k_norm see local heads only, so their weight gradients are partial over tp. As Replicate
     DTensors with the input declared Shard on the heads dim (SequenceParallel with sequence_dim=2),
-    DTensor reduces those gradients in autograd: right under any wrapper, with accumulation, with no
-    hand-kept list of parameters to fix up after backward.
+    DTensor tracks that: their gradients come out Partial, and whoever reads them reduces them
+    (FSDP2 before its reduce-scatter, `finish_partial_gradients` otherwise). No hand-kept list of
+    parameters, and one reduction per step, not per micro-batch.
     """
     parallelize_module(
         attention,
@@ -188,6 +189,19 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     for layer in decoder_layers(model):
         parallelize_attention(layer.self_attn, tp_mesh)
         parallelize_moe(layer.mlp, tp_mesh)
+
+
+def finish_partial_gradients(model: nn.Module) -> None:
+    """Reduce DTensor gradients that autograd left Partial (q_norm/k_norm) to their parameter's layout.
+
+    The optimizer would reduce them implicitly too, but once per op that touches them (momentum,
+    weight decay, Adam's moments); doing it once here keeps every optimizer and gradient clipping
+    on plain, final gradients.
+    """
+    for param in model.parameters():
+        grad = param.grad
+        if isinstance(grad, DTensor) and grad.placements != param.placements:
+            param.grad = grad.redistribute(placements=param.placements)
 
 
 def tensor_parallel_params_per_rank(model: ModelConfig, counts: ParamCounts, tp_size: int) -> float:
@@ -257,6 +271,9 @@ class TensorParallel(Strategy):
         materialize(model)
         return model
 
+    def after_backward(self, model: nn.Module) -> None:
+        finish_partial_gradients(model)
+
     def shard(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         if name.endswith(GATE_UP_SUFFIX):
             full = gate_up_to_rank_blocks(full, self.tp_size)
@@ -276,6 +293,7 @@ __all__ = [
     "TensorParallel",
     "apply_tensor_parallel",
     "check_tp_divides_model",
+    "finish_partial_gradients",
     "gate_up_from_rank_blocks",
     "gate_up_to_rank_blocks",
     "tensor_parallel_params_per_rank",
