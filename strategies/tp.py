@@ -287,14 +287,3 @@ class TensorParallel(Strategy):
             key: gate_up_from_rank_blocks(value, self.tp_size) if key.endswith(GATE_UP_SUFFIX) else value
             for key, value in state.items()
         }
-
-
-__all__ = [
-    "TensorParallel",
-    "apply_tensor_parallel",
-    "check_tp_divides_model",
-    "finish_partial_gradients",
-    "gate_up_from_rank_blocks",
-    "gate_up_to_rank_blocks",
-    "tensor_parallel_params_per_rank",
-]
