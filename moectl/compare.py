@@ -14,12 +14,16 @@ How it reads, and why:
   one-line usage error before any tensor is compared. Nothing is ever unpickled.
 * A canonical unit is always one contiguous byte range of one file (see ``CanonicalUnit``), so the
   data is read straight from read-only memory maps, in chunks of ``CHUNK_ELEMENTS`` elements. Each
-  chunk is upcast into preallocated float32 buffers (float64 for float64 or integer tensors) that
-  stay in cache; its sums of squares are added to float64 accumulators. After a chunk, its pages are
-  dropped from the process's mapping (``MADV_DONTNEED``; the page cache keeps them), so resident
-  memory stays at a few buffers instead of growing with the files read. ``safetensors.safe_open``
-  maps the same bytes but keeps every touched page resident until the file is closed (about the size
-  of both open shards) and allocates a new tensor per read; see bench/COMPARE_RESULTS.md.
+  chunk is upcast into two preallocated float32 buffers (float64 for float64 or integer tensors)
+  that stay in cache; its sums of squares (float32 BLAS dots within the chunk) are added to float64
+  accumulators. After a chunk, its pages are dropped from the process's mapping (``MADV_DONTNEED``;
+  the page cache keeps them), so resident memory stays at a few buffers instead of growing with the
+  bytes read. ``safetensors.safe_open`` maps the same bytes but keeps every touched page resident
+  until the file is closed (about the size of both open shards) and allocates a tensor per read;
+  see bench/COMPARE_RESULTS.md.
+* Work is spread over a few worker threads, each streaming its own slices of tensors with torch ops
+  on one intra-op thread (see ``_single_threaded_torch_ops`` for why not OpenMP). Per-tensor sums
+  are merged in a fixed order, so results do not depend on thread timing.
 * Non-finite values are detected for free: if a chunk's float32 sums are not finite, the chunk is
   redone in float64 with explicit ``isfinite`` counts (this also handles float32 overflow of squares
   of huge but finite values). Non-finite values are counted per tensor and excluded from the norms.
@@ -34,9 +38,11 @@ import os
 import struct
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +84,14 @@ __all__ = [
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
 
-#: Elements per chunk: 1 Mi elements = 4 MiB per float32 buffer, so the three buffers stay in L3.
-CHUNK_ELEMENTS = 1 << 20
+#: Elements per chunk: 512 Ki elements = 2 MiB per float32 buffer, two per worker, so they stay in cache.
+CHUNK_ELEMENTS = 1 << 19
+
+#: Elements per task handed to a worker thread (many chunks, so hand-offs cost nothing).
+TASK_ELEMENTS = 1 << 23
+
+#: At most this many worker threads; reading and upcasting saturate memory bandwidth well before.
+MAX_WORKERS = 8
 
 #: The safetensors crate refuses headers above 100 MB; anything larger is corrupt.
 MAX_HEADER_BYTES = 100_000_000
@@ -343,23 +355,39 @@ def open_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path=path, files=files, units=locations)
 
 
+#: After this many bytes are released, drop whole mappings (see ``_MappedFiles``).
+_FULL_DROP_BYTES = 64 << 20
+
+
 class _MappedFiles:
-    """Read-only memory maps of checkpoint files, opened on first use and closed together."""
+    """Read-only memory maps of checkpoint files, opened on first use and closed together.
+
+    Resident memory stays bounded because each chunk's pages are dropped from the process after use
+    (``MADV_DONTNEED``; the page cache keeps them). Dropping exactly a chunk's pages is not enough:
+    a page fault also maps neighbouring cached pages (fault-around, large folios), including some that
+    were already dropped, and those stay resident (measured: about 10% of the bytes read when chunks are
+    not page-aligned). So every ``_FULL_DROP_BYTES`` the whole mappings are dropped too; that costs a
+    page-table walk, and at worst a re-fault of another worker's current chunk.
+    """
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()
         self._dont_need = getattr(mmap, "MADV_DONTNEED", None)
+        self._released = 0
 
     def _map(self, path: Path) -> mmap.mmap:
         mapped = self._maps.get(path)
-        if mapped is None:
-            try:
-                with open(path, "rb") as handle:
-                    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"cannot map {path}: {exc}; {_FIX_DAMAGED}") from None
-            self._maps[path] = mapped
-        return mapped
+        if mapped is not None:
+            return mapped
+        with self._lock:
+            if path not in self._maps:
+                try:
+                    with open(path, "rb") as handle:
+                        self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError) as exc:
+                    raise UsageError(f"cannot map {path}: {exc}; {_FIX_DAMAGED}") from None
+            return self._maps[path]
 
     def chunk(self, location: UnitLocation, first: int, count: int) -> torch.Tensor:
         """Elements ``[first, first + count)`` of a unit, as a tensor over the mapped bytes."""
@@ -380,16 +408,32 @@ class _MappedFiles:
         if self._dont_need is None:
             return
         itemsize = _DTYPES[location.dtype][1]
-        begin = location.start + first * itemsize
-        aligned = begin - begin % mmap.PAGESIZE
+        begin, length = _page_span(location.start + first * itemsize, count * itemsize)
         with suppress(OSError, ValueError):
-            self._map(location.file).madvise(self._dont_need, aligned, begin + count * itemsize - aligned)
+            self._map(location.file).madvise(self._dont_need, begin, length)
+        with self._lock:
+            self._released += length
+            drop_all = self._released >= _FULL_DROP_BYTES
+            if drop_all:
+                self._released = 0
+        if drop_all:
+            for mapped in list(self._maps.values()):
+                with suppress(OSError, ValueError):
+                    mapped.madvise(self._dont_need)
 
     def close(self) -> None:
         for mapped in self._maps.values():
             with suppress(BufferError):  # a tensor view still alive; the map closes when it is freed
                 mapped.close()
         self._maps.clear()
+
+
+def _page_span(offset: int, nbytes: int) -> tuple[int, int]:
+    """The page-aligned (start, length) covering ``nbytes`` bytes at ``offset``, as madvise needs."""
+    begin = offset - offset % mmap.PAGESIZE
+    end = offset + nbytes
+    end += -end % mmap.PAGESIZE
+    return begin, end - begin
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,28 +451,39 @@ class _Sums:
     nonfinite_a: int = 0
     nonfinite_b: int = 0
 
+    def merge(self, other: _Sums) -> None:
+        self.diff_sq += other.diff_sq
+        self.ref_sq += other.ref_sq
+        self.max_abs_diff = max(self.max_abs_diff, other.max_abs_diff)
+        self.nonfinite_a += other.nonfinite_a
+        self.nonfinite_b += other.nonfinite_b
+
 
 class _ChunkKernel:
-    """Sums of squares of chunks, in reusable upcast buffers so no chunk allocates."""
+    """Sums of squares of chunks, in reusable upcast buffers so no chunk allocates. One per thread."""
 
     def __init__(self, chunk_elements: int) -> None:
         self._chunk_elements = chunk_elements
-        self._buffers: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _views(self, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, ...]:
+    def _views(self, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         buffers = self._buffers.get(dtype)
         if buffers is None:
-            buffers = tuple(torch.empty(self._chunk_elements, dtype=dtype) for _ in range(3))
+            buffers = (
+                torch.empty(self._chunk_elements, dtype=dtype),
+                torch.empty(self._chunk_elements, dtype=dtype),
+            )
             self._buffers[dtype] = buffers
-        return tuple(buffer[:count] for buffer in buffers)
+        return buffers[0][:count], buffers[1][:count]
 
     def accumulate(self, a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype, sums: _Sums) -> None:
-        a_up, b_up, squares = self._views(compute_dtype, a.numel())
+        """Add one chunk's sums. Sums are float32 within the chunk (BLAS dot), float64 across chunks."""
+        a_up, b_up = self._views(compute_dtype, a.numel())
         a_up.copy_(a)
         b_up.copy_(b)
-        ref_sq = torch.mul(b_up, b_up, out=squares).sum()
+        ref_sq = torch.dot(b_up, b_up)
         diff = a_up.sub_(b_up)
-        diff_sq = torch.mul(diff, diff, out=squares).sum()
+        diff_sq = torch.dot(diff, diff)
         low, high = torch.aminmax(diff)
         ref_sq_f, diff_sq_f, low_f, high_f = torch.stack([ref_sq, diff_sq, low, high]).tolist()
         if math.isfinite(ref_sq_f) and math.isfinite(diff_sq_f):
@@ -695,54 +750,135 @@ def compare_checkpoints(
         else:
             to_compare.append(name)
 
-    total_bytes = sum(units_a[n].nbytes + units_b[n].nbytes for n in to_compare)
-    kernel = _ChunkKernel(CHUNK_ELEMENTS)
-    maps_a, maps_b = _MappedFiles(), _MappedFiles()
-    rows: list[TensorDiff] = []
-    try:
-        with _byte_progress(progress, total_bytes) as advance:
-            for name in to_compare:
-                rows.append(_compare_unit(units_a[name], units_b[name], maps_a, maps_b, kernel))
-                advance(units_a[name].nbytes + units_b[name].nbytes)
-    finally:
-        maps_a.close()
-        maps_b.close()
-
+    pairs = [(units_a[name], units_b[name]) for name in to_compare]
+    all_sums = _compare_pairs(pairs, progress)
+    rows = [
+        TensorDiff(
+            name=unit_a.name,
+            shape=unit_a.shape,
+            dtype_a=unit_a.dtype,
+            dtype_b=unit_b.dtype,
+            diff_sq=sums.diff_sq,
+            ref_sq=sums.ref_sq,
+            max_abs_diff=sums.max_abs_diff,
+            nonfinite_a=sums.nonfinite_a,
+            nonfinite_b=sums.nonfinite_b,
+        )
+        for (unit_a, unit_b), sums in zip(pairs, all_sums, strict=True)
+    ]
     report.tensors = sorted(rows, key=_severity, reverse=True)
-    report.bytes_read = total_bytes
+    report.bytes_read = sum(unit_a.nbytes + unit_b.nbytes for unit_a, unit_b in pairs)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _compare_unit(
-    unit_a: UnitLocation,
-    unit_b: UnitLocation,
-    maps_a: _MappedFiles,
-    maps_b: _MappedFiles,
-    kernel: _ChunkKernel,
-) -> TensorDiff:
-    compute_dtype = _compute_dtype(unit_a.dtype, unit_b.dtype)
-    sums = _Sums()
-    numel = unit_a.numel
-    for first in range(0, numel, CHUNK_ELEMENTS):
-        count = min(CHUNK_ELEMENTS, numel - first)
-        chunk_a = maps_a.chunk(unit_a, first, count)
-        chunk_b = maps_b.chunk(unit_b, first, count)
-        kernel.accumulate(chunk_a, chunk_b, compute_dtype, sums)
-        del chunk_a, chunk_b
-        maps_a.release(unit_a, first, count)
-        maps_b.release(unit_b, first, count)
-    return TensorDiff(
-        name=unit_a.name,
-        shape=unit_a.shape,
-        dtype_a=unit_a.dtype,
-        dtype_b=unit_b.dtype,
-        diff_sq=sums.diff_sq,
-        ref_sq=sums.ref_sq,
-        max_abs_diff=sums.max_abs_diff,
-        nonfinite_a=sums.nonfinite_a,
-        nonfinite_b=sums.nonfinite_b,
-    )
+@dataclass(frozen=True)
+class _Piece:
+    """Elements ``[first, first + count)`` of pair number ``position``."""
+
+    position: int
+    first: int
+    count: int
+
+
+def _plan_tasks(pairs: list[tuple[UnitLocation, UnitLocation]], task_elements: int) -> list[list[_Piece]]:
+    """Cut the pairs into tasks of about ``task_elements`` elements: big tensors are split, small ones
+    batched, so worker threads stay evenly loaded and hand-offs stay rare."""
+    tasks: list[list[_Piece]] = []
+    current: list[_Piece] = []
+    filled = 0
+    for position, (unit_a, _) in enumerate(pairs):
+        first = 0
+        while True:
+            count = min(unit_a.numel - first, task_elements - filled)
+            current.append(_Piece(position, first, count))
+            filled += count
+            first += count
+            if filled >= task_elements:
+                tasks.append(current)
+                current, filled = [], 0
+            if first >= unit_a.numel:
+                break
+    if current:
+        tasks.append(current)
+    return tasks
+
+
+def _worker_count() -> int:
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, available))
+
+
+@contextmanager
+def _single_threaded_torch_ops() -> Iterator[None]:
+    """Run torch ops on one intra-op thread while the comparison's own workers run.
+
+    Parallelism comes from worker threads that each stream their own tensors. Intra-op OpenMP threads
+    would synchronise at the end of every op; when the cores are shared (a busy box, other jobs), a
+    descheduled OpenMP thread stalls each op by a scheduler tick, measured 50-100x slower on 2 cores.
+    torch reads this setting when a new thread first runs an op, so the workers inherit it.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _compare_pairs(pairs: list[tuple[UnitLocation, UnitLocation]], progress: bool) -> list[_Sums]:
+    """Sums for every pair, computed by worker threads in tasks, merged in a fixed order."""
+    tasks = _plan_tasks(pairs, TASK_ELEMENTS)
+    maps_a, maps_b = _MappedFiles(), _MappedFiles()
+    local = threading.local()
+
+    def run_task(pieces: list[_Piece]) -> list[tuple[int, _Sums]]:
+        kernel = getattr(local, "kernel", None)
+        if kernel is None:
+            kernel = local.kernel = _ChunkKernel(CHUNK_ELEMENTS)
+        results = []
+        for piece in pieces:
+            unit_a, unit_b = pairs[piece.position]
+            compute_dtype = _compute_dtype(unit_a.dtype, unit_b.dtype)
+            sums = _Sums()
+            end = piece.first + piece.count
+            for first in range(piece.first, end, CHUNK_ELEMENTS):
+                count = min(CHUNK_ELEMENTS, end - first)
+                chunk_a, chunk_b = maps_a.chunk(unit_a, first, count), maps_b.chunk(unit_b, first, count)
+                kernel.accumulate(chunk_a, chunk_b, compute_dtype, sums)
+                del chunk_a, chunk_b
+                maps_a.release(unit_a, first, count)
+                maps_b.release(unit_b, first, count)
+            results.append((piece.position, sums))
+        return results
+
+    def task_bytes(pieces: list[_Piece]) -> int:
+        return sum(
+            piece.count
+            * (_DTYPES[pairs[piece.position][0].dtype][1] + _DTYPES[pairs[piece.position][1].dtype][1])
+            for piece in pieces
+        )
+
+    results: list[list[tuple[int, _Sums]] | None] = [None] * len(tasks)
+    total_bytes = sum(a.nbytes + b.nbytes for a, b in pairs)
+    executor = ThreadPoolExecutor(max_workers=_worker_count(), thread_name_prefix="moectl-compare")
+    try:
+        with _single_threaded_torch_ops(), _byte_progress(progress, total_bytes) as advance:
+            futures = {executor.submit(run_task, pieces): number for number, pieces in enumerate(tasks)}
+            for future in as_completed(futures):
+                number = futures[future]
+                results[number] = future.result()
+                advance(task_bytes(tasks[number]))
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        maps_a.close()
+        maps_b.close()
+
+    all_sums = [_Sums() for _ in pairs]
+    for task_results in results:  # task order, not completion order: the float sums are reproducible
+        for position, sums in task_results or []:
+            all_sums[position].merge(sums)
+    return all_sums
 
 
 # --------------------------------------------------------------------------------------------------
