@@ -176,6 +176,12 @@ class RunResult:
     vm_hwm_bytes: int
     global_rel_err: float
     tensors: int
+    cpu_seconds: float  # user + system time of the comparison, all threads
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def child_main(path_a: str, path_b: str) -> None:
@@ -183,14 +189,58 @@ def child_main(path_a: str, path_b: str) -> None:
     from moectl.compare import compare_checkpoints
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    started = time.perf_counter()
+    cpu_started, started = cpu_seconds(), time.perf_counter()
     report = compare_checkpoints(Path(path_a), Path(path_b), rtol=1e-2, progress=False)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     result = RunResult(
-        seconds, report.bytes_read, peak, baseline, vm_hwm_bytes(), report.global_rel_err, len(report.tensors)
+        seconds,
+        report.bytes_read,
+        peak,
+        baseline,
+        vm_hwm_bytes(),
+        report.global_rel_err,
+        len(report.tensors),
+        cpu_seconds() - cpu_started,
     )
     print(json.dumps(result.__dict__))
+
+
+def child_safe_open_main(path: str) -> None:
+    """Reference point, not moectl: the same sums over A vs A, read with ``safetensors.safe_open`` and
+    ``get_slice`` along dim 0 on one thread. Shows what the mmap + MADV_DONTNEED reader saves."""
+    import torch
+    from safetensors import safe_open
+
+    torch.set_num_threads(1)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    index = json.loads((Path(path) / "model.safetensors.index.json").read_text())
+    chunk_elements = 1 << 19
+    bytes_read, diff_sq, ref_sq, tensors = 0, 0.0, 0.0, 0
+    cpu_started, started = cpu_seconds(), time.perf_counter()
+    for shard in dict.fromkeys(index["weight_map"].values()):
+        shard_path = str(Path(path) / shard)
+        with safe_open(shard_path, "pt") as left, safe_open(shard_path, "pt") as right:
+            for key in left.keys():
+                tensors += 1
+                slice_a, slice_b = left.get_slice(key), right.get_slice(key)
+                shape = slice_a.get_shape()
+                step = max(1, chunk_elements // max(1, math.prod(shape[1:])))
+                for row in range(0, shape[0] if shape else 1, step):
+                    a = slice_a[row : row + step].float().flatten()
+                    b = slice_b[row : row + step].float().flatten()
+                    ref_sq += float(torch.dot(b, b))
+                    a.sub_(b)
+                    diff_sq += float(torch.dot(a, a))
+                    torch.aminmax(a)
+                    bytes_read += 2 * a.numel() * BF16_BYTES
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rel = math.sqrt(diff_sq / ref_sq) if ref_sq else 0.0
+    cpu = cpu_seconds() - cpu_started
+    print(
+        json.dumps(RunResult(seconds, bytes_read, peak, baseline, vm_hwm_bytes(), rel, tensors, cpu).__dict__)
+    )
 
 
 def vm_hwm_bytes() -> int:
@@ -237,11 +287,20 @@ def main() -> None:
     parser.add_argument("--shard-gb", type=float, default=2.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints for another run")
+    parser.add_argument(
+        "--safe-open-baseline",
+        action="store_true",
+        help="also time A vs A with moectl and with a plain safetensors.safe_open loop, for reference",
+    )
     parser.add_argument("--child", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-safe-open", metavar="A", help=argparse.SUPPRESS)
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(*args.child)
+        return
+    if args.child_safe_open:
+        child_safe_open_main(args.child_safe_open)
         return
     if args.generate:
         write_checkpoints(args.dir, args.size_gb, args.shard_gb)
@@ -265,7 +324,16 @@ def main() -> None:
         print(
             f"warm-up: {warm.seconds:.2f} s, {warm.bytes_read / warm.seconds / 1e9:.2f} GB/s", file=sys.stderr
         )
+        load_before = os.getloadavg()[0]
         runs = [run_child(path_a, path_b) for _ in range(args.runs)]
+        load_after = os.getloadavg()[0]
+        baselines: dict[str, RunResult] = {}
+        if args.safe_open_baseline:
+            baselines["moectl, A vs A"] = run_child(path_a, path_a)
+            output = run_self("--child-safe-open", str(path_a))
+            baselines["safe_open loop, A vs A, 1 thread"] = RunResult(
+                **json.loads(output.strip().splitlines()[-1])
+            )
     finally:
         if not args.keep:
             shutil.rmtree(args.dir / "a_fused", ignore_errors=True)
@@ -274,22 +342,39 @@ def main() -> None:
     for number, run in enumerate(runs, start=1):
         print(
             f"run {number}: {run.seconds:.2f} s, {run.bytes_read / run.seconds / 1e9:.2f} GB/s, "
-            f"peak RSS {run.peak_rss_bytes / 2**20:.0f} MiB (VmHWM {run.vm_hwm_bytes / 2**20:.0f} MiB)",
+            f"peak RSS {run.peak_rss_bytes / 2**20:.0f} MiB (VmHWM {run.vm_hwm_bytes / 2**20:.0f} MiB), "
+            f"{run.cpu_seconds:.2f} CPU-s",
             file=sys.stderr,
         )
     median = statistics.median(run.seconds for run in runs)
+    median_cpu = statistics.median(run.cpu_seconds for run in runs)
     bytes_read = runs[0].bytes_read
     print(
-        "| date | CPU | A + B read | tensors compared | median of runs | GB/s | peak RSS | RSS after imports "
-        "| global rel err |"
+        "| date | CPU | A + B read | tensors compared | median of runs | GB/s | GB per CPU-second | peak RSS "
+        "| RSS after imports | global rel err |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {date.today().isoformat()} | {os.cpu_count()}-core {cpu_name()} | {bytes_read / 1e9:.2f} GB "
         f"({shards} shards each) | {runs[0].tensors} | {median:.2f} s (of {len(runs)}) "
-        f"| {bytes_read / median / 1e9:.2f} | {max(r.peak_rss_bytes for r in runs) / 2**20:.0f} MiB "
+        f"| {bytes_read / median / 1e9:.2f} | {bytes_read / median_cpu / 1e9:.2f} "
+        f"| {max(r.peak_rss_bytes for r in runs) / 2**20:.0f} MiB "
         f"| {runs[0].baseline_rss_bytes / 2**20:.0f} MiB | {runs[0].global_rel_err:.2e} |"
     )
+    print(f"\n1-minute load average before/after the measured runs: {load_before:.1f} / {load_after:.1f}")
+    if baselines:
+        print(
+            "\n| reader (A vs A) | read | seconds | GB/s | GB per CPU-second | peak RSS | RSS after imports |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for label, result in baselines.items():
+            print(
+                f"| {label} | {result.bytes_read / 1e9:.2f} GB | {result.seconds:.2f} "
+                f"| {result.bytes_read / result.seconds / 1e9:.2f} "
+                f"| {result.bytes_read / result.cpu_seconds / 1e9:.2f} "
+                f"| {result.peak_rss_bytes / 2**20:.0f} MiB "
+                f"| {result.baseline_rss_bytes / 2**20:.0f} MiB |"
+            )
 
 
 if __name__ == "__main__":

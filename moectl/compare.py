@@ -912,6 +912,8 @@ def render_report(report: CompareReport, console: Console, top: int = 20) -> Non
             title=f"worst {len(shown)} of {len(report.tensors)} tensors",
             title_justify="left",
             box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
         )
         table.add_column("#", justify="right", no_wrap=True)
         table.add_column("tensor", overflow="fold")
