@@ -90,7 +90,7 @@ CHUNK_ELEMENTS = 1 << 19
 #: Elements per task handed to a worker thread (many chunks, so hand-offs cost nothing).
 TASK_ELEMENTS = 1 << 23
 
-#: At most this many worker threads; reading and upcasting saturate memory bandwidth well before.
+#: At most this many worker threads, so a many-core host does not start dozens for memory-bound work.
 MAX_WORKERS = 8
 
 #: The safetensors crate refuses headers above 100 MB; anything larger is corrupt.
@@ -375,6 +375,7 @@ class _MappedFiles:
         self._lock = threading.Lock()
         self._dont_need = getattr(mmap, "MADV_DONTNEED", None)
         self._released = 0
+        _silence_read_only_buffer_warning()
 
     def _map(self, path: Path) -> mmap.mmap:
         mapped = self._maps.get(path)
@@ -398,10 +399,7 @@ class _MappedFiles:
             raise UsageError(f"{location.file} shrank while being read; {_FIX_DAMAGED}")
         if offset % itemsize:  # a writer that did not align its data: copy into an aligned buffer
             return torch.frombuffer(bytearray(mapped[offset : offset + count * itemsize]), dtype=torch_dtype)
-        with warnings.catch_warnings():
-            # The tensor is only ever read; torch warns because the mapping is read-only.
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(mapped, dtype=torch_dtype, count=count, offset=offset)
+        return torch.frombuffer(mapped, dtype=torch_dtype, count=count, offset=offset)
 
     def release(self, location: UnitLocation, first: int, count: int) -> None:
         """Drop a chunk's pages from this process (the page cache keeps them) to bound resident memory."""
@@ -426,6 +424,15 @@ class _MappedFiles:
             with suppress(BufferError):  # a tensor view still alive; the map closes when it is freed
                 mapped.close()
         self._maps.clear()
+
+
+def _silence_read_only_buffer_warning() -> None:
+    """torch warns, once per process, when a tensor wraps a read-only buffer such as our maps. The
+    tensors are only read, so trigger that one warning here, muted, on the calling thread: a
+    ``warnings.catch_warnings`` around each read would not be thread-safe."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.frombuffer(b"\0", dtype=torch.uint8)
 
 
 def _page_span(offset: int, nbytes: int) -> tuple[int, int]:
