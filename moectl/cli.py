@@ -126,6 +126,27 @@ def train(
         Console().print(f"[green]done[/green]: run directory {where}")
 
 
+@app.command("compare-weights")
+def compare_weights(
+    a: Annotated[Path, typer.Argument(help="Checkpoint A: a .safetensors file or an HF model directory.")],
+    b: Annotated[Path, typer.Argument(help="Checkpoint B, the reference (the error is relative to ‖B‖).")],
+    rtol: Annotated[float, Opt(help="Largest global relative error ‖A−B‖₂/‖B‖₂ that still matches.")] = 1e-2,
+    per_tensor_rtol: Annotated[
+        float | None, Opt(help="Also require every tensor's relative error ≤ this.")
+    ] = None,
+    top: Annotated[int, Opt(help="Rows of the per-tensor table (worst first).")] = 20,
+    json_path: Annotated[
+        Path | None, Opt("--json", help="Write the whole report as JSON to this path.")
+    ] = None,
+) -> None:
+    """Prove two checkpoints equal: exit 0 match, 1 mismatch, 2 bad input. Per-expert and fused layouts agree."""
+    from moectl.compare import compare_command
+
+    raise typer.Exit(
+        compare_command(a, b, rtol=rtol, per_tensor_rtol=per_tensor_rtol, top=top, json_path=json_path)
+    )
+
+
 def _is_rank0() -> bool:
     import os
 
