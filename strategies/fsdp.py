@@ -35,12 +35,12 @@ class FSDP(Strategy):
 
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         apply_layer_wrappers(model, train)  # AC -> compile, before FSDP (the fixed wrap order)
-        # The parameters are already stored in the training dtype (bf16 on GPU, fp32 on CPU), as in
-        # `single` and `ddp`: compute and gradient reduction stay in that dtype, so FSDP adds no cast
-        # and no fp32 master copy that the other strategies lack. Naming the dtype keeps it explicit.
         if self.mesh is None:  # one process, no process group: one shard is the whole model
             materialize(model)
             return model
+        # The parameters are already stored in the training dtype (bf16 on GPU, fp32 on CPU), as in
+        # `single` and `ddp`: compute and gradient reduction stay in that dtype, so FSDP adds no cast
+        # and no fp32 master copy that the other strategies lack. Naming the dtype keeps it explicit.
         dtype = next(model.parameters()).dtype
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
         mesh = self.mesh["dp"]
@@ -48,8 +48,9 @@ class FSDP(Strategy):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         if mesh.device_type == "cpu":
-            # FSDP2 asks the backend for ReduceOp.AVG; gloo's AVG in reduce-scatter once silently
-            # summed (pytorch#162338). SUM plus FSDP's own division is right on every torch version.
+            # FSDP2 asks the backend for ReduceOp.AVG. gloo's AVG reduce-scatter averages in torch 2.11
+            # and 2.13 but silently summed in others (pytorch#162338, still open): SUM plus FSDP's own
+            # division is right on every version, and costs nothing that matters on the CPU.
             for module in model.modules():
                 if isinstance(module, FSDPModule):
                     module.set_force_sum_reduction_for_comms(True)

@@ -18,12 +18,13 @@ from tests.util import NUMERICS_ARGS, assert_same_training, run_moectl, train_ru
 @pytest.mark.parametrize(
     ("nproc", "extra"),
     [
+        (1, []),  # no process group: runs unsharded, must still be `single`
         (2, []),
         (4, []),
         (2, ["--micro-batch", "1"]),  # 4 micro-batches per rank: sync deferred to the last
         (2, ["--set", "train.activation_checkpointing=true"]),
     ],
-    ids=["2proc", "4proc", "2proc-accumulate", "2proc-activation-checkpointing"],
+    ids=["1proc", "2proc", "4proc", "2proc-accumulate", "2proc-activation-checkpointing"],
 )
 def test_fsdp_matches_single(tmp_path, single_reference, nproc, extra):
     run = train_run(tmp_path / "fsdp", "--strategy", "fsdp", "--nproc", str(nproc), *NUMERICS_ARGS, *extra)
