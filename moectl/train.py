@@ -7,6 +7,7 @@ never leaves a half-written run behind.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,13 +150,32 @@ def run(p: Plan, run_dir: Path | None) -> Any:
     target = _prepare_run_dir(cfg, run_dir)
     if p.world_size == 1 and cfg.parallel.nnodes == 1:
         return run_training(cfg, p.strategy, target)
-    launch_workers(cfg.parallel, p.nproc_per_node, target / "config.yaml", target)
+    node_dir = _node_dir(cfg, target)
+    launch_workers(cfg.parallel, p.nproc_per_node, node_dir / "config.yaml", node_dir)
     return target
+
+
+def _node_dir(cfg: RunConfig, target: Path) -> Path:
+    """Where this node's launcher writes: the run directory on node 0, `node<k>/` inside it on node k.
+
+    Global rank 0 runs on node 0 (static rendezvous) and writes the model and metrics at the top;
+    other nodes write only their own config copy and worker logs, so a run directory on a shared
+    file system holds every node's logs without two nodes writing the same file.
+    """
+    node_rank = cfg.parallel.node_rank
+    return target if node_rank == 0 or cfg.parallel.nnodes == 1 else target / f"node{node_rank}"
 
 
 def _prepare_run_dir(cfg: RunConfig, run_dir: Path | None) -> Path:
     target = Path(run_dir or cfg.run_dir or default_run_dir(cfg.parallel.strategy))
     cfg.run_dir = str(target)
-    check_run_dir_writable(target)
-    create_run_dir(target, cfg.to_yaml())
+    node_dir = _node_dir(cfg, target)
+    if node_dir == target and cfg.parallel.nnodes > 1 and target.is_dir():
+        # Another node may already have made its node<k>/ folder here (shared file system).
+        others = [p for p in target.iterdir() if not re.fullmatch(r"node\d+", p.name)]
+        if others:
+            check_run_dir_writable(target)
+    else:
+        check_run_dir_writable(node_dir)
+    create_run_dir(node_dir, cfg.to_yaml())
     return target
