@@ -77,7 +77,7 @@ def train(
     nnodes: Annotated[int | None, Opt(help="Number of machines (multi-node rendezvous).")] = None,
     node_rank: Annotated[int | None, Opt(help="This machine's index among --nnodes.")] = None,
     rdzv_endpoint: Annotated[
-        str | None, Opt(help="HOST:PORT of the rendezvous, the same on every node.")
+        str | None, Opt(help="HOST:PORT on node 0 (static rendezvous), the same on every node.")
     ] = None,
     model: Annotated[
         Path | None, Opt(help="Local HF checkpoint directory (config.json + safetensors) to start from.")
