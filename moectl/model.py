@@ -72,7 +72,8 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
             num_heads=raw["num_attention_heads"],
             num_kv_heads=raw["num_key_value_heads"],
             head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
-            num_experts=raw["num_experts"],
+            # transformers 5 writes num_local_experts; Hub checkpoints (Qwen3-30B-A3B) say num_experts
+            num_experts=raw["num_experts"] if "num_experts" in raw else raw["num_local_experts"],
             top_k=raw["num_experts_per_tok"],
             moe_intermediate_size=raw["moe_intermediate_size"],
             intermediate_size=raw.get("intermediate_size", 4 * raw["hidden_size"]),
