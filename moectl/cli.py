@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
     click_errors, aborts = _click_exception_types()
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="moectl", standalone_mode=False)
     except click_errors as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `moectl`: the help screen is the answer
             exc.show()

@@ -51,7 +51,9 @@ def half_runs(tmp_path_factory):
                 "--steps",
                 str(HALF_STEPS),
                 "--checkpoint-every",
-                str(HALF_STEPS),
+                "1",
+                "--set",
+                "train.keep_checkpoints=1",
             )
         return made[name]
 
@@ -103,25 +105,17 @@ def test_resume_matches_uninterrupted(
     assert f"strategy: {LAYOUTS[resumed_by][1]}" in saved_config  # the run now records its new layout
 
 
-def test_checkpoint_contents_are_canonical_and_pruned(tmp_path):
+def test_checkpoint_contents_are_canonical_and_pruned(half_runs):
     """Keys are plain HF names (no wrapper prefixes), so any strategy can load them; only the newest
     `keep_checkpoints` survive; each holds the step, the world size and every rank's RNG."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    run = train_run(
-        tmp_path / "run",
-        *LAYOUTS["ddp"],
-        *NUMERICS_ARGS,
-        "--checkpoint-every",
-        "1",
-        "--set",
-        "train.keep_checkpoints=2",
-    )
+    run = half_runs("ddp")
     steps = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert steps == ["step_000002", "step_000003"]
-    latest = run / "checkpoints" / "step_000003"
+    assert steps == [f"step_{HALF_STEPS:06d}"]  # step 1 was pruned (keep_checkpoints=1)
+    latest = run / "checkpoints" / steps[0]
     meta = json.loads((latest / "meta.json").read_text())
-    assert meta["step"] == 3 and meta["world_size"] == 2 and meta["strategy"] == "ddp"
+    assert meta["step"] == HALF_STEPS and meta["world_size"] == 2 and meta["strategy"] == "ddp"
     assert (latest / "rng_rank00000.pt").is_file() and (latest / "rng_rank00001.pt").is_file()
     keys = FileSystemReader(str(latest)).read_metadata().state_dict_metadata
     assert "model.model.layers.0.mlp.experts.gate_up_proj" in keys
