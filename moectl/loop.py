@@ -25,7 +25,7 @@ from moectl.hf_io import HFCheckpoint
 from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.model import build_meta_model, materialize, random_init_source
 from moectl.outputs import write_json_atomic
-from moectl.report import StepReporter
+from moectl.report import StepProfiler, StepReporter
 from strategies.base import Strategy
 
 
@@ -121,7 +121,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
 
     step_times = []
     try:
-        with StopSignals() as stop:
+        with StopSignals() as stop, StepProfiler(run_dir, train, enabled=is_rank0, device=device) as profiler:
             for step in range(start_step, train.steps):
                 local = rank_slice(
                     data.global_batch(step, train.global_batch, train.seq_len), dp_rank, dp_size
@@ -167,6 +167,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                             "warmup": step - start_step < train.warmup_steps,
                         }
                     )
+                profiler.step()
                 if stop_now or is_due(step + 1, train):
                     save_checkpoint(step + 1)
                 if stop_now and step + 1 < train.steps:  # at the last step, just finish

@@ -24,6 +24,9 @@ from tests.util import NUMERICS_ARGS, REPO, assert_same_training, losses, run_mo
 LAYOUTS: dict[str, list[str]] = {
     "single": ["--strategy", "single"],
     "ddp": ["--strategy", "ddp", "--nproc", "2"],
+    "fsdp": ["--strategy", "fsdp", "--nproc", "4"],
+    "tp": ["--strategy", "tp", "--tp-size", "2"],
+    "mixed": ["--strategy", "mixed", "--dp-size", "2", "--tp-size", "2"],
 }
 NAMES = list(LAYOUTS)
 PAIRS = [(name, name) for name in NAMES] + [
