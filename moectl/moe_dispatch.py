@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 #: torch >= 2.10 exposes the grouped GEMM publicly; 2.9 only as torch._grouped_mm.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -161,13 +160,35 @@ def plan_dispatch(counts: torch.Tensor, num_ranks: int, group: dist.ProcessGroup
     )
 
 
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single whose backward is the inverse all-to-all (split sizes swapped).
+
+    A plain c10d call: on NCCL it is queued on the communicator's stream and the compute stream
+    waits for it on the device, so the host does not block.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = rows.new_empty((sum(out_splits), *rows.shape[1:]))
+        dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad_out.new_empty((sum(in_splits), *grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
 def exchange(
     rows: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None
 ) -> torch.Tensor:
-    """All-to-all whose backward is the inverse all-to-all (identity without a group)."""
+    """All-to-all with autograd (identity without a group): `out_splits[q]` rows come from rank q."""
     if group is None:
         return rows
-    return all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group)
+    return _AllToAll.apply(rows, out_splits, in_splits, group)
 
 
 class ExpertParallelMoE(nn.Module):
