@@ -207,7 +207,8 @@ def load_checkpoint(
         dcp.load(state, checkpoint_id=str(info.path))
     for container, key, original in replaced:
         loaded = container[key]
-        original.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
+        target = original.to_local() if isinstance(original, DTensor) else original
+        target.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
         container[key] = original
     set_state_dict(
         model,

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
@@ -44,6 +45,7 @@ class ExpertParallel(Strategy):
         self.ep_size = parallel.ep_size
         self.num_replicas = world_size // parallel.ep_size if world_size % parallel.ep_size == 0 else 0
         self.dp_mesh: DeviceMesh | None = None
+        self.ckpt_mesh: DeviceMesh | None = None
 
     @classmethod
     def default_world_size(cls, parallel: ParallelConfig) -> int:
@@ -77,11 +79,13 @@ class ExpertParallel(Strategy):
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         if self.world_size == 1:
             return None
-        if self.parallel.fsdp:
-            self.dp_mesh = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp",))
-        return init_device_mesh(
+        mesh = init_device_mesh(
             device_type, (self.num_replicas, self.ep_size), mesh_dim_names=("ep_replicate", "ep")
         )
+        if self.parallel.fsdp:
+            self.dp_mesh = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp",))
+            self.ckpt_mesh = DeviceMesh(device_type, mesh.mesh.t(), mesh_dim_names=("ep", "ep_replicate"))
+        return mesh
 
     @property
     def _ep_group(self):
@@ -144,6 +148,21 @@ class ExpertParallel(Strategy):
         all_reduce_grads(dense, group=None)
         if self.num_replicas > 1:
             all_reduce_grads(experts, group=self.mesh.get_group("ep_replicate"))
+
+    def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Experts are plain local blocks [E/ep, ...]; DCP needs their global layout to reshard them.
+
+        Without FSDP a block is expert slice p of the ep axis, the same on every replica. With FSDP
+        each replica r further holds chunk r of that slice, i.e. global chunk p·R + r: sharded first
+        over `ep`, then over `ep_replicate` (the transposed mesh built in build_mesh).
+        """
+        if self.mesh is None or not is_expert_key(param_name):
+            return tensor
+        if isinstance(tensor, DTensor):  # FSDP2's shard over the replicas
+            return DTensor.from_local(
+                tensor.to_local(), self.ckpt_mesh, [Shard(0), Shard(0)], run_check=False
+            )
+        return DTensor.from_local(tensor, self.mesh, [Replicate(), Shard(0)], run_check=False)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         holds_rank0_experts = self.mesh is None or self.mesh.get_coordinate()[0] == 0

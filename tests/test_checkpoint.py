@@ -25,6 +25,8 @@ LAYOUTS: dict[str, list[str]] = {
     "single": ["--strategy", "single"],
     "ddp": ["--strategy", "ddp", "--nproc", "2"],
     "fsdp": ["--strategy", "fsdp", "--nproc", "4"],
+    "ep": ["--strategy", "ep", "--ep-size", "2"],
+    "ep_fsdp": ["--strategy", "ep", "--ep-size", "2", "--nproc", "4", "--set", "parallel.fsdp=true"],
     "tp": ["--strategy", "tp", "--tp-size", "2"],
     "mixed": ["--strategy", "mixed", "--dp-size", "2", "--tp-size", "2"],
 }
