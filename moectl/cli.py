@@ -42,6 +42,7 @@ def _flag_overrides(**flags: Any) -> dict[str, dict[str, Any]]:
         "seq_len": "train",
         "lr": "train",
         "seed": "train",
+        "checkpoint_every": "train",
         "model": "model.path",
         "data": "data.source",
     }
@@ -77,13 +78,23 @@ def train(
     nnodes: Annotated[int | None, Opt(help="Number of machines (multi-node rendezvous).")] = None,
     node_rank: Annotated[int | None, Opt(help="This machine's index among --nnodes.")] = None,
     rdzv_endpoint: Annotated[
-        str | None, Opt(help="HOST:PORT of the rendezvous, the same on every node.")
+        str | None, Opt(help="HOST:PORT on node 0 (static rendezvous), the same on every node.")
     ] = None,
     model: Annotated[
         Path | None, Opt(help="Local HF checkpoint directory (config.json + safetensors) to start from.")
     ] = None,
     data: Annotated[str | None, Opt(help="'synthetic' or a .bin/.npy/.txt/.jsonl file.")] = None,
     run_dir: Annotated[Path | None, Opt(help="Output directory. Default: runs/<time>-<strategy>.")] = None,
+    checkpoint_every: Annotated[
+        int | None, Opt(help="Write a resumable checkpoint every N steps (and on Ctrl-C / SIGTERM).")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        Opt(
+            help="Continue RUN_DIR from its latest complete checkpoint, with its config.yaml; layout flags "
+            "(--strategy, --nproc, ...) may change, and so may --steps or --lr."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, Opt("--set", help="Override any config key: section.key=value (repeatable).")
     ] = None,
@@ -93,7 +104,7 @@ def train(
 ) -> None:
     """Train with one strategy and write a run directory (config.yaml, metrics.jsonl, summary.json, model/)."""
     from moectl.config import merge_overrides, parse_set_option
-    from moectl.train import describe, plan, resolve, run
+    from moectl.train import describe, plan, resolve, resolve_resume, run
 
     overrides = merge_overrides(
         parse_set_option(set_ or []),
@@ -114,9 +125,18 @@ def train(
             seed=seed,
             model=model,
             data=data,
+            checkpoint_every=checkpoint_every,
         ),
     )
-    the_plan = plan(resolve(config, overrides))
+    if resume is None:
+        the_plan = plan(resolve(config, overrides))
+    else:
+        if config is not None:
+            raise UsageError("--resume continues with the run's own config.yaml; drop --config")
+        if run_dir is not None and run_dir.resolve() != resume.resolve():
+            raise UsageError("--resume writes into the run it continues; drop --run-dir")
+        the_plan = plan(*resolve_resume(resume, overrides))
+        run_dir = resume
     if dry_run:
         describe(the_plan, Console())
         return
@@ -221,18 +241,59 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def main() -> None:
-    """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) of click, and of the copy of click that typer >= 0.24 vendors."""
+    errors = {cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"}
+    aborts = {typer.Abort}
+    try:
+        import click
+
+        errors.add(click.ClickException)
+        aborts.add(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(errors), tuple(aborts)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: bad input is one line on stderr and exit code 2, never a traceback.
+
+    `argv` (default: sys.argv[1:]) lets tests run the CLI in-process. Click's own usage errors (an
+    unknown flag, `--steps abc`) are reduced to one line as well, instead of a boxed usage screen.
+    """
+    from moectl.faults import TrainingStopped
     from moectl.launch import WorkerFailed
 
+    click_errors, aborts = _click_exception_types()
     try:
-        app()
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except WorkerFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        code = app(args=argv, prog_name="moectl", standalone_mode=False)
+    except click_errors as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `moectl`: the help screen is the answer
+            exc.show()
+            sys.exit(exc.exit_code)
+        context = getattr(exc, "ctx", None)
+        hint = f" (see '{context.command_path} --help')" if context is not None else ""
+        print(f"error: {_one_line(exc.format_message())}{hint}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except aborts:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except UsageError as exc:
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        sys.exit(2)
+    except (WorkerFailed, TrainingStopped) as exc:
+        print(f"{getattr(exc, 'label', 'error')}: {_one_line(str(exc))}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        code = 130
+    if code == 130:  # typer turns a KeyboardInterrupt (a second Ctrl-C) into exit code 130
+        print("interrupted", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

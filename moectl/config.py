@@ -71,7 +71,9 @@ class TrainConfig:
     peak_tflops: float | None = None  # overrides the device table for MFU
     on_nonfinite: str = "stop"  # stop or skip a step whose loss or gradient is not finite
     checkpoint_every: int = 0  # 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk; 0 keeps all
     save_model: bool = True  # write the final HF model directory
+    profile_steps: int = 0  # > 0: rank 0 profiles this many steps after warm-up into RUN_DIR/profile.txt
 
 
 @dataclass
@@ -265,6 +267,8 @@ def validate(cfg: RunConfig) -> None:
         "train.momentum": t.momentum,
         "train.warmup_steps": t.warmup_steps,
         "train.checkpoint_every": t.checkpoint_every,
+        "train.profile_steps": t.profile_steps,
+        "train.keep_checkpoints": t.keep_checkpoints,
         "data.noise": d.noise,
         "parallel.node_rank": p.node_rank,
     }.items():

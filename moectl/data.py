@@ -146,13 +146,25 @@ def build_data(cfg: DataConfig, vocab_size: int, seed: int) -> SyntheticData | T
         return SyntheticData(vocab_size, seed, cfg.noise)
     tokens, source = load_tokens(cfg)
     if len(tokens):
-        highest = int(tokens[:10_000_000].max())
+        head = tokens[:10_000_000]
+        highest, lowest = int(head.max()), int(head.min())
         if highest >= vocab_size:
             raise UsageError(
                 f"{source} holds token id {highest} but the model's vocab_size is {vocab_size}; "
                 "use a matching tokenizer or raise model.vocab_size"
             )
+        if lowest < 0:
+            raise UsageError(f"{source} holds a negative token id ({lowest}); token ids start at 0")
     return TokenWindows(tokens, seed, source)
+
+
+def check_data(cfg: DataConfig, vocab_size: int, seq_len: int) -> None:
+    """Everything about the data that can fail, checked in the parent before a run directory exists."""
+    data = build_data(cfg, vocab_size, 0)
+    if isinstance(data, TokenWindows) and len(data.tokens) <= seq_len:
+        raise UsageError(
+            f"{data.source} holds {len(data.tokens)} tokens; seq_len {seq_len} needs at least {seq_len + 1}"
+        )
 
 
 def rank_slice(batch: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:

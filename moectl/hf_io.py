@@ -1,137 +1,57 @@
 """Reading and writing HF checkpoint directories (config.json + safetensors, sharded with an index).
 
-Reading checks every safetensors header against the file size before training starts, so a
-corrupt or truncated file is a clear error rather than a crash on rank 3 ten minutes in.
+Opening a checkpoint checks every safetensors header against the file size before training starts,
+so a corrupt or truncated file is a clear error rather than a crash on rank 3 ten minutes in.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from moectl.compare import open_checkpoint
 from moectl.errors import UsageError
-
-PER_EXPERT_KEY = re.compile(
-    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
-)
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """Parse and bounds-check a safetensors header without loading any tensor."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise UsageError(f"{path} is not a safetensors file (too short); re-save or re-download it")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise UsageError(f"{path} has a corrupt safetensors header; re-save or re-download it")
-            header = json.loads(handle.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path} has a corrupt safetensors header; re-save or re-download it") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read {path} ({exc.strerror}); check the path and permissions") from None
-    data_size = size - 8 - header_len
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(entry, dict) or "data_offsets" not in entry:
-            raise UsageError(f"{path} has a corrupt safetensors header; re-save or re-download it")
-        end = entry["data_offsets"][1]
-        if end > data_size:
-            raise UsageError(
-                f"{path} is truncated (tensor {name} ends past the file); re-save or re-download it"
-            )
-    return header
-
-
-def safetensors_files(model_dir: Path) -> dict[str, Path]:
-    """Map each tensor name to the file holding it, for a single file or an indexed shard set."""
-    index_file = model_dir / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise UsageError(
-                f"{index_file} is not a valid safetensors index; re-save the checkpoint"
-            ) from None
-        files = {name: model_dir / shard for name, shard in weight_map.items()}
-        for shard in set(files.values()):
-            if not shard.is_file():
-                raise UsageError(
-                    f"{index_file} names {shard.name}, which is missing; copy the whole checkpoint"
-                )
-    else:
-        candidates = sorted(model_dir.glob("*.safetensors"))
-        if not candidates:
-            raise UsageError(f"{model_dir} holds no .safetensors files; save the model with safetensors")
-        files = {}
-        for shard in candidates:
-            for name in read_safetensors_header(shard):
-                if name != "__metadata__":
-                    files[name] = shard
-        return files
-    for shard in set(files.values()):
-        read_safetensors_header(shard)
-    return files
+from moectl.hf_layout import fuse_expert_tensors, parse_per_expert_key
 
 
 class HFCheckpoint:
-    """A lazy tensor source over an HF directory; expert keys fused on demand to transformers 5's layout."""
+    """A lazy tensor source over an HF directory; per-expert keys are fused on demand into
+    transformers 5's in-memory layout. Opening it validates every header (moectl.compare)."""
 
     def __init__(self, model_dir: Path):
-        self.files = safetensors_files(model_dir)
-        self.per_expert: dict[str, dict[tuple[int, str], str]] = {}
-        for name in self.files:
-            match = PER_EXPERT_KEY.match(name)
-            if match:
-                group = self.per_expert.setdefault(match["prefix"], {})
-                group[(int(match["expert"]), match["proj"])] = name
+        checkpoint = open_checkpoint(model_dir)
+        self.files = {key: stored.path for stored in checkpoint.files for key in stored.tensors}
+        self.per_expert: dict[str, list[str]] = {}
+        for key in self.files:
+            parsed = parse_per_expert_key(key)
+            if parsed is not None:
+                self.per_expert.setdefault(parsed.prefix, []).append(key)
 
-    def _read(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.files[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+    def _read(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.files[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
 
     def __call__(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
         if name in self.files:
             tensor = self._read(name)
         else:
-            tensor = self._fused_expert(name)
+            prefix = name.rpartition(".")[0]
+            if prefix not in self.per_expert:
+                raise UsageError(f"the checkpoint lacks {name}; it does not match the model config")
+            try:
+                tensor = fuse_expert_tensors({key: self._read(key) for key in self.per_expert[prefix]})[name]
+            except (ValueError, KeyError) as exc:
+                raise UsageError(f"the checkpoint's experts under {prefix} are incomplete ({exc})") from None
         if tuple(tensor.shape) != tuple(shape):
             raise UsageError(
                 f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model needs {tuple(shape)}"
             )
         return tensor.to(device)
-
-    def _fused_expert(self, name: str) -> torch.Tensor:
-        prefix, _, fused = name.rpartition(".")
-        group = self.per_expert.get(prefix)
-        if group is None or fused not in ("gate_up_proj", "down_proj"):
-            raise UsageError(f"the checkpoint lacks {name}; it does not match the model config")
-        num_experts = 1 + max(expert for expert, _ in group)
-        try:
-            if fused == "down_proj":
-                return torch.stack([self._read(group[(e, "down_proj")]) for e in range(num_experts)])
-            return torch.stack(
-                [
-                    torch.cat([self._read(group[(e, "gate_proj")]), self._read(group[(e, "up_proj")])])
-                    for e in range(num_experts)
-                ]
-            )
-        except KeyError as exc:
-            raise UsageError(
-                f"the checkpoint lacks expert weights under {prefix} ({exc.args[0]}); it is incomplete"
-            ) from None
 
 
 def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config, out_dir: Path) -> None:

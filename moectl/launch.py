@@ -6,14 +6,16 @@ the job with a non-zero code instead of leaving peers blocked in a collective.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
 import socket
 import sys
 import uuid
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from moectl.config import ParallelConfig
@@ -26,6 +28,7 @@ class WorkerFailed(RuntimeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+        self.label = "interrupted" if exit_code > 128 else "error"
 
 
 def _free_port() -> int:
@@ -38,7 +41,11 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
     """Run `python -m moectl.worker` on nproc_per_node local processes; rank 0's output on the console."""
     for key, value in SAFE_ENV.items():
         os.environ.setdefault(key, value)
+    # On SIGINT/SIGTERM the agent forwards the signal and waits this long before SIGKILL: the
+    # workers finish their step and write a checkpoint (torch's default, 30 s, is short for big models).
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(parallel.timeout_s))
     endpoint = parallel.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
+    run_id = os.environ.get("MOECTL_RUN_ID", "moectl" if parallel.nnodes > 1 else uuid.uuid4().hex[:8])
     logs = DefaultLogsSpecs(
         log_dir=str(run_dir / "logs"), redirects=Std.ALL, tee=Std.ALL, local_ranks_filter={0}
     )
@@ -46,8 +53,11 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
         min_nodes=parallel.nnodes,
         max_nodes=parallel.nnodes,
         nproc_per_node=nproc_per_node,
-        run_id=os.environ.get("MOECTL_RUN_ID", "moectl" if parallel.nnodes > 1 else uuid.uuid4().hex[:8]),
-        rdzv_backend="c10d",
+        run_id=run_id,
+        # Several nodes: the static rendezvous honours --node-rank (global ranks node_rank × nproc + local
+        # rank; node 0 hosts the store), so global rank 0, which writes the model, runs on node 0. The
+        # c10d rendezvous ignores a node rank and orders nodes by their host/pid descriptors.
+        rdzv_backend="static" if parallel.nnodes > 1 else "c10d",
         rdzv_endpoint=endpoint,
         rdzv_configs={"rank": parallel.node_rank} if parallel.nnodes > 1 else {},
         max_restarts=0,
@@ -55,27 +65,65 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
         start_method="spawn",
         logs_specs=logs,
     )
+    if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:  # torch >= 2.12
+        config.shutdown_timeout = parallel.timeout_s
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "moectl.worker", str(config_path), str(run_dir))
     except ChildFailedError as exc:
-        rank, failure = min(exc.failures.items())
-        codes = {f.exitcode for f in exc.failures.values()}
-        exit_code = 2 if codes == {2} else 1
-        how = (
-            f"was killed by signal {failure.signal_name()}"
-            if failure.exitcode < 0
-            else f"exited with code {failure.exitcode}"
-        )
-        detail = _last_error_line(run_dir, rank)
-        raise WorkerFailed(
-            f"worker rank {rank} {how}{': ' + detail if detail else ''}; all logs under {run_dir / 'logs'}",
-            exit_code,
-        ) from None
+        raise _describe_failure(exc.failures, run_dir, run_id) from None
+    except SignalException as exc:
+        from moectl.checkpoint import resume_hint
+
+        name = signal.Signals(exc.sigval).name
+        raise WorkerFailed(f"stopped by {name}; {resume_hint(run_dir)}", 128 + exc.sigval) from None
 
 
-def _last_error_line(run_dir: Path, rank: int) -> str:
-    """The last line of the failed rank's stderr, which names the exception."""
-    for path in sorted((run_dir / "logs").glob(f"**/attempt_*/{rank}/stderr.log")):
+# Exit codes a worker returns on purpose after a clean, agreed stop (bad input, non-finite numbers,
+# a stop signal): every rank returns the same one and its message is the whole story.
+CLEAN_STOP_CODES = {2, 3, 128 + signal.SIGINT, 128 + signal.SIGTERM}
+
+
+def _likely_cause(item: tuple[int, ProcessFailure]) -> tuple[int, int, int]:
+    """Sort key, most likely root cause first. Once one worker fails, its peers fail *because* of
+    it: they lose their connection (an exception, exit code 1) or the agent stops them (SIGTERM).
+    So: killed by any other signal (SIGKILL, SIGSEGV, ...) < exited with an error < SIGTERM."""
+    rank, failure = item
+    if failure.exitcode < 0:
+        kind = 2 if -failure.exitcode == signal.SIGTERM else 0
+    else:
+        kind = 1
+    return kind, failure.timestamp, rank
+
+
+def _describe_failure(failures: dict[int, ProcessFailure], run_dir: Path, run_id: str) -> WorkerFailed:
+    """Name the rank that failed first, with the last line of its stderr."""
+    rank, failure = min(failures.items(), key=_likely_cause)
+    detail = _last_error_line(run_dir, run_id, failure.local_rank)
+    # All ranks agreed on the stop; a peer may still have been stopped by the agent (SIGTERM) first.
+    agreed = all(f.exitcode in (failure.exitcode, -signal.SIGTERM) for f in failures.values())
+    if failure.exitcode in CLEAN_STOP_CODES and agreed and detail:
+        return WorkerFailed(f"{detail.partition(': ')[2] or detail} (rank {rank})", failure.exitcode)
+    how = (
+        f"was killed by signal {failure.signal_name()}"
+        if failure.exitcode < 0
+        else f"exited with code {failure.exitcode}"
+    )
+    from moectl.checkpoint import resume_hint
+
+    return WorkerFailed(
+        f"worker rank {rank} {how}{': ' + detail if detail else ''}; {resume_hint(run_dir)}; "
+        f"all logs under {run_dir / 'logs'}",
+        1,
+    )
+
+
+def _last_error_line(run_dir: Path, run_id: str, local_rank: int) -> str:
+    """The last line of the failed rank's stderr in this launch's logs, which names the exception."""
+    logs = sorted(
+        (run_dir / "logs").glob(f"{run_id}_*/attempt_*/{local_rank}/stderr.log"),
+        key=lambda path: path.stat().st_mtime,
+    )
+    for path in reversed(logs[-1:]):
         lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
         for line in reversed(lines):
             if not line.startswith(("File ", "^", "~")) and "Traceback" not in line:

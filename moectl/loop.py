@@ -4,6 +4,7 @@ the Strategy contract (strategies/base.py)."""
 from __future__ import annotations
 
 import math
+import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,20 +15,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moectl import runtime
+from moectl import checkpoint, runtime
+from moectl.checkpoint import is_due
 from moectl.config import RunConfig, TrainConfig
 from moectl.data import build_data, rank_slice
 from moectl.errors import UsageError
+from moectl.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_step
 from moectl.hf_io import HFCheckpoint
 from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.model import build_meta_model, materialize, random_init_source
 from moectl.outputs import write_json_atomic
-from moectl.report import StepReporter
+from moectl.report import StepProfiler, StepReporter
 from strategies.base import Strategy
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 @dataclass
@@ -87,15 +86,23 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
     is_rank0 = runtime.rank() == 0
     torch.manual_seed(train.seed)
 
-    source = (
-        HFCheckpoint(Path(cfg.model.path)) if cfg.model.path else random_init_source(cfg.model, train.seed)
-    )
+    resume = checkpoint.latest_checkpoint(run_dir) if run_dir else None
+    if resume is not None:
+        source = checkpoint.placeholder_source
+    elif cfg.model.path:
+        source = HFCheckpoint(Path(cfg.model.path))
+    else:
+        source = random_init_source(cfg.model, train.seed)
     strategy.mesh = strategy.build_mesh(device.type)
     model = build_meta_model(cfg.model, dtype)
     model = strategy.parallelize(model, lambda m: materialize(m, device, source, strategy.shard), train)
     model.train()
     optimizer = build_optimizer(model, train)
     data = build_data(cfg.data, cfg.model.vocab_size, train.seed)
+    start_step, losses = 0, []
+    if resume is not None:
+        start_step = checkpoint.load_checkpoint(resume, model, optimizer, strategy, train)
+        losses = checkpoint.restore_metrics(run_dir, start_step, is_rank0)
 
     dp_rank, dp_size = strategy.dp_rank(), strategy.dp_size
     num_target_tokens = train.global_batch * train.seq_len
@@ -103,53 +110,75 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
     peak = device_peak_flops(device, train.peak_tflops)
     world = runtime.world_size()
     reporter = StepReporter(run_dir, train.steps, is_rank0, f"{strategy.name} ×{world}")
+    if resume is not None:
+        reporter.message(f"resumed at step {start_step} of {train.steps} from {resume.path.name}")
 
-    losses, step_times = [], []
+    def save_checkpoint(steps_done: int) -> None:
+        if run_dir is not None:
+            checkpoint.save_checkpoint(
+                run_dir, steps_done, model, optimizer, strategy, train.keep_checkpoints
+            )
+
+    step_times = []
     try:
-        for step in range(train.steps):
-            local = rank_slice(
-                data.global_batch(step, train.global_batch, train.seq_len), dp_rank, dp_size
-            ).to(device)
-            runtime.synchronize(device)
-            started = time.perf_counter()
-            loss_sum = train_step(
-                model, strategy, optimizer, local.split(train.micro_batch), num_target_tokens
-            )
-            if dist.is_initialized():
-                dist.all_reduce(loss_sum, group=strategy.loss_group())
-            loss = loss_sum.item() / num_target_tokens
-            if not math.isfinite(loss):
-                if train.on_nonfinite == "stop":
-                    raise NonFiniteLoss(
-                        f"loss is {loss} at step {step + 1}; lower --lr or use --set train.on_nonfinite=skip"
+        with StopSignals() as stop, StepProfiler(run_dir, train, enabled=is_rank0, device=device) as profiler:
+            for step in range(start_step, train.steps):
+                local = rank_slice(
+                    data.global_batch(step, train.global_batch, train.seq_len), dp_rank, dp_size
+                ).to(device)
+                runtime.synchronize(device)
+                started = time.perf_counter()
+                loss_sum = train_step(
+                    model, strategy, optimizer, local.split(train.micro_batch), num_target_tokens
+                )
+                if dist.is_initialized():
+                    dist.all_reduce(loss_sum, group=strategy.loss_group())
+                loss = loss_sum.item() / num_target_tokens
+                bad_grad, stop_now = agree_on_step(model, stop, device)
+                if bad_grad or not math.isfinite(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    what = f"loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
+                    if train.on_nonfinite == "stop":
+                        if train.checkpoint_every and step and not is_due(step, train):
+                            save_checkpoint(step)  # the last good state, for a resume with a lower --lr
+                        raise NonFiniteLoss(
+                            f"{what} at step {step + 1}; lower --lr or use --set train.on_nonfinite=skip; "
+                            + checkpoint.resume_hint(run_dir)
+                        )
+                    reporter.message(f"step {step + 1}: {what}; step skipped")
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    runtime.synchronize(device)
+                    elapsed = time.perf_counter() - started
+                    losses.append(loss)
+                    step_times.append(elapsed)
+                    tokens_per_s = num_target_tokens / elapsed
+                    reporter.step(
+                        {
+                            "step": step,
+                            "loss": loss,
+                            "step_time_s": elapsed,
+                            "tokens_per_s": tokens_per_s,
+                            "tokens_per_s_per_device": tokens_per_s / world,
+                            "mfu": mfu(flops_tok, tokens_per_s / world, peak),
+                            "mfu_seed": mfu(seed_flops_tok, tokens_per_s / world, peak),
+                            "mem_gib": peak_memory_gib(device),
+                            "warmup": step - start_step < train.warmup_steps,
+                        }
                     )
-                optimizer.zero_grad(set_to_none=True)
-                reporter.message(f"step {step + 1}: loss is {loss}; step skipped")
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            runtime.synchronize(device)
-            elapsed = time.perf_counter() - started
-            losses.append(loss)
-            step_times.append(elapsed)
-            tokens_per_s = num_target_tokens / elapsed
-            reporter.step(
-                {
-                    "step": step,
-                    "loss": loss,
-                    "step_time_s": elapsed,
-                    "tokens_per_s": tokens_per_s,
-                    "tokens_per_s_per_device": tokens_per_s / world,
-                    "mfu": mfu(flops_tok, tokens_per_s / world, peak),
-                    "mfu_seed": mfu(seed_flops_tok, tokens_per_s / world, peak),
-                    "mem_gib": peak_memory_gib(device),
-                    "warmup": step < train.warmup_steps,
-                }
-            )
+                profiler.step()
+                if stop_now or is_due(step + 1, train):
+                    save_checkpoint(step + 1)
+                if stop_now and step + 1 < train.steps:  # at the last step, just finish
+                    raise Interrupted(
+                        stop.signum or signal.SIGTERM,
+                        f"stopped by {stop.name} after step {step + 1}; " + checkpoint.resume_hint(run_dir),
+                    )
     finally:
         reporter.close()
 
-    timed = step_times[train.warmup_steps :] or step_times
+    timed = step_times[train.warmup_steps :] or step_times or [math.inf]  # a resume may have no steps left
     median_time = statistics.median(timed)
     peak_mem = torch.tensor(peak_memory_gib(device), device=device)
     if dist.is_initialized():

@@ -34,15 +34,29 @@ def default_run_dir(strategy: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{strategy.replace('/', '_').replace(':', '_')}"
 
 
+def check_writable(directory: Path) -> None:
+    """Create and remove a scratch file: the only test that also sees read-only mounts, ACLs and
+    root's bypass of permission bits (os.access says yes to root even on a chmod 555 directory)."""
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory; pick a writable --run-dir")
+    try:
+        handle, name = tempfile.mkstemp(prefix=".moectl-write-test-", dir=directory)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write under {directory} ({exc.strerror}); pick a writable --run-dir"
+        ) from None
+
+
 def check_run_dir_writable(run_dir: Path) -> None:
     """Refuse an existing non-empty run directory or an unwritable parent before any work starts."""
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UsageError(f"run directory {run_dir} already exists and is not empty; pick another --run-dir")
-    parent = run_dir.parent
+    parent = run_dir
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write under {parent}; pick a writable --run-dir")
+    check_writable(parent)
 
 
 def create_run_dir(run_dir: Path, config_yaml: str) -> None:

@@ -58,3 +58,45 @@ class StepReporter:
             self.progress.stop()
         if self.metrics_file:
             self.metrics_file.close()
+
+
+class StepProfiler:
+    """torch.profiler over `train.profile_steps` steps right after warm-up (rank 0 only).
+
+    Writes RUN_DIR/profile.txt (operators and kernels by device time) and RUN_DIR/profile_trace.json
+    (a Chrome/Perfetto trace): where the milliseconds of a step go, per kernel.
+    """
+
+    def __init__(self, run_dir: Path | None, train, enabled: bool, device):
+        self.run_dir = run_dir
+        self.active = enabled and run_dir is not None and train.profile_steps > 0
+        self.profiler = None
+        if self.active:
+            import torch.profiler as tp
+
+            activities = [tp.ProfilerActivity.CPU] + (
+                [tp.ProfilerActivity.CUDA] if device.type == "cuda" else []
+            )
+            schedule = tp.schedule(
+                wait=max(train.warmup_steps - 1, 0), warmup=1, active=train.profile_steps, repeat=1
+            )
+            self.profiler = tp.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
+            self.sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+    def _write(self, profiler) -> None:
+        table = profiler.key_averages().table(sort_by=self.sort_key, row_limit=60, max_name_column_width=70)
+        (self.run_dir / "profile.txt").write_text(table)
+        profiler.export_chrome_trace(str(self.run_dir / "profile_trace.json"))
+
+    def __enter__(self) -> StepProfiler:
+        if self.profiler:
+            self.profiler.__enter__()
+        return self
+
+    def step(self) -> None:
+        if self.profiler:
+            self.profiler.step()
+
+    def __exit__(self, *exc_info) -> None:
+        if self.profiler:
+            self.profiler.__exit__(*exc_info)

@@ -38,8 +38,9 @@ def init_process_group(device: torch.device, timeout_s: int) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
-    if device.type == "cpu":
-        # Several CPU workers share the cores: one thread each avoids oversubscription.
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Several CPU workers share the cores: split them so threads do not oversubscribe. An explicit
+        # OMP_NUM_THREADS wins (e.g. several "nodes" on one machine, which no worker can see).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 

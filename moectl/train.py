@@ -7,7 +7,8 @@ never leaves a half-written run behind.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,20 @@ from rich.console import Console
 from rich.table import Table
 
 from moectl import runtime
-from moectl.config import RunConfig, build_config
-from moectl.data import load_tokens
+from moectl.checkpoint import CheckpointInfo, check_disk_space, latest_checkpoint, verify_checkpoint
+from moectl.config import ParallelConfig, RunConfig, build_config, merge_overrides
+from moectl.data import check_data
 from moectl.errors import UsageError
 from moectl.hf_io import HFCheckpoint
 from moectl.metrics import count_params, estimate_memory_gib, flops_per_token, seed_flops_per_token
 from moectl.model import model_config_from_hf_dir
-from moectl.outputs import check_run_dir_writable, create_run_dir, default_run_dir
+from moectl.outputs import (
+    check_run_dir_writable,
+    check_writable,
+    create_run_dir,
+    default_run_dir,
+    write_text_atomic,
+)
 from strategies import get_strategy
 from strategies.base import Strategy
 
@@ -35,16 +43,84 @@ class Plan:
     world_size: int
     nproc_per_node: int
     num_micro_batches: int
+    resume_from: CheckpointInfo | None = None
 
 
 def resolve(config: str | None, overrides: dict[str, dict[str, Any]]) -> RunConfig:
     cfg = build_config(config, overrides)
     if cfg.model.path:
-        cfg.model = model_config_from_hf_dir(Path(cfg.model.path))
+        # Through build_config again, so config.json values get the same type and range checks.
+        hf_model = asdict(model_config_from_hf_dir(Path(cfg.model.path)))
+        cfg = build_config(config, merge_overrides(overrides, {"model": hf_model}))
     return cfg
 
 
-def plan(cfg: RunConfig) -> Plan:
+# A resume may change how the run is laid out, never what it computes.
+LAYOUT_KEYS = (
+    "nproc",
+    "dp_size",
+    "tp_size",
+    "ep_size",
+    "nnodes",
+    "node_rank",
+    "rdzv_endpoint",
+    "fsdp",
+    "mixed_dp",
+)
+FIXED_ON_RESUME = {
+    "model": None,  # every key
+    "data": None,
+    "train": ("seed", "global_batch", "seq_len", "optimizer", "momentum"),
+}
+
+
+def resolve_resume(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple[RunConfig, CheckpointInfo]:
+    """The saved config.yaml of `run_dir` with the new flags on top, and the checkpoint to continue from.
+
+    Any parallel flag replaces the saved layout as a whole (the saved strategy stays unless
+    --strategy is given): `--resume R --nproc 4` means "ddp on 4", not "ddp on 4 with the old
+    dp_size". Keys that define the computation (model, data, seed, batch shape, optimizer kind)
+    cannot change: the checkpoint would not fit them.
+    """
+    config_file = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {run_dir}: no such directory; give the run directory to continue")
+    if not config_file.is_file():
+        raise UsageError(f"--resume {run_dir} is not a moectl run directory (no config.yaml)")
+    info = latest_checkpoint(run_dir)
+    if info is None:
+        raise UsageError(
+            f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; "
+            "runs write them with --checkpoint-every N"
+        )
+    saved = build_config(str(config_file))
+    if set(overrides.get("parallel", {})) - {"timeout_s"}:
+        defaults = asdict(ParallelConfig())
+        fresh_layout = {key: defaults[key] for key in LAYOUT_KEYS}
+        overrides = {**overrides, "parallel": {**fresh_layout, **overrides["parallel"]}}
+    cfg = build_config(str(config_file), overrides)
+    for section, keys in FIXED_ON_RESUME.items():
+        old, new = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
+        for key in keys or old:
+            if old[key] != new[key]:
+                raise UsageError(
+                    f"--resume cannot change {section}.{key} (saved {old[key]!r}, given {new[key]!r}); "
+                    "start a new run instead"
+                )
+    cfg.run_dir = str(run_dir)
+    verify_checkpoint(info, cfg)
+    if info.step > cfg.train.steps:
+        raise UsageError(
+            f"{run_dir}: the latest checkpoint is at step {info.step}, beyond --steps {cfg.train.steps}"
+        )
+    if info.step == cfg.train.steps and (run_dir / "summary.json").is_file():
+        raise UsageError(
+            f"{run_dir} already finished all {info.step} steps; give --steps N (more than {info.step}) to train on"
+        )
+    return cfg, info
+
+
+def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Plan:
     """World size from --nproc (or the outside launcher, or the degrees); every degree checked."""
     strategy_cls = get_strategy(cfg.parallel.strategy)
     parallel = cfg.parallel
@@ -82,24 +158,27 @@ def plan(cfg: RunConfig) -> Plan:
                 f"{nproc_per_node} processes per node but {torch.cuda.device_count()} GPUs; lower --nproc"
             )
     if cfg.data.source != "synthetic":
-        load_tokens(cfg.data)
-    if cfg.model.path:
+        check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
+    if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
         HFCheckpoint(Path(cfg.model.path))
-    return Plan(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step)
+    return Plan(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step, resume_from)
+
+
+def param_bytes(cfg: RunConfig) -> int:
+    """Bytes per parameter as the run will hold (and save) them: bf16 on GPUs unless told otherwise."""
+    train = cfg.train
+    device_is_gpu = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
+    return 4 if (train.dtype == "float32" or (train.dtype == "auto" and not device_is_gpu)) else 2
 
 
 def describe(p: Plan, console: Console) -> None:
     """The --dry-run report: resolved config, parameter counts, flops per token, memory per rank."""
     cfg = p.cfg
     counts = count_params(cfg.model)
-    device_is_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    param_bytes = (
-        4 if (cfg.train.dtype == "float32" or (cfg.train.dtype == "auto" and not device_is_gpu)) else 2
-    )
     memory = estimate_memory_gib(
         cfg.model,
         p.strategy.params_per_rank(counts),
-        param_bytes,
+        param_bytes(cfg),
         cfg.train.optimizer,
         cfg.train.momentum,
         cfg.train.micro_batch,
@@ -138,7 +217,7 @@ def run(p: Plan, run_dir: Path | None) -> Any:
         runtime.init_process_group(device, cfg.parallel.timeout_s)
         target = [None]
         if runtime.rank() == 0:
-            target[0] = str(_prepare_run_dir(cfg, run_dir))
+            target[0] = str(_prepare_run_dir(p, run_dir))
         if dist.is_initialized():
             dist.broadcast_object_list(target, src=0)
         try:
@@ -146,16 +225,44 @@ def run(p: Plan, run_dir: Path | None) -> Any:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    target = _prepare_run_dir(cfg, run_dir)
+    target = _prepare_run_dir(p, run_dir)
     if p.world_size == 1 and cfg.parallel.nnodes == 1:
         return run_training(cfg, p.strategy, target)
-    launch_workers(cfg.parallel, p.nproc_per_node, target / "config.yaml", target)
+    node_dir = _node_dir(cfg, target)
+    launch_workers(cfg.parallel, p.nproc_per_node, node_dir / "config.yaml", node_dir)
     return target
 
 
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path | None) -> Path:
+def _node_dir(cfg: RunConfig, target: Path) -> Path:
+    """Where this node's launcher writes: the run directory on node 0, `node<k>/` inside it on node k.
+
+    Global rank 0 runs on node 0 (static rendezvous) and writes the model and metrics at the top;
+    other nodes write only their own config copy and worker logs, so a run directory on a shared
+    file system holds every node's logs without two nodes writing the same file.
+    """
+    node_rank = cfg.parallel.node_rank
+    return target if node_rank == 0 or cfg.parallel.nnodes == 1 else target / f"node{node_rank}"
+
+
+def _prepare_run_dir(p: Plan, run_dir: Path | None) -> Path:
+    """A fresh run gets a new directory; a resume rewrites config.yaml with its (maybe new) layout."""
+    cfg = p.cfg
+    if p.resume_from is not None:
+        target = Path(cfg.run_dir)
+        check_writable(target)
+        check_disk_space(target, cfg, param_bytes(cfg), p.resume_from.step)
+        write_text_atomic(target / "config.yaml", cfg.to_yaml())
+        return target
     target = Path(run_dir or cfg.run_dir or default_run_dir(cfg.parallel.strategy))
     cfg.run_dir = str(target)
-    check_run_dir_writable(target)
-    create_run_dir(target, cfg.to_yaml())
+    check_disk_space(target, cfg, param_bytes(cfg))
+    node_dir = _node_dir(cfg, target)
+    if node_dir == target and cfg.parallel.nnodes > 1 and target.is_dir():
+        # Another node may already have made its node<k>/ folder here (shared file system).
+        others = [p for p in target.iterdir() if not re.fullmatch(r"node\d+", p.name)]
+        if others:
+            check_run_dir_writable(target)
+    else:
+        check_run_dir_writable(node_dir)
+    create_run_dir(node_dir, cfg.to_yaml())
     return target

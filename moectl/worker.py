@@ -10,6 +10,7 @@ import torch.distributed as dist
 from moectl import runtime
 from moectl.config import build_config
 from moectl.errors import UsageError
+from moectl.faults import TrainingStopped
 from moectl.loop import run_training
 from strategies import get_strategy
 
@@ -24,6 +25,9 @@ def main(config_path: str, run_dir: str) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # a clean, agreed stop: the message is the whole story
+        print(f"{exc.label}: {exc}", file=sys.stderr)
+        return exc.exit_code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

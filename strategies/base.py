@@ -106,6 +106,18 @@ class Strategy:
     def after_backward(self, model: nn.Module) -> None:
         """Gradient reductions the wrappers do not do (default: none)."""
 
+    def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """How one model or optimizer-state tensor of parameter `param_name` (canonical HF name) goes
+        into a resumable checkpoint (torch.distributed.checkpoint).
+
+        DCP reshards DTensors by their global layout and treats plain tensors as the same full copy
+        on every rank. A strategy that keeps a *plain* local shard (say experts [E/ep, ...] as an
+        ordinary tensor) must return a DTensor view of it here (`DTensor.from_local(tensor, mesh,
+        [Shard(0)], run_check=False)`), or checkpoints would hold one rank's experts only. Default:
+        unchanged, right for replicated tensors and for DTensor parameters (FSDP2, TP).
+        """
+        return tensor
+
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model with HF keys, gathered to rank 0 on the CPU; None on other ranks."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

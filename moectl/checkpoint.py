@@ -1,0 +1,328 @@
+"""Checkpoints for resume: model, optimizer, RNG and step, written with torch.distributed.checkpoint.
+
+Why DCP: every rank writes only its own shards, and the files record *global* tensor layouts under
+canonical HF keys (get_state_dict strips DDP/FSDP/compile/checkpoint-wrapper prefixes and flattens
+the optimizer state to `state.<param>.<field>`). A checkpoint saved by one strategy or world size
+therefore loads under any other: DCP reshards on load. The data position needs no saving of its
+own: the data of step s is a pure function of (seed, s), so the step *is* the position.
+
+Layout of a run directory:
+
+    checkpoints/step_000010/   .metadata, __<rank>_0.distcp (DCP), rng_rank00000.pt …, meta.json, COMPLETE
+    checkpoints/.step_000012.partial/   a save in progress (or killed mid-way): never read
+
+A save goes into the hidden `.partial` directory and is renamed into place only after every rank
+finished and rank 0 wrote `COMPLETE`, so a kill at any moment leaves either the whole checkpoint or
+none. Resume takes the highest step whose directory holds `COMPLETE`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from moectl import runtime
+from moectl.config import RunConfig, TrainConfig
+from moectl.errors import UsageError
+from moectl.outputs import write_json_atomic, write_text_atomic
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+META_FILE = "meta.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+# Flattened optimizer keys (`state.<param>.<field>`) survive any change of param groups or wrappers.
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int  # optimizer steps completed = index of the next step's data
+    meta: dict[str, Any]
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def is_due(steps_done: int, train: TrainConfig) -> bool:
+    return train.checkpoint_every > 0 and steps_done % train.checkpoint_every == 0
+
+
+def complete_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+    """Every checkpoint with its completion marker, oldest first; anything else is ignored."""
+    found = []
+    root = run_dir / CHECKPOINTS_DIR
+    for path in root.iterdir() if root.is_dir() else ():
+        match = STEP_DIR.match(path.name)
+        if not (match and (path / COMPLETE_MARKER).is_file()):
+            continue
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        found.append(CheckpointInfo(path, int(match[1]), meta))
+    return sorted(found, key=lambda info: info.step)
+
+
+def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resume_hint(run_dir: Path | None) -> str:
+    """What the user can do next, for messages after a stop or a crash."""
+    latest = latest_checkpoint(run_dir) if run_dir else None
+    if latest is None:
+        return "no complete checkpoint was written"
+    return f"last complete checkpoint: step {latest.step}; continue with: moectl train --resume {run_dir}"
+
+
+# ---- what goes into a checkpoint ---------------------------------------------------------------
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy) -> tuple[dict, list]:
+    """{"model": …, "optimizer": …} with canonical keys, each tensor passed through the strategy's
+    `checkpoint_tensor` (a DTensor view of a plain local shard, for strategies that keep one).
+    Also returns (container, key, original) for every tensor the strategy replaced, so loaded values
+    can be copied back into the tensors the model and optimizer really use."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
+    replaced = []
+    for container, param_of in ((model_state, lambda key: key), (optim_state, _param_of_optim_key)):
+        for key, value in container.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            view = strategy.checkpoint_tensor(param_of(key), value)
+            if view is not value:
+                replaced.append((container, key, value))
+                container[key] = view
+    return {"model": model_state, "optimizer": optim_state}, replaced
+
+
+def _param_of_optim_key(key: str) -> str:
+    """`state.model.layers.0.mlp.gate.weight.exp_avg` -> `model.layers.0.mlp.gate.weight`."""
+    return key.split(".", 1)[1].rpartition(".")[0] if key.startswith("state.") else key
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+@contextlib.contextmanager
+def _single_process_is_fine() -> Iterator[None]:
+    """DCP warns "assuming the intent is to save/load in a single process" without a process group: it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(
+    run_dir: Path, steps_done: int, model: nn.Module, optimizer: torch.optim.Optimizer, strategy, keep: int
+) -> Path:
+    """Collective: every rank calls it at the same step. Returns the final checkpoint directory."""
+    root = run_dir / CHECKPOINTS_DIR
+    final = root / step_dir_name(steps_done)
+    staging = root / f".{final.name}.partial"
+    rank, is_rank0 = runtime.rank(), runtime.rank() == 0
+    if is_rank0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    _barrier()
+    state, _ = _training_state(model, optimizer, strategy)
+    with _single_process_is_fine():
+        dcp.save(state, checkpoint_id=str(staging))
+    device = next(model.parameters()).device
+    torch.save(_rng_state(device), staging / f"rng_rank{rank:05d}.pt")
+    _barrier()
+    if is_rank0:
+        meta = {
+            "step": steps_done,
+            "world_size": runtime.world_size(),
+            "strategy": strategy.name,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "torch": torch.__version__,
+        }
+        write_json_atomic(staging / META_FILE, meta)
+        write_text_atomic(staging / COMPLETE_MARKER, "ok\n")
+        if final.exists():  # the same step saved again (a resumed run re-reaching it)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(root)
+        _prune(root, keep, final.name)
+    _barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    """Drop leftovers of killed saves, and all but the newest `keep` checkpoints (0 keeps all)."""
+    for path in root.glob(".step_*.partial"):
+        shutil.rmtree(path, ignore_errors=True)
+    complete = [info.path for info in complete_checkpoints(root.parent)]
+    if keep > 0:
+        for path in complete[:-keep]:
+            if path.name != current:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(
+    info: CheckpointInfo,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    strategy,
+    train: TrainConfig,
+) -> int:
+    """Collective: fill model, optimizer and RNG from `info` under this run's layout; returns the step."""
+    state, replaced = _training_state(model, optimizer, strategy)
+    with _single_process_is_fine():
+        dcp.load(state, checkpoint_id=str(info.path))
+    for container, key, original in replaced:
+        loaded = container[key]
+        original.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
+        container[key] = original
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=STATE_DICT_OPTIONS,
+    )
+    # The config, not the checkpoint, owns the hyperparameters: a resume may lower --lr.
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = train.lr, train.weight_decay
+    saved_world = int(info.meta.get("world_size", 1))
+    rng_file = info.path / f"rng_rank{runtime.rank() % saved_world:05d}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        device = next(model.parameters()).device
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    return info.step
+
+
+def placeholder_source(name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Initial values when resuming: zeros, overwritten by the checkpoint (reading the original
+    weights again would cost a full model read for nothing)."""
+    return torch.zeros(shape, device=device)
+
+
+def restore_metrics(run_dir: Path, steps_done: int, is_rank0: bool) -> list[float]:
+    """Keep the metrics of steps before the checkpoint and drop the rest (steps done after the
+    checkpoint are redone); returns the kept losses. A line cut short by a kill is dropped too."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    kept, losses = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < steps_done:
+            kept.append(line)
+            losses.append(record["loss"])
+    if is_rank0:
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return losses
+
+
+# ---- checks in the parent, before anything is written ---------------------------------------------
+def verify_checkpoint(info: CheckpointInfo, cfg: RunConfig) -> None:
+    """Refuse a checkpoint DCP could not load: unreadable metadata, missing or short shard files,
+    or tensors that do not fit this model."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from moectl.model import build_meta_model
+
+    where = f"checkpoint {info.path}"
+    try:
+        metadata = FileSystemReader(str(info.path)).read_metadata()
+        storage = dict(metadata.storage_data)
+        tensors = metadata.state_dict_metadata
+    except Exception as exc:  # a damaged pickle raises anything; all mean the same to the user
+        raise UsageError(
+            f"{where} is corrupt ({type(exc).__name__}); delete it to resume from the one before"
+        ) from None
+    sizes: dict[str, int] = {}
+    for item in storage.values():
+        file = item.relative_path
+        if file not in sizes:
+            sizes[file] = (info.path / file).stat().st_size if (info.path / file).is_file() else -1
+        if sizes[file] < item.offset + item.length:
+            raise UsageError(
+                f"{where} is incomplete ({file} is missing or truncated); delete it to resume from the one before"
+            )
+    model = build_meta_model(cfg.model, torch.float32)
+    for name, param in model.named_parameters():
+        saved = getattr(tensors.get(f"model.{name}"), "size", None)
+        if saved is None or tuple(saved) != tuple(param.shape):
+            raise UsageError(
+                f"{where} does not fit the model: {name} is "
+                f"{'absent' if saved is None else tuple(saved)}, the model needs {tuple(param.shape)}"
+            )
+
+
+def checkpoint_bytes(cfg: RunConfig, param_bytes: int) -> int:
+    """Size of one checkpoint: the weights plus the optimizer's per-parameter state."""
+    from moectl.metrics import count_params
+
+    train = cfg.train
+    states = 2 if train.optimizer == "adamw" else (1 if train.momentum else 0)
+    return count_params(cfg.model).total * param_bytes * (1 + states)
+
+
+def required_disk_bytes(cfg: RunConfig, param_bytes: int, steps_done: int = 0) -> int:
+    """Final model plus the checkpoints that will exist at once (kept ones + one being written)."""
+    from moectl.metrics import count_params
+
+    train = cfg.train
+    total = count_params(cfg.model).total * param_bytes if train.save_model else 0
+    if train.checkpoint_every > 0:
+        num_saves = train.steps // train.checkpoint_every - steps_done // train.checkpoint_every
+        resident = num_saves if train.keep_checkpoints == 0 else min(num_saves, train.keep_checkpoints)
+        total += (resident + (1 if num_saves else 0)) * checkpoint_bytes(cfg, param_bytes)
+    return total
+
+
+def check_disk_space(run_dir: Path, cfg: RunConfig, param_bytes: int, steps_done: int = 0) -> None:
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    needed = required_disk_bytes(cfg, param_bytes, steps_done)
+    if needed > free:
+        raise UsageError(
+            f"{existing} has {free / 2**30:.1f} GiB free but the final model and checkpoints need about "
+            f"{needed / 2**30:.1f} GiB; free space, pick another --run-dir, lower train.keep_checkpoints "
+            "or set train.save_model=false"
+        )

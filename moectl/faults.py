@@ -1,0 +1,105 @@
+"""Faults the loop survives or reports cleanly: stop signals and non-finite numbers.
+
+Why a stop request is only *recorded* by the signal handler: a rank interrupted inside a collective
+or half-way through `optimizer.step` would leave its peers blocked and its state torn. The loop
+instead finishes the current step, all ranks agree to stop (one tiny all-reduce per step, together
+with the non-finite-gradient flag), write a checkpoint together and exit with a clear message.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingStopped(Exception):
+    """The run ended early on purpose; `exit_code` and a one-line message, never a traceback."""
+
+    exit_code = 1
+    label = "error"
+
+
+class NonFiniteLoss(TrainingStopped):
+    exit_code = 3
+
+
+class Interrupted(TrainingStopped):
+    label = "interrupted"
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """Context manager: SIGINT/SIGTERM ask for a clean stop; a second one aborts at once.
+
+    Outside the main thread (where Python cannot install handlers) it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a stop request"
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            self._restore()
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.signum = signum  # nothing else here: printing from a handler can hit a reentrant write
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+
+def _local_grads(model: nn.Module) -> list[torch.Tensor]:
+    return [
+        p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        for p in model.parameters()
+        if p.grad is not None
+    ]
+
+
+def agree_on_step(model: nn.Module, stop: StopSignals, device: torch.device) -> tuple[bool, bool]:
+    """(some gradient on some rank is non-finite, some rank was asked to stop), the same on every rank.
+
+    Each rank checks only the gradient pieces it holds (the max-abs norm, which cannot overflow
+    where an L2 norm of finite values could), so this works for replicated, DTensor-sharded and
+    plain-local-shard strategies alike; one all-reduce (MAX) over all ranks makes the verdict common.
+    """
+    grads = _local_grads(model)
+    if grads:
+        max_abs = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), foreach=True)
+        bad_grad = (~torch.isfinite(max_abs)).float()
+    else:
+        bad_grad = torch.zeros((), device=device)
+    flags = torch.stack([bad_grad.to(device), torch.tensor(float(stop.requested), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop_now = (flags > 0).tolist()
+    return bad, stop_now

@@ -1,0 +1,371 @@
+"""A catalogue of bad inputs: each one exits with code 2 and one line on stderr that names the problem,
+without a traceback, and leaves no run directory or partial file behind.
+
+Most cases run the CLI in-process (`moectl.cli.main(argv)`: no interpreter start-up, so the whole
+catalogue takes seconds); a few run as real subprocesses to check the console entry point itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.util import run_moectl, train_run
+
+TINY_RUN = ["--steps", "2", "--global-batch", "8", "--micro-batch", "2"]
+
+
+@dataclass
+class Inputs:
+    """What a case may build: files under `tmp`, or a copy of a finished run with a checkpoint."""
+
+    tmp: Path
+    checkpointed: Path
+
+    def file(self, name: str, content: bytes | str) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def tokens(self, name: str, array: np.ndarray) -> Path:
+        path = self.tmp / name
+        if name.endswith(".npy"):
+            np.save(path, array)
+        else:
+            array.tofile(path)
+        return path
+
+    def hf_dir(self, config: dict | str | None = "tiny", safetensors: bytes | None = None) -> Path:
+        """An HF model directory: config "tiny" (valid), a dict, raw text, or None (no config.json)."""
+        from moectl.config import build_config
+        from moectl.model import hf_config
+
+        path = self.tmp / "hf"
+        path.mkdir()
+        if config == "tiny":
+            config = hf_config(build_config("tiny").model).to_dict()
+        if isinstance(config, dict):
+            (path / "config.json").write_text(json.dumps(config))
+        elif isinstance(config, str):  # raw text, e.g. broken JSON
+            (path / "config.json").write_text(config)
+        if safetensors is not None:
+            (path / "model.safetensors").write_bytes(safetensors)
+        return path
+
+    def run_copy(self, edit: Callable[[Path], None] = lambda run: None) -> Path:
+        run = self.tmp / "old-run"
+        shutil.copytree(self.checkpointed, run)
+        edit(run)
+        return run
+
+
+def _tiny_config_without(key: str) -> dict:
+    from moectl.config import build_config
+    from moectl.model import hf_config
+
+    config = hf_config(build_config("tiny").model).to_dict()
+    del config[key]
+    return config
+
+
+def _truncated_safetensors(tmp: Path) -> bytes:
+    from safetensors.torch import save_file
+
+    save_file({"model.embed_tokens.weight": torch.zeros(128, 64)}, str(tmp / "whole.safetensors"))
+    data = (tmp / "whole.safetensors").read_bytes()
+    (tmp / "whole.safetensors").unlink()
+    return data[:-1000]
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return sorted(p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+
+
+def _drop_markers(run: Path) -> None:
+    for path in _checkpoints(run):
+        (path / "COMPLETE").unlink()
+
+
+def _garble_metadata(run: Path) -> None:
+    (_checkpoints(run)[-1] / ".metadata").write_bytes(b"\x80\x04garbage, not a pickle")
+
+
+def _truncate_shard(run: Path) -> None:
+    shard = _checkpoints(run)[-1] / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+Case = Callable[[Inputs], list[str]]
+YAML = "-c"
+# id -> (args builder, a fragment the one-line message must contain)
+CASES: dict[str, tuple[Case, str]] = {
+    # ---- config: presets, YAML, --set, values ----
+    "unknown-preset": (lambda i: ["-c", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    "missing-yaml": (lambda i: ["-c", str(i.tmp / "absent.yaml")], "does not exist"),
+    "bad-yaml-syntax": (lambda i: [YAML, str(i.file("bad.yaml", "train: {steps: [1, 2"))], "not valid YAML"),
+    "yaml-is-a-list": (
+        lambda i: [YAML, str(i.file("list.yaml", "- train\n- model\n"))],
+        "must hold a mapping",
+    ),
+    "yaml-unknown-section": (
+        lambda i: [YAML, str(i.file("s.yaml", "trainer:\n  steps: 3\n"))],
+        "unknown config section 'trainer'",
+    ),
+    "yaml-section-not-mapping": (lambda i: [YAML, str(i.file("m.yaml", "train: 5\n"))], "must be a mapping"),
+    "yaml-wrong-type": (
+        lambda i: [YAML, str(i.file("t.yaml", "train:\n  steps: many\n"))],
+        "train.steps must be an integer",
+    ),
+    "set-wrong-bool": (lambda i: ["--set", "train.compile=maybe"], "train.compile must be true or false"),
+    "set-unknown-key": (lambda i: ["--set", "train.learning_rate=0.1"], "unknown key 'train.learning_rate'"),
+    "set-unknown-section": (lambda i: ["--set", "optim.lr=0.1"], "unknown config section 'optim'"),
+    "set-bad-syntax": (lambda i: ["--set", "train.lr"], "--set takes section.key=value"),
+    "zero-steps": (lambda i: ["--steps", "0"], "train.steps must be positive, got 0"),
+    "negative-global-batch": (lambda i: ["--global-batch", "-8"], "train.global_batch must be positive"),
+    "zero-hidden-size": (lambda i: ["--set", "model.hidden_size=0"], "model.hidden_size must be positive"),
+    "negative-checkpoint-every": (
+        lambda i: ["--checkpoint-every", "-1"],
+        "train.checkpoint_every must not be",
+    ),
+    "top-k-above-experts": (lambda i: ["--set", "model.top_k=9"], "model.top_k (9) cannot exceed"),
+    "heads-not-multiple-of-kv": (lambda i: ["--set", "model.num_kv_heads=3"], "must be a multiple of"),
+    "unknown-optimizer": (lambda i: ["--set", "train.optimizer=lion"], "train.optimizer must be one of"),
+    "noise-above-one": (lambda i: ["--set", "data.noise=1.5"], "data.noise must lie in [0, 1]"),
+    "batch-not-divisible": (
+        lambda i: ["--global-batch", "10", "--micro-batch", "4"],
+        "global batch 10 is not a multiple of micro-batch 4",
+    ),
+    "batch-not-divisible-by-dp": (
+        lambda i: ["--strategy", "ddp", "--nproc", "3", "--global-batch", "8", "--micro-batch", "2"],
+        "data-parallel degree 3",
+    ),
+    "seq-len-above-max-positions": (lambda i: ["--seq-len", "5000"], "exceeds model.max_position_embeddings"),
+    # ---- command line ----
+    "unknown-strategy": (lambda i: ["--strategy", "zero3"], "unknown strategy 'zero3'"),
+    "not-an-integer": (lambda i: ["--steps", "abc"], "--steps"),
+    "unknown-flag": (lambda i: ["--stepz", "3"], "No such option"),
+    "single-on-two-processes": (
+        lambda i: ["--strategy", "single", "--nproc", "2"],
+        "single runs on one process",
+    ),
+    "ddp-with-tp-size": (
+        lambda i: ["--strategy", "ddp", "--nproc", "2", "--tp-size", "2"],
+        "no tensor or expert",
+    ),
+    "dp-size-not-world": (
+        lambda i: ["--strategy", "ddp", "--nproc", "4", "--dp-size", "2"],
+        "--dp-size 2 must",
+    ),
+    "nnodes-without-endpoint": (lambda i: ["--nnodes", "2"], "--rdzv-endpoint"),
+    "node-rank-out-of-range": (
+        lambda i: ["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29999"],
+        "must be below parallel.nnodes",
+    ),
+    # ---- data ----
+    "missing-data-file": (lambda i: ["--data", str(i.tmp / "absent.bin")], "does not exist"),
+    "token-id-above-vocab": (
+        lambda i: ["--data", str(i.tokens("big.bin", np.arange(1000, dtype=np.uint16)))],
+        "token id 999 but the model's vocab_size is 128",
+    ),
+    "bin-size-not-multiple": (
+        lambda i: ["--data", str(i.file("odd.bin", b"\x01" * 201))],
+        "not a multiple of 2",
+    ),
+    "npy-of-floats": (
+        lambda i: ["--data", str(i.tokens("f.npy", np.ones(500, dtype=np.float32)))],
+        "1-D integer token array",
+    ),
+    "npy-2d": (
+        lambda i: ["--data", str(i.tokens("m.npy", np.ones((20, 20), dtype=np.int64)))],
+        "1-D integer",
+    ),
+    "npy-negative-ids": (
+        lambda i: ["--data", str(i.tokens("n.npy", np.full(500, -1, dtype=np.int32)))],
+        "negative token id",
+    ),
+    "unknown-suffix": (lambda i: ["--data", str(i.file("tokens.csv", "1,2,3\n"))], "unknown type"),
+    "jsonl-not-json": (lambda i: ["--data", str(i.file("d.jsonl", "not json\n"))], "line 1 is not JSON"),
+    "too-few-tokens": (
+        lambda i: ["--data", str(i.tokens("short.bin", np.arange(10, dtype=np.uint16)))],
+        "holds 10 tokens; seq_len 64",
+    ),
+    "missing-tokenizer": (
+        lambda i: [
+            "--data",
+            str(i.file("d.txt", "hello " * 200)),
+            "--set",
+            f"data.tokenizer={i.tmp / 'tok'}",
+        ],
+        "tokenizer directory",
+    ),
+    # ---- model directory ----
+    "model-not-a-directory": (lambda i: ["--model", str(i.file("weights.bin", b"x"))], "is not a directory"),
+    "model-without-config": (lambda i: ["--model", str(i.hf_dir(config=None))], "has no config.json"),
+    "model-config-not-json": (lambda i: ["--model", str(i.hf_dir("{oops"))], "is not valid JSON"),
+    "model-wrong-type": (lambda i: ["--model", str(i.hf_dir({"model_type": "llama"}))], "model_type 'llama'"),
+    "model-config-missing-key": (
+        lambda i: ["--model", str(i.hf_dir(_tiny_config_without("hidden_size")))],
+        "lacks the key 'hidden_size'",
+    ),
+    "model-config-wrong-type": (
+        lambda i: ["--model", str(i.hf_dir({**_tiny_config_without("vocab_size"), "vocab_size": "big"}))],
+        "model.vocab_size must be an integer, got 'big'",
+    ),
+    "safetensors-bad-header": (
+        lambda i: ["--model", str(i.hf_dir(safetensors=struct.pack("<Q", 24) + b"{this is no json header}"))],
+        "corrupt safetensors header",
+    ),
+    "safetensors-truncated": (
+        lambda i: ["--model", str(i.hf_dir(safetensors=_truncated_safetensors(i.tmp)))],
+        "is truncated",
+    ),
+    "model-without-weights": (lambda i: ["--model", str(i.hf_dir())], "holds no .safetensors files"),
+    # ---- strategy plugins ----
+    "plugin-fails-to-import": (
+        lambda i: ["--strategy", str(i.file("broken_plugin.py", "import no_such_module_xyz\n"))],
+        "failed to import (ModuleNotFoundError",
+    ),
+    "plugin-without-strategy": (
+        lambda i: ["--strategy", str(i.file("empty_plugin.py", "VALUE = 1\n"))],
+        "found 0 Strategy classes",
+    ),
+    "plugin-file-missing": (lambda i: ["--strategy", str(i.tmp / "absent_plugin.py")], "does not exist"),
+    "module-class-missing": (
+        lambda i: ["--strategy", "strategies.ddp:NoSuchClass"],
+        "NoSuchClass is not a Strategy",
+    ),
+    "module-class-not-strategy": (
+        lambda i: ["--strategy", "moectl.config:RunConfig"],
+        "RunConfig is not a Strategy",
+    ),
+    "module-missing": (
+        lambda i: ["--strategy", "no_such_module_xyz:Plugin"],
+        "cannot import strategy module",
+    ),
+    # ---- run directory ----
+    "run-dir-not-empty": (
+        lambda i: ["--run-dir", str(i.file("used/notes.txt", "keep me").parent)],
+        "already exists and is not empty",
+    ),
+    "run-dir-under-a-file": (
+        lambda i: ["--run-dir", str(i.file("plain-file", "x") / "run")],
+        "not a directory",
+    ),
+    "disk-too-small": (
+        lambda i: ["--set", "model.num_experts=100000", "--set", "model.moe_intermediate_size=100000"],
+        "GiB free but the final model and checkpoints need about",
+    ),
+    # ---- resume ----
+    "resume-missing-dir": (lambda i: ["--resume", str(i.tmp / "absent-run")], "no such directory"),
+    "resume-not-a-run": (
+        lambda i: ["--resume", str(i.file("random/notes.txt", "x").parent)],
+        "is not a moectl run directory",
+    ),
+    "resume-no-complete-checkpoint": (
+        lambda i: ["--resume", str(i.run_copy(_drop_markers))],
+        "no complete checkpoint",
+    ),
+    "resume-corrupt-metadata": (lambda i: ["--resume", str(i.run_copy(_garble_metadata))], "is corrupt"),
+    "resume-truncated-shard": (
+        lambda i: ["--resume", str(i.run_copy(_truncate_shard))],
+        "missing or truncated",
+    ),
+    "resume-changes-seq-len": (
+        lambda i: ["--resume", str(i.run_copy()), "--seq-len", "32", "--steps", "4"],
+        "cannot change train.seq_len",
+    ),
+    "resume-finished-run": (lambda i: ["--resume", str(i.run_copy())], "already finished all 2 steps"),
+    "resume-steps-below-checkpoint": (
+        lambda i: ["--resume", str(i.run_copy()), "--steps", "1"],
+        "beyond --steps 1",
+    ),
+    "resume-with-config": (lambda i: ["--resume", str(i.run_copy()), "-c", "tiny"], "drop --config"),
+    "resume-other-run-dir": (
+        lambda i: ["--resume", str(i.run_copy()), "--run-dir", str(i.tmp / "elsewhere")],
+        "drop --run-dir",
+    ),
+    "resume-bad-new-layout": (
+        lambda i: ["--resume", str(i.run_copy()), "--steps", "4", "--strategy", "single", "--nproc", "2"],
+        "single runs on one process",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory) -> Path:
+    """A finished 2-step run with a checkpoint at step 2, to damage in copies."""
+    return train_run(tmp_path_factory.mktemp("checkpointed") / "run", *TINY_RUN, "--checkpoint-every", "2")
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(path.relative_to(root)): (path.stat().st_size if path.is_file() else -1, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def _argv(case: str, inputs: Inputs) -> list[str]:
+    args = CASES[case][0](inputs)
+    if "--resume" not in args and "--run-dir" not in args:
+        args = ["--run-dir", str(inputs.tmp / "run"), *args]
+    return ["train", *args]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_in_process(case, tmp_path, checkpointed_run, monkeypatch, capsys):
+    from moectl.cli import main
+
+    monkeypatch.chdir(tmp_path)  # a default runs/ directory would land here and be caught
+    argv = _argv(case, Inputs(tmp_path, checkpointed_run))
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert CASES[case][1] in lines[0], lines[0]
+    assert _snapshot(tmp_path) == before, "bad input left files behind or changed them"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories anyway")
+def test_read_only_parent_is_refused(tmp_path, capsys):
+    from moectl.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--run-dir", str(locked / "run"), *TINY_RUN])
+        assert exit_info.value.code == 2
+        assert "cannot write under" in capsys.readouterr().err
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown-preset", "not-an-integer", "safetensors-bad-header", "resume-corrupt-metadata"]
+)
+def test_bad_input_as_subprocess(case, tmp_path, checkpointed_run):
+    """The real console entry point: exit code 2, one line, no traceback, nothing written."""
+    argv = _argv(case, Inputs(tmp_path, checkpointed_run))
+    before = _snapshot(tmp_path)
+    result = run_moectl(*argv, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert CASES[case][1] in lines[0]
+    assert _snapshot(tmp_path) == before

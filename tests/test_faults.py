@@ -1,0 +1,147 @@
+"""Faults: stop signals end a run cleanly with a checkpoint; non-finite numbers stop it (or skip the
+step) with the step number; non-finite weights are never written as the final model."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_checkpoint import LAYOUTS, _wait_for
+from tests.util import NUMERICS_ARGS, REPO, load_weights, losses, run_moectl, train_run, weight_rel_error
+
+DIVERGING = [*NUMERICS_ARGS, "--lr", "1e6"]  # fp32 weights blow up within a few SGD steps
+
+
+def _latest_step(run: Path) -> int:
+    done = [p for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
+    return max(int(p.name.split("_")[1]) for p in done)
+
+
+@pytest.mark.parametrize(
+    ("layout", "sig"),
+    [("single", signal.SIGINT), ("ddp", signal.SIGINT), ("single", signal.SIGTERM)],
+    ids=["single-SIGINT", "ddp-SIGINT", "single-SIGTERM"],
+)
+def test_stop_signal_finishes_the_step_and_checkpoints(tmp_path, layout, sig):
+    """The signal goes to the moectl parent only (as Ctrl-C or `kill` would); under ddp the elastic
+    agent forwards it to the workers, which agree on a step, checkpoint together and exit."""
+    run = tmp_path / "run"
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "moectl", "train", "--run-dir", str(run), *LAYOUTS[layout], *NUMERICS_ARGS]
+        + ["--steps", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    metrics = run / "metrics.jsonl"
+    try:
+        _wait_for(
+            lambda: (metrics.is_file() and metrics.read_text().count("\n") >= 1) or parent.poll() is not None,
+            180,
+            "the first step",
+        )
+        assert parent.poll() is None, parent.communicate()[1][-3000:]
+        parent.send_signal(sig)
+        started = time.monotonic()
+        _, stderr = parent.communicate(timeout=120)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 128 + sig, stderr[-3000:]
+    assert time.monotonic() - started < 60
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith("interrupted: ") and f"stopped by {sig.name}" in message, message
+    assert f"--resume {run}" in message, message
+    steps_done = _latest_step(run)
+    assert steps_done == len(losses(run))  # every finished step is in the checkpoint
+    assert not (run / "model").exists()
+    if sig == signal.SIGINT:  # the checkpoint loads (SIGTERM leaves the same kind of checkpoint)
+        train_run(run, "--resume", str(run), "--steps", str(steps_done + 1))
+        assert len(losses(run)) == steps_done + 1
+
+
+@pytest.mark.parametrize("layout", ["single", "ddp"])
+def test_nonfinite_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, layout):
+    run = tmp_path / "run"
+    result = run_moectl(
+        "train",
+        "--run-dir",
+        str(run),
+        *LAYOUTS[layout],
+        *DIVERGING,
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "5",
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    match = re.search(r"not finite at step (\d+)|loss is \w+ at step (\d+)", message)
+    assert message.startswith("error: ") and match, message
+    bad_step = int(match[1] or match[2])
+    assert len(losses(run)) == bad_step - 1  # the bad step was not applied
+    assert not (run / "model").exists() and not (run / "summary.json").exists()
+    # The state before the bad step was checkpointed and loads: a resume that skips bad steps ends
+    # with a finite model.
+    assert _latest_step(run) == bad_step - 1
+    train_run(run, "--resume", str(run), "--set", "train.on_nonfinite=skip", "--steps", str(bad_step))
+    assert len(losses(run)) == bad_step - 1
+    assert all(torch.isfinite(t).all() for t in load_weights(run / "model").values())
+
+
+def test_nonfinite_skip_leaves_the_weights_of_the_good_steps(tmp_path):
+    skipped = tmp_path / "skip"
+    result = run_moectl(
+        "train", "--run-dir", str(skipped), *DIVERGING, "--steps", "5", "--set", "train.on_nonfinite=skip"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    num_good = len(losses(skipped))
+    assert 0 < num_good < 5 and result.stdout.count("step skipped") == 5 - num_good
+    # Skipped steps change nothing: the result is the run that stopped after the good steps.
+    good_only = train_run(tmp_path / "good", *DIVERGING, "--steps", str(num_good))
+    assert weight_rel_error(skipped, good_only) <= 1e-6
+    assert all(torch.isfinite(t).all() for t in load_weights(skipped / "model").values())
+
+
+def test_save_outputs_refuses_nonfinite_weights(tmp_path):
+    from moectl.config import build_config
+    from moectl.faults import NonFiniteLoss
+    from moectl.loop import Summary, save_outputs
+    from moectl.model import build_meta_model, materialize, random_init_source
+    from strategies.single import Single
+
+    cfg = build_config("tiny")
+    model = build_meta_model(cfg.model, torch.float32)
+    materialize(model, torch.device("cpu"), random_init_source(cfg.model, 0))
+    with torch.no_grad():
+        model.lm_head.weight[3, 5] = float("nan")
+    summary = Summary("single", 1, 1, 0, 1, 1.0, 1.0, 1.0, None, None, 1.0, 0.0, 1.0)
+    with pytest.raises(NonFiniteLoss, match="lm_head.weight"):
+        save_outputs(cfg, Single(cfg.parallel, 1), model, tmp_path, summary, is_rank0=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_grad_check_and_stop_signals_in_process():
+    from moectl.faults import StopSignals, agree_on_step
+
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    handler_before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        assert agree_on_step(model, stop, torch.device("cpu")) == (False, False)
+        os.kill(os.getpid(), signal.SIGINT)  # handled: recorded, no KeyboardInterrupt
+        model.bias.grad[0] = float("inf")
+        assert agree_on_step(model, stop, torch.device("cpu")) == (True, True)
+        with pytest.raises(KeyboardInterrupt):  # a second signal aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is handler_before
