@@ -162,6 +162,7 @@ class BenchPlan:
     reference_row: str | None = None  # the row that is the reference, when one is
     reference_why: str | None = None
     rtol: float | None = None
+    ignored_args: list[str] = field(default_factory=list)  # --strategy-args names not benchmarked
 
 
 # ---- checking the input ---------------------------------------------------------------------------
@@ -181,17 +182,25 @@ def parse_strategy_list(text: str) -> list[str]:
     return entries
 
 
-def parse_strategy_args(text: str | None, names: dict[str, str]) -> dict[str, list[str]]:
-    """`"ep:--ep-size 4;mixed:--dp-size 2 --tp-size 2"` -> {row name: argv}.
+def parse_strategy_args(
+    text: str | None, names: dict[str, str], known: list[str]
+) -> tuple[dict[str, list[str]], list[str]]:
+    """`"ep:--ep-size 4;mixed:--dp-size 2 --tp-size 2"` -> ({row name: argv}, ignored names).
 
     `names` maps every accepted key (row names and the entries as typed) to its row name; the longest
-    key that prefixes a part wins, so `pkg.mod:Class:--flag` works too.
+    key that prefixes a part wins, so `pkg.mod:Class:--flag` works too. A part for a `known` strategy
+    that is not benchmarked is ignored (scripts keep one --strategy-args while the list varies); any
+    other name is a typo and an error.
     """
     parsed: dict[str, list[str]] = {}
+    ignored: list[str] = []
     for part in (p.strip() for p in (text or "").split(";")):
         if not part:
             continue
         key = next((k for k in sorted(names, key=len, reverse=True) if part.startswith(k + ":")), None)
+        if key is None and part.split(":", 1)[0].strip() in known and ":" in part:
+            ignored.append(part.split(":", 1)[0].strip())
+            continue
         if key is None:
             raise UsageError(
                 f"--strategy-args part {part!r} names no strategy of --strategies "
@@ -209,7 +218,7 @@ def parse_strategy_args(text: str | None, names: dict[str, str]) -> dict[str, li
                 f"--strategy-args for {name} sets {reserved[0]}, which the bench sets itself; drop it"
             )
         parsed[name] = argv
-    return parsed
+    return parsed, ignored
 
 
 def default_degrees(name: str, nproc: int, model: ModelConfig) -> tuple[int, list[str], str | None]:
@@ -363,7 +372,7 @@ def plan_bench(options: BenchOptions) -> BenchPlan:
             raise UsageError(f"--strategies names {name} twice; give each strategy once")
         names[name] = name
         names[entry] = name
-    per_strategy = parse_strategy_args(options.strategy_args, names)
+    per_strategy, ignored = parse_strategy_args(options.strategy_args, names, available_strategies())
 
     cfg = _shared_config(options)
     uses_gpu = _uses_gpu(cfg)
@@ -378,7 +387,7 @@ def plan_bench(options: BenchOptions) -> BenchPlan:
         args = ["--nproc", str(nproc), *degrees, *user]
         specs.append(RunSpec(name, entry, _nproc_in(args, nproc), args, skip))
 
-    plan = BenchPlan(options, cfg, _common_args(options, cfg), specs, uses_gpu)
+    plan = BenchPlan(options, cfg, _common_args(options, cfg), specs, uses_gpu, ignored_args=ignored)
     if options.verify:
         if not cfg.train.save_model:
             raise UsageError("--verify compares saved weights; drop --set train.save_model=false")
@@ -619,6 +628,8 @@ def run_bench(plan: BenchPlan, console: Console) -> BenchResult:
     runnable = [(s, i) for i, s in enumerate(plan.specs) if not s.skip_reason]
     runnable.sort(key=lambda pair: pair[0].name != plan.reference_row)  # the reference row first
     order += runnable
+    for name in plan.ignored_args:
+        console.print(f"note: --strategy-args for {name} ignored: it is not in --strategies", markup=False)
     for spec in (s for s in plan.specs if s.skip_reason):
         console.print(f"skip {spec.name}: {spec.skip_reason}", soft_wrap=True, markup=False)
     _write_json(result, out)
@@ -691,6 +702,18 @@ def bench_command(options: BenchOptions, console: Console | None = None) -> int:
     write_plot(payload, options.out / "bench.png", console)
     console.print(f"results: {options.out / 'bench.json'}")
     return result.exit_code
+
+
+#: the order of the design notes; strategies found beyond these follow alphabetically
+PREFERRED_ORDER = ("single", "ddp", "fsdp", "tp", "mixed", "ep")
+
+
+def default_strategies() -> list[str]:
+    """Every available strategy (built-in files and entry points), the reference first."""
+    from strategies import available_strategies
+
+    found = available_strategies()
+    return [s for s in PREFERRED_ORDER if s in found] + [s for s in found if s not in PREFERRED_ORDER]
 
 
 def default_nproc() -> int:

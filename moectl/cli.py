@@ -211,11 +211,16 @@ def bench(
     """Time every strategy on the same config and batch; with --verify, check each against the reference."""
     import time
 
-    from moectl.bench import BenchOptions, bench_command, default_nproc, parse_strategy_list
-    from strategies import available_strategies
+    from moectl.bench import (
+        BenchOptions,
+        bench_command,
+        default_nproc,
+        default_strategies,
+        parse_strategy_list,
+    )
 
     options = BenchOptions(
-        strategies=parse_strategy_list(strategies) if strategies is not None else available_strategies(),
+        strategies=parse_strategy_list(strategies) if strategies is not None else default_strategies(),
         nproc=nproc if nproc is not None else default_nproc(),
         out=out or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
         config=config,
