@@ -1,0 +1,95 @@
+"""Placing expert weights on expert-parallel ranks, reducing gradients by hand, gathering the full model.
+
+The experts' 3-D weights are sharded on dim 0 (experts) over the `ep` mesh axis. They are DTensors
+only while the model is materialised: `materialize` then draws each full tensor with its *global*
+shape (the same values `single` starts from) and keeps this rank's slice. Afterwards they become
+plain local tensors, because optimizers' foreach kernels refuse a parameter list that mixes DTensors
+with plain tensors (the replicated dense part), and the forward only needs the local block anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from moectl.model import canonical_name
+
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+#: gradients are flattened into buckets of about this size for one all-reduce each
+BUCKET_BYTES = 256 * 1024 * 1024
+
+
+def is_expert_key(name: str) -> bool:
+    return canonical_name(name).endswith(tuple(f"mlp.experts.{weight}" for weight in EXPERT_WEIGHTS))
+
+
+def shard_on_meta(module: nn.Module, ep_mesh: DeviceMesh | None) -> None:
+    """Make the (meta) expert weights DTensors sharded on dim 0 over the 1-D `ep_mesh` (no memory used)."""
+    if ep_mesh is None:
+        return
+    for weight in EXPERT_WEIGHTS:
+        param = getattr(module, weight)
+        sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
+        setattr(module, weight, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+
+def localize(module: nn.Module) -> None:
+    """After materialising: replace the expert DTensors by their local blocks, as plain parameters."""
+    for weight in EXPERT_WEIGHTS:
+        param = getattr(module, weight)
+        if isinstance(param, DTensor):
+            setattr(
+                module, weight, nn.Parameter(param.to_local().detach(), requires_grad=param.requires_grad)
+            )
+
+
+def all_reduce_grads(params: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
+    """Sum the gradients of `params` over `group`, flattened into few large buckets.
+
+    A missing gradient counts as zeros, so every rank flattens the same layout.
+    """
+    bucket: list[torch.Tensor] = []
+    bucket_bytes = 0
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        if bucket and (param.grad.dtype != bucket[0].dtype or bucket_bytes >= BUCKET_BYTES):
+            _all_reduce_bucket(bucket, group)
+            bucket, bucket_bytes = [], 0
+        bucket.append(param.grad)
+        bucket_bytes += param.grad.numel() * param.grad.element_size()
+    if bucket:
+        _all_reduce_bucket(bucket, group)
+
+
+def _all_reduce_bucket(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    dist.all_reduce(flat, group=group)
+    for grad, reduced in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
+        grad.copy_(reduced.view_as(grad))
+
+
+def gather_full_state(
+    model: nn.Module, ep_group: dist.ProcessGroup | None, holds_rank0_experts: bool
+) -> dict[str, torch.Tensor] | None:
+    """The whole model with HF keys and global expert order, on rank 0's CPU; None on other ranks.
+
+    DTensors (FSDP shards) are gathered with `full_tensor()` on every rank; the local expert blocks
+    are then gathered over the EP group that contains rank 0 (`holds_rank0_experts`), in EP-rank
+    order, which is global expert order. One tensor at a time, so no rank holds the full model on
+    the device.
+    """
+    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+        if ep_group is not None and is_expert_key(name) and holds_rank0_experts:
+            blocks = [torch.empty_like(full) for _ in range(ep_group.size())] if is_rank0 else None
+            dist.gather(full.contiguous(), blocks, dst=0, group=ep_group)
+            full = torch.cat(blocks) if is_rank0 else full
+        if is_rank0:
+            state[canonical_name(name)] = full.cpu()
+    return state if is_rank0 else None
