@@ -167,6 +167,79 @@ def compare_weights(
     )
 
 
+@app.command()
+def bench(
+    strategies: Annotated[
+        str | None,
+        Opt(help="Comma-separated names, module:Class or .py files. Default: every available strategy."),
+    ] = None,
+    nproc: Annotated[
+        int | None, Opt(help="Processes for the parallel strategies (single: 1). Default: GPUs, or 2 on CPU.")
+    ] = None,
+    config: Annotated[
+        str | None, Opt("--config", "-c", help="Preset name (see configs/) or a YAML path. Default: tiny.")
+    ] = None,
+    steps: Annotated[int | None, Opt(help="Optimizer steps per run.")] = None,
+    warmup: Annotated[int | None, Opt(help="Steps left out of the timing (train.warmup_steps).")] = None,
+    global_batch: Annotated[int | None, Opt(help="Sequences per optimizer step, the same for all.")] = None,
+    micro_batch: Annotated[int | None, Opt(help="Sequences per forward/backward on one rank.")] = None,
+    seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
+    set_: Annotated[
+        list[str] | None, Opt("--set", help="Config override for every run: section.key=value (repeatable).")
+    ] = None,
+    strategy_args: Annotated[
+        str | None,
+        Opt(help="Extra train flags per strategy, e.g. 'ep:--ep-size 4;mixed:--dp-size 2 --tp-size 2'."),
+    ] = None,
+    verify: Annotated[
+        bool, Opt(help="Also run the reference and compare every strategy's final weights with it.")
+    ] = False,
+    reference: Annotated[
+        str, Opt(help="auto (single when the model fits one device, else fsdp), single or fsdp.")
+    ] = "auto",
+    rtol: Annotated[
+        float | None, Opt(help="Largest relative weight error that passes. Default: 1e-5 fp32, 1e-2 bf16.")
+    ] = None,
+    run_timeout: Annotated[
+        float | None, Opt(help="Seconds after which one run is stopped and counted as failed.")
+    ] = None,
+    prune_models: Annotated[
+        bool, Opt(help="Delete each run's model/ once compared (large models fill disks).")
+    ] = False,
+    out: Annotated[Path | None, Opt(help="Output directory. Default: runs/bench-<time>.")] = None,
+) -> None:
+    """Time every strategy on the same config and batch; with --verify, check each against the reference."""
+    import time
+
+    from moectl.bench import (
+        BenchOptions,
+        bench_command,
+        default_nproc,
+        default_strategies,
+        parse_strategy_list,
+    )
+
+    options = BenchOptions(
+        strategies=parse_strategy_list(strategies) if strategies is not None else default_strategies(),
+        nproc=nproc if nproc is not None else default_nproc(),
+        out=out or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
+        config=config,
+        steps=steps,
+        warmup=warmup,
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        sets=set_ or [],
+        strategy_args=strategy_args,
+        verify=verify,
+        reference=reference,
+        rtol=rtol,
+        run_timeout_s=run_timeout,
+        prune_models=prune_models,
+    )
+    raise typer.Exit(bench_command(options))
+
+
 def _is_rank0() -> bool:
     import os
 

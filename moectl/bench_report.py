@@ -1,0 +1,180 @@
+"""What `moectl bench` shows: the console table and the optional `bench.png`.
+
+Both read the bench.json payload (see moectl/bench.py), so they can be redrawn from a saved file.
+matplotlib is an optional extra (`pip install 'moectl[plot]'`); without it the plot is skipped with
+one line, never an error.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from moectl.metrics import format_mfu
+
+PLOT_SKIPPED = "plot skipped: matplotlib is not installed; pip install 'moectl[plot]' to get bench.png"
+
+
+def _number(value: float | None, spec: str, unit: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{unit}"
+
+
+def _step_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _status(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return {"failed": "[red]failed[/red]", "skipped": "[yellow]skipped[/yellow]"}.get(
+            row["status"], row["status"]
+        )
+    verify = row.get("verify")
+    if verify is None:
+        return "[green]ok[/green]"
+    return {
+        "pass": "[green]pass[/green]",
+        "reference": "[cyan]reference[/cyan]",
+        "fail": "[red]FAIL[/red]",
+        "error": "[red]not verified[/red]",
+    }[verify["status"]]
+
+
+def describe_record(record: Any) -> str:
+    """One progress line after a run: its outcome, speed and verification."""
+    if record.status != "ok":
+        return f"{record.status}: {record.reason}"
+    parts = [
+        f"ok in {record.wall_s:.1f} s",
+        f"{_number(record.tokens_per_s_per_device, ',.0f')} tok/s/GPU",
+        f"MFU {format_mfu(record.mfu)}",
+        f"final loss {_number(record.final_loss, '.4f')}",
+    ]
+    if record.verify:
+        verify = record.verify
+        if verify["status"] in ("pass", "fail"):
+            parts.append(f"rel err {verify['rel_err']:.2e} {verify['status']}")
+        elif verify["status"] == "error":
+            parts.append(f"not verified: {verify['reason']}")
+    return " · ".join(parts)
+
+
+def print_table(payload: dict[str, Any], console: Console) -> None:
+    settings, verify = payload["settings"], payload["verify"]
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=(
+            f"moectl bench: {settings['steps']} steps ({settings['warmup_steps']} warm-up, not timed), "
+            f"global batch {settings['global_batch']} × {settings['seq_len']} tokens, "
+            f"{settings['device']} {settings['dtype']}"
+        ),
+        caption=(
+            f"reference: {verify['reference']} ({verify['reference_why']}); pass = ‖w − w_ref‖/‖w_ref‖ ≤ {verify['rtol']:g}"
+            if verify["enabled"]
+            else "not verified (add --verify to compare weights with the reference)"
+        ),
+    )
+    headers = ("strategy", "world", "tok/s", "tok/s/GPU", "MFU", "MFU seed", "step time", "peak mem")
+    for header in (*headers, "final loss", "rel err", "status"):
+        table.add_column(
+            header, justify="left" if header in ("strategy", "status") else "right", no_wrap=True
+        )
+    notes = []
+    for row in payload["rows"]:
+        verify_row = row.get("verify") or {}
+        rel_err = verify_row.get("rel_err")
+        table.add_row(
+            row["name"],
+            str(row["world_size"] or row["nproc"]),
+            _number(row["tokens_per_s"], ",.0f"),
+            _number(row["tokens_per_s_per_device"], ",.0f"),
+            format_mfu(row["mfu"]) if row["status"] == "ok" else "—",
+            format_mfu(row["mfu_seed"]) if row["status"] == "ok" else "—",
+            _step_time(row["median_step_time_s"]),
+            _number(row["peak_mem_gib"], ".2f", " GiB"),
+            _number(row["final_loss"], ".4f"),
+            "—" if rel_err is None or verify_row["status"] == "reference" else f"{rel_err:.2e}",
+            _status(row),
+        )
+        if row["status"] != "ok":
+            notes.append(f"{row['name']} {row['status']}: {row['reason']}")
+        elif verify_row.get("status") in ("fail", "error"):
+            notes.append(f"{row['name']} not verified: {verify_row['reason']}")
+    console.print(table)
+    reference_run = verify.get("reference_run")
+    if reference_run and reference_run["status"] != "ok":
+        notes.insert(0, f"reference {reference_run['name']} failed: {reference_run['reason']}")
+    for note in notes:
+        console.print(f"  • {note}", highlight=False, markup=False)
+
+
+def write_plot(payload: dict[str, Any], path: Path, console: Console) -> bool:
+    """bench.png: tokens/s per GPU, MFU (both formulas) and the loss curves; False when skipped."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        console.print(PLOT_SKIPPED, highlight=False, markup=False)
+        return False
+    rows = [r for r in payload["rows"] if r["status"] == "ok"]
+    names = [r["name"] for r in rows]
+    figure = Figure(figsize=(16, 4.8), layout="constrained")
+    speed, efficiency, loss = figure.subplots(1, 3)
+
+    speed.bar(names, [r["tokens_per_s_per_device"] or 0 for r in rows], color="tab:blue")
+    speed.set_title("tokens/s per GPU (median after warm-up)")
+    speed.set_ylabel("tokens / s / device")
+
+    if any(r["mfu"] is not None for r in rows):
+        positions = range(len(rows))
+        width = 0.4
+        efficiency.bar([p - width / 2 for p in positions], [100 * (r["mfu"] or 0) for r in rows], width)
+        efficiency.bar([p + width / 2 for p in positions], [100 * (r["mfu_seed"] or 0) for r in rows], width)
+        efficiency.set_xticks(list(positions), names)
+        efficiency.legend(["MFU (6·N_matmul + attention)", "MFU seed (6·N_active)"])
+        efficiency.set_ylabel("% of peak bf16 FLOP/s")
+    else:
+        efficiency.text(0.5, 0.5, "MFU n/a: the device's peak FLOP/s is unknown", ha="center")
+        efficiency.set_xticks([])
+        efficiency.set_yticks([])
+    efficiency.set_title("MFU by strategy")
+
+    reference = payload["verify"]["reference_run"]
+    markers = "osD^vP*X"
+    for number, row in enumerate(rows + ([reference] if reference and reference["status"] == "ok" else [])):
+        curve = [p for p in row["loss_curve"] if p["loss"] is not None]
+        # Strategies that match trace the same curve: distinct markers keep each one visible.
+        style = {"linestyle": "--", "color": "black"} if row is reference else {"alpha": 0.8}
+        loss.plot(
+            [p["step"] + 1 for p in curve],
+            [p["loss"] for p in curve],
+            label=row["name"],
+            marker=markers[number % len(markers)],
+            markersize=4,
+            **style,
+        )
+    loss.set_title("training loss")
+    loss.set_xlabel("step")
+    loss.xaxis.get_major_locator().set_params(integer=True)
+    if rows:
+        loss.legend()
+    for axes in (speed, efficiency):
+        axes.tick_params(axis="x", labelrotation=30)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(handle)
+    try:
+        figure.savefig(temp_name, format="png", dpi=110)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    console.print(f"plot: {path}", highlight=False)
+    return True

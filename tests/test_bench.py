@@ -1,0 +1,419 @@
+"""`moectl bench`: every strategy in one run, verification, bench.json schema, failures, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from moectl.bench import (
+    BenchOptions,
+    RunSpec,
+    bench_command,
+    choose_reference,
+    default_degrees,
+    last_error_line,
+    plan_bench,
+    row_name,
+    run_one,
+)
+from moectl.bench_report import PLOT_SKIPPED, write_plot
+from moectl.config import build_config
+from moectl.errors import UsageError
+from strategies import available_strategies
+from tests.util import REPO, losses, run_moectl
+
+SMALL = ["--steps", "3", "--warmup", "1", "--global-batch", "8", "--micro-batch", "2"]
+
+BROKEN_PLUGIN = """
+from strategies.ddp import DDP
+
+
+class Broken(DDP):
+    name = "broken"
+
+    def parallelize(self, model, materialize, train):
+        raise RuntimeError("broken plugin: parallelize refused on purpose")
+"""
+
+SLEEPY_PLUGIN = """
+import time
+
+from strategies.ddp import DDP
+
+
+class Sleepy(DDP):
+    name = "sleepy"
+
+    def parallelize(self, model, materialize, train):
+        time.sleep(600)
+"""
+
+# The documented bench.json schema (moectl/bench.py docstring, README "moectl bench"), written out
+# independently of the code: key -> allowed JSON types.
+NUM, NULL = (int, float), type(None)
+TOP_LEVEL = {
+    "schema_version": (int,),
+    "complete": (bool,),
+    "exit_code": (int, NULL),
+    "created": (str,),
+    "moectl_version": (str,),
+    "settings": (dict,),
+    "verify": (dict,),
+    "rows": (list,),
+}
+SETTINGS = {
+    "config": (str, NULL),
+    "nproc": (int,),
+    "steps": (int,),
+    "warmup_steps": (int,),
+    "global_batch": (int,),
+    "micro_batch": (int,),
+    "seq_len": (int,),
+    "sets": (list,),
+    "device": (str,),
+    "dtype": (str,),
+}
+VERIFY = {
+    "enabled": (bool,),
+    "reference": (str, NULL),
+    "reference_why": (str, NULL),
+    "rtol": (*NUM, NULL),
+    "reference_run": (dict, NULL),
+}
+RUN = {
+    "name": (str,),
+    "strategy": (str,),
+    "nproc": (int,),
+    "args": (list,),
+    "command": (list,),
+    "run_dir": (str,),
+    "status": (str,),
+    "reason": (str, NULL),
+    "exit_code": (int, NULL),
+    "wall_s": (*NUM, NULL),
+    "world_size": (int, NULL),
+    "device": (str, NULL),
+    "median_step_time_s": (*NUM, NULL),
+    "tokens_per_s": (*NUM, NULL),
+    "tokens_per_s_per_device": (*NUM, NULL),
+    "mfu": (*NUM, NULL),
+    "mfu_seed": (*NUM, NULL),
+    "peak_mem_gib": (*NUM, NULL),
+    "final_loss": (*NUM, NULL),
+    "loss_curve": (list,),
+    "verify": (dict, NULL),
+}
+RUN_VERIFY = {
+    "status": (str,),
+    "rel_err": (*NUM, NULL),
+    "rtol": NUM,
+    "reason": (str, NULL),
+    "max_loss_diff": (*NUM, NULL),
+}
+
+
+def check_keys(obj: dict, schema: dict, where: str) -> None:
+    assert set(obj) == set(schema), f"{where}: keys {sorted(set(obj) ^ set(schema))} differ from the schema"
+    for key, types in schema.items():
+        value = obj[key]
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        assert ok, f"{where}.{key} = {value!r} is not one of {types}"
+
+
+def check_run(run: dict, where: str) -> None:
+    check_keys(run, RUN, where)
+    assert run["status"] in ("pending", "ok", "failed", "skipped")
+    assert all(isinstance(a, str) for a in run["args"] + run["command"])
+    for point in run["loss_curve"]:
+        check_keys(point, {"step": (int,), "loss": (*NUM, NULL)}, f"{where}.loss_curve[]")
+    if run["verify"] is not None:
+        check_keys(run["verify"], RUN_VERIFY, f"{where}.verify")
+        assert run["verify"]["status"] in ("pass", "fail", "error", "reference")
+
+
+def check_bench_json(payload: dict) -> None:
+    check_keys(payload, TOP_LEVEL, "bench.json")
+    assert payload["schema_version"] == 1
+    check_keys(payload["settings"], SETTINGS, "settings")
+    check_keys(payload["verify"], VERIFY, "verify")
+    if payload["verify"]["reference_run"] is not None:
+        check_run(payload["verify"]["reference_run"], "verify.reference_run")
+    for index, run in enumerate(payload["rows"]):
+        check_run(run, f"rows[{index}]")
+
+
+@pytest.fixture(scope="module")
+def full_bench(tmp_path_factory):
+    """One bench of every strategy in strategies/ plus a plugin that fails, with --verify."""
+    root = tmp_path_factory.mktemp("bench")
+    plugin = root / "broken_plugin.py"
+    plugin.write_text(BROKEN_PLUGIN)
+    builtins = available_strategies()
+    out = root / "out"
+    result = run_moectl(
+        "bench",
+        "--strategies",
+        ",".join([*builtins, str(plugin)]),
+        "--nproc",
+        "2",
+        *SMALL,
+        "--verify",
+        # At 2 processes mixed would be skipped (dp 2 × tp N/2 needs N ≥ 4); run it as dp 1 × tp 2.
+        "--strategy-args",
+        "mixed:--dp-size 1 --tp-size 2",
+        "--out",
+        str(out),
+        timeout=900,
+    )
+    payload = json.loads((out / "bench.json").read_text())
+    return result, out, payload, builtins
+
+
+def test_every_strategy_runs_and_matches_the_reference(full_bench):
+    result, out, payload, builtins = full_bench
+    assert result.returncode == 1, result.stderr[-2000:]  # the broken plugin failed; the rest passed
+    rows = {row["name"]: row for row in payload["rows"]}
+    assert list(rows) == [*builtins, "broken_plugin"]
+    assert payload["complete"] and payload["exit_code"] == 1
+    assert payload["verify"]["reference"] == "single" and payload["verify"]["rtol"] == 1e-5
+    assert payload["verify"]["reference_run"] is None  # single is a row: its run is the reference
+    for name in builtins:
+        row = rows[name]
+        assert row["status"] == "ok", (name, row["reason"])
+        assert row["world_size"] == (1 if name == "single" else 2), name
+        assert row["verify"]["status"] == ("reference" if name == "single" else "pass"), (name, row["verify"])
+        assert row["verify"]["rel_err"] <= 1e-5 and row["verify"]["max_loss_diff"] <= 1e-5, name
+        run_dir = out / row["run_dir"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        for key in ("tokens_per_s", "tokens_per_s_per_device", "median_step_time_s", "peak_mem_gib"):
+            assert row[key] == summary[key] > 0, (name, key)
+        assert row["final_loss"] == summary["final_loss"]
+        assert [p["loss"] for p in row["loss_curve"]] == losses(run_dir)
+        assert row["mfu"] is None and row["mfu_seed"] is None  # CPU: peak unknown, n/a
+        assert (run_dir / "stdout.log").is_file() and (run_dir / "stderr.log").is_file()
+        assert (run_dir / "model").is_dir()
+        assert re.search(rf"\[\d/{len(rows)}\] {name}", result.stdout), name
+    assert f"[1/{len(rows)}] single (reference): 1 process" in result.stdout  # the reference runs first
+    if "tp" in rows:
+        assert rows["tp"]["args"] == ["--nproc", "2", "--tp-size", "2"]
+    if "ep" in rows:
+        assert "--ep-size" in rows["ep"]["args"]
+    assert rows["mixed"]["args"][-4:] == ["--dp-size", "1", "--tp-size", "2"]
+
+
+def test_failing_strategy_shows_its_reason_and_others_still_run(full_bench):
+    result, out, payload, _ = full_bench
+    broken = payload["rows"][-1]
+    assert broken["status"] == "failed" and broken["exit_code"] == 1
+    assert "RuntimeError: broken plugin: parallelize refused on purpose" in broken["reason"]
+    assert broken["verify"] is None and broken["tokens_per_s"] is None
+    assert "parallelize refused on purpose" in (out / broken["run_dir"] / "stderr.log").read_text()
+    # the table and the notes under it
+    assert re.search(r"broken_plugin .* failed", result.stdout)
+    assert re.search(
+        r"broken_plugin failed: worker rank \d exited with code 1: .*parallelize refused", result.stdout
+    )
+    assert re.search(r"ddp .* pass", result.stdout)
+    assert (out / "bench.png").stat().st_size > 10_000  # matplotlib is installed in the dev extra
+
+
+def test_bench_json_matches_the_documented_schema(full_bench):
+    _, _, payload, _ = full_bench
+    check_bench_json(payload)
+    documented = (REPO / "README.md").read_text() + sys.modules["moectl.bench"].__doc__
+    for key in {*TOP_LEVEL, *SETTINGS, *VERIFY, *RUN, *RUN_VERIFY} - {"verify"}:
+        assert key in documented, f"bench.json key {key} is not documented"
+
+
+def test_separate_reference_and_pruned_models(tmp_path):
+    """ddp alone with --verify: the reference runs on its own, first; --prune-models deletes weights."""
+    out = tmp_path / "out"
+    result = run_moectl(
+        "bench",
+        "--strategies",
+        "ddp",
+        "--nproc",
+        "2",
+        *SMALL,
+        "--verify",
+        "--prune-models",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    payload = json.loads((out / "bench.json").read_text())
+    check_bench_json(payload)
+    reference, (ddp,) = payload["verify"]["reference_run"], payload["rows"]
+    assert reference["name"] == "reference-single" and reference["status"] == "ok"
+    assert reference["nproc"] == 1 and reference["verify"]["status"] == "reference"
+    assert ddp["verify"]["status"] == "pass" and ddp["verify"]["rel_err"] <= 1e-5
+    assert "[1/2] reference-single (reference)" in result.stdout
+    assert not (out / "runs" / "ddp" / "model").exists()
+    assert not (out / "runs" / "reference-single" / "model").exists()
+    assert (out / "runs" / "ddp" / "summary.json").is_file()
+
+
+def test_skip_without_verify_and_the_plot_skipped_without_matplotlib(tmp_path, monkeypatch):
+    """In-process: mixed at 2 processes is skipped with its reason, single runs, no weights are written,
+    and with matplotlib absent the plot is skipped with one line while the exit code stays 0."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.chdir(REPO)
+    console = Console(record=True, width=200)
+    out = tmp_path / "out"
+    options = BenchOptions(
+        strategies=["single", "mixed"], nproc=2, out=out, steps=3, warmup=1, global_batch=8, micro_batch=2
+    )
+    assert bench_command(options, console) == 0
+    text = console.export_text()
+    assert PLOT_SKIPPED in text.splitlines()
+    assert not (out / "bench.png").exists()
+    payload = json.loads((out / "bench.json").read_text())
+    check_bench_json(payload)
+    single, mixed = payload["rows"]
+    assert single["status"] == "ok" and single["verify"] is None and not payload["verify"]["enabled"]
+    assert not (out / "runs" / "single" / "model").exists()  # train.save_model=false when not verifying
+    assert mixed["status"] == "skipped" and "--nproc of 4 or more, not 2" in mixed["reason"]
+    assert "skip mixed:" in text and "[1/1] single" in text
+
+
+def test_a_run_that_hangs_is_stopped_with_its_workers(tmp_path, monkeypatch):
+    plugin = tmp_path / "sleepy.py"
+    plugin.write_text(SLEEPY_PLUGIN)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    spec = RunSpec("sleepy", str(plugin), 2, ["--nproc", "2"])
+    record = run_one(spec, SMALL[:2], tmp_path / "out", timeout_s=15)
+    assert record.status == "failed" and record.reason == "timed out after 15 s (--run-timeout)"
+    assert record.wall_s < 60
+    assert (tmp_path / "out" / "runs" / "sleepy" / "stdout.log").is_file()
+    assert not _processes_mentioning(str(tmp_path / "out")), "workers were left running"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (the launcher and workers name the run dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+# ---- input checks: one line, exit code 2, nothing written ------------------------------------------
+def test_unknown_strategy_is_exit_2_with_one_line_and_nothing_written(tmp_path):
+    out = tmp_path / "out"
+    result = run_moectl("bench", "--strategies", "single,warp", "--out", str(out))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "unknown strategy 'warp'" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"strategy_args": "zz:--tp-size 2"}, "names no strategy of --strategies"),
+        ({"strategy_args": "tp:--run-dir /x"}, "sets --run-dir, which the bench sets itself"),
+        ({"strategy_args": "tp:--tp-size 2;tp:--nproc 2"}, "gives flags for tp twice"),
+        ({"strategies": ["tp", "tp"]}, "names tp twice"),
+        ({"sets": ["train.nope=1"]}, "unknown key 'train.nope'"),
+        ({"steps": 2, "warmup": 2}, "leaves none of the 2 steps timed"),
+        ({"nproc": 0}, "--nproc must be 1 or more"),
+        ({"reference": "ddp"}, "--reference must be one of"),
+        ({"verify": True, "sets": ["train.save_model=false"]}, "--verify compares saved weights"),
+        ({"strategies": ["no_such_file.py"]}, "does not exist"),
+    ],
+)
+def test_bad_input_raises_before_anything_runs(tmp_path, change, message):
+    options = BenchOptions(**{"strategies": ["single", "tp"], "nproc": 2, "out": tmp_path / "o", **change})
+    with pytest.raises(UsageError, match=re.escape(message)):
+        plan_bench(options)
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_empty_out_is_refused(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(UsageError, match="already exists and is not empty"):
+        plan_bench(BenchOptions(strategies=["single"], nproc=2, out=tmp_path))
+
+
+# ---- planning ----------------------------------------------------------------------------------------
+def test_default_degrees_follow_nproc():
+    tiny = build_config("tiny").model  # 8 experts
+    assert default_degrees("single", 4, tiny) == (1, [], None)
+    assert default_degrees("tp", 4, tiny) == (4, ["--tp-size", "4"], None)
+    assert default_degrees("mixed", 4, tiny) == (4, ["--dp-size", "2", "--tp-size", "2"], None)
+    assert default_degrees("mixed", 8, tiny)[1] == ["--dp-size", "2", "--tp-size", "4"]
+    assert default_degrees("mixed", 2, tiny)[2] and default_degrees("mixed", 6, tiny)[2] is None
+    assert default_degrees("ep", 4, tiny)[1] == ["--ep-size", "4"]
+    assert default_degrees("ep", 6, tiny)[1] == ["--ep-size", "2"]  # divides both 8 experts and 6 ranks
+    assert default_degrees("fsdp", 4, tiny) == (4, [], None)
+    assert default_degrees("ddp", 4, tiny) == (4, [], None)
+
+
+def test_strategy_args_replace_defaults_and_lift_a_skip(tmp_path):
+    plan = plan_bench(
+        BenchOptions(
+            strategies=["mixed", "tp"],
+            nproc=2,
+            out=tmp_path / "o",
+            strategy_args="mixed: --dp-size 1 --tp-size 2 ; tp:--nproc 2 --set train.lr=0.05;ddp:--nproc 2",
+        )
+    )
+    assert plan.ignored_args == ["ddp"]  # a known strategy that is not benchmarked: ignored, not an error
+    mixed, tp = plan.specs
+    assert mixed.skip_reason is None and mixed.args == ["--nproc", "2", "--dp-size", "1", "--tp-size", "2"]
+    assert tp.args[-4:] == ["--nproc", "2", "--set", "train.lr=0.05"]
+    assert "train.save_model=false" in " ".join(plan.common_args)
+
+
+def test_plugin_rows_are_named_after_the_file(tmp_path):
+    assert row_name("plugins/my_layout.py") == "my_layout"
+    assert row_name("plugins/my_layout.py:Layout") == "my_layout"
+    assert row_name("pkg.layouts:Fast") == "layouts"
+    assert row_name("ddp") == "ddp"
+
+
+def test_reference_auto_picks_fsdp_when_the_model_does_not_fit(monkeypatch):
+    import moectl.bench as bench
+
+    monkeypatch.setattr(bench, "gpu_memory_gib", lambda: 139.8)
+    available = ["fsdp", "single"]
+    big, tiny = build_config("qwen3-30b-a3b"), build_config("tiny")
+    assert choose_reference("auto", big, True, available)[0] == "fsdp"
+    assert choose_reference("auto", tiny, True, available)[0] == "single"
+    assert choose_reference("auto", big, False, available)[0] == "single"  # CPU: always single
+    with pytest.raises(UsageError, match="reference fsdp .* is not an available strategy"):
+        choose_reference("auto", big, True, ["single", "ddp"])
+
+
+def test_last_error_line_skips_traceback_framing():
+    stderr = 'Traceback (most recent call last):\n  File "x.py", line 1\n    raise X\nValueError: bad\n'
+    assert last_error_line(stderr) == "ValueError: bad"
+    assert last_error_line("warn\nerror: ep: --ep-size 3 must divide 8\n") == "ep: --ep-size 3 must divide 8"
+    assert last_error_line("") == ""
+
+
+def test_plot_is_drawn_from_bench_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    row = {
+        "name": "ddp",
+        "status": "ok",
+        "tokens_per_s_per_device": 100.0,
+        "mfu": 0.4,
+        "mfu_seed": 0.3,
+        "loss_curve": [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.5}],
+    }
+    payload = {"rows": [row, {**row, "name": "x", "status": "failed"}], "verify": {"reference_run": None}}
+    assert write_plot(payload, tmp_path / "bench.png", Console(file=open(os.devnull, "w")))
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".")]
