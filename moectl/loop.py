@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moectl import checkpoint, runtime
 from moectl.checkpoint import is_due
@@ -52,9 +53,14 @@ class Summary:
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    # One fused kernel per step on GPUs when every parameter is a plain CUDA tensor (DTensors, as
+    # under FSDP2 and TP, take the foreach path).
+    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params) or None
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
+    return torch.optim.SGD(
+        params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay, fused=fused
+    )
 
 
 def train_step(model, strategy, optimizer, micro_batches, num_target_tokens) -> torch.Tensor:

@@ -138,3 +138,27 @@ def _two_rank_worker(rank: int, world: int, init_file: str) -> None:
 def test_two_rank_dispatch_with_an_idle_rank_equals_dense_reference(tmp_path):
     """Forward and backward of the EP block over 2 gloo ranks, one receiving no rows at all."""
     mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def test_gather_backwards_equal_index_select_autograd():
+    """The permutation and token-copy gathers have gather-only backwards; they must equal autograd's."""
+    from moectl.moe_dispatch import _CopyTokens, inverse_permutation, permute_rows
+
+    torch.manual_seed(0)
+    num_tokens, top_k, hidden = 7, 3, 5
+    tokens = torch.randn(num_tokens, hidden, dtype=torch.float64, requires_grad=True)
+    order = torch.argsort(torch.randint(4, (num_tokens * top_k,)), stable=True)
+    upstream = torch.randn(num_tokens * top_k, hidden, dtype=torch.float64)
+
+    (_CopyTokens.apply(tokens, order, inverse_permutation(order), top_k) * upstream).sum().backward()
+    ours = tokens.grad.clone()
+    tokens.grad = None
+    (tokens.index_select(0, order // top_k) * upstream).sum().backward()
+    assert torch.allclose(ours, tokens.grad)
+
+    rows = torch.randn(num_tokens * top_k, hidden, dtype=torch.float64, requires_grad=True)
+    (permute_rows(rows, order) * upstream).sum().backward()
+    ours = rows.grad.clone()
+    rows.grad = None
+    (rows.index_select(0, order) * upstream).sum().backward()
+    assert torch.allclose(ours, rows.grad)
