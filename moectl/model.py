@@ -48,6 +48,18 @@ def hf_config(cfg: ModelConfig) -> Qwen3MoeConfig:
     )
 
 
+#: keys a Qwen3-MoE config.json must state (defaults would silently build another model)
+REQUIRED_HF_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+)
+
+
 def model_config_from_hf_dir(path: Path) -> ModelConfig:
     """Read a local HF checkpoint's config.json into our ModelConfig (no network, no remote code)."""
     config_file = path / "config.json"
@@ -63,6 +75,10 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
         raise UsageError(
             f"{config_file} has model_type {raw.get('model_type')!r}; moectl trains qwen3_moe models"
         )
+    required = REQUIRED_HF_KEYS + (() if "num_local_experts" in raw else ("num_experts",))
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise UsageError(f"{config_file} lacks the key {missing[0]!r}; it is not a complete Qwen3-MoE config")
     try:
         hf = Qwen3MoeConfig.from_dict(raw)  # maps every transformers version's key names
         rope = getattr(hf, "rope_parameters", None) or {}
