@@ -185,6 +185,7 @@ class DispatchPlan:
         return sum(self.recv_splits)
 
 
+@torch.compiler.disable  # host sync + collective: compiled layers run it eagerly (a graph break)
 def plan_dispatch(counts: torch.Tensor, num_ranks: int, group: dist.ProcessGroup | None) -> DispatchPlan:
     """Exchange per-expert row counts and bring the split sizes to the host (one sync per layer)."""
     send_counts = counts.view(num_ranks, -1)
@@ -227,6 +228,7 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
+@torch.compiler.disable  # a collective with host split sizes: kept out of compiled graphs
 def exchange(
     rows: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None
 ) -> torch.Tensor:
