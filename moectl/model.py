@@ -101,7 +101,7 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             path=str(path),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # transformers/huggingface_hub raise their own validation errors here
         raise UsageError(
             f"{config_file} is not a complete Qwen3-MoE config ({exc}); re-save the checkpoint"
         ) from None

@@ -219,17 +219,17 @@ CASES: dict[str, tuple[Case, str]] = {
     ),
     "model-config-wrong-type": (
         lambda i: ["--model", str(i.hf_dir({**_tiny_config_without("vocab_size"), "vocab_size": "big"}))],
-        "model.vocab_size must be an integer, got 'big'",
+        "is not a complete Qwen3-MoE config",
     ),
     "safetensors-bad-header": (
         lambda i: ["--model", str(i.hf_dir(safetensors=struct.pack("<Q", 24) + b"{this is no json header}"))],
-        "corrupt safetensors header",
+        "not a valid safetensors file",
     ),
     "safetensors-truncated": (
         lambda i: ["--model", str(i.hf_dir(safetensors=_truncated_safetensors(i.tmp)))],
         "is truncated",
     ),
-    "model-without-weights": (lambda i: ["--model", str(i.hf_dir())], "holds no .safetensors files"),
+    "model-without-weights": (lambda i: ["--model", str(i.hf_dir())], "has no model.safetensors"),
     # ---- strategy plugins ----
     "plugin-fails-to-import": (
         lambda i: ["--strategy", str(i.file("broken_plugin.py", "import no_such_module_xyz\n"))],
