@@ -51,7 +51,7 @@ class _LeaveExpertRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        tensor = tensor.contiguous()
+        ctx.mark_dirty(tensor)  # reduced in place, as transformers' eager loop accumulates in place
         dist.all_reduce(tensor, group=group)
         return tensor
 
@@ -84,7 +84,7 @@ class NaiveExpertParallelMoE(nn.Module):
                 continue
             gate, up = (x[token_index] @ experts.gate_up_proj[local].t()).chunk(2, dim=-1)
             out = (experts.act_fn(gate) * up) @ experts.down_proj[local].t()
-            partial = partial.index_add(0, token_index, out * scores[token_index, slot, None])
+            partial.index_add_(0, token_index, out * scores[token_index, slot, None])
         return _LeaveExpertRegion.apply(partial, self.ep_group).reshape(shape)
 
 

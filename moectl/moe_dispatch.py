@@ -139,9 +139,14 @@ def grouped_linear(
     correct everywhere and cheap on the CPU.
     """
     if offsets is not None and uses_grouped_kernel(x):
-        return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offsets)
+        return grouped_mm_kernel(x, weight, offsets)
     chunks = x.split(rows_per_group)
     return torch.cat([chunk @ weight[group].t() for group, chunk in enumerate(chunks)])
+
+
+def grouped_mm_kernel(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM: x [R, K] row-major, weight [G, N, K] seen as column-major [G, K, N]."""
+    return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offsets)
 
 
 class GroupedExperts(nn.Module):

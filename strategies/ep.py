@@ -103,7 +103,8 @@ class ExpertParallel(Strategy):
                 block.gate, experts, block.experts.num_experts, self._ep_group, self.ep_size
             )
         apply_layer_wrappers(model, train)
-        # Materialise before FSDP: the expert DTensors carry their global shape only until then.
+        # Materialise before FSDP: the expert DTensors carry their global shape only until then. The
+        # cost: with parallel.fsdp the dense part (~5 % of Qwen3-30B-A3B) is briefly whole on each rank.
         materialize(model)
         for layer in decoder_layers(model):
             localize(layer.mlp.experts)
