@@ -101,6 +101,12 @@ class Strategy:
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module, is_last_micro_batch: bool) -> Iterator[None]:
+        """Defer gradient reduction on all but the last micro-batch. Default: an FSDP2-wrapped model
+        keeps unsharded gradients locally until then; anything else has nothing to defer."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(is_last_micro_batch)
         yield
 
     def after_backward(self, model: nn.Module) -> None:

@@ -15,9 +15,6 @@ and the root over all ranks, the experts over their replicas, all with sum reduc
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -133,12 +130,6 @@ class ExpertParallel(Strategy):
 
     def loss_group(self):
         return None  # every rank holds distinct tokens: the global loss sums over the whole world
-
-    @contextlib.contextmanager
-    def no_sync(self, model: nn.Module, is_last_micro_batch: bool) -> Iterator[None]:
-        if self.parallel.fsdp and self.mesh is not None:
-            model.set_requires_gradient_sync(is_last_micro_batch)
-        yield
 
     def after_backward(self, model: nn.Module) -> None:
         if self.mesh is None or self.parallel.fsdp:

@@ -13,9 +13,6 @@ shard storage at the filled tensors in its lazy init, before the first forward.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -59,10 +56,3 @@ class FSDP(Strategy):
 
     # FSDP2 averages gradients over the dp ranks (nccl's AVG, or SUM then a division), so the base
     # class's loss_scale = dp degree turns that average back into the sum the loss normalisation wants.
-
-    @contextlib.contextmanager
-    def no_sync(self, model: nn.Module, is_last_micro_batch: bool) -> Iterator[None]:
-        # Earlier micro-batches keep unsharded gradients locally; the last one reduce-scatters the sum.
-        if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(is_last_micro_batch)
-        yield

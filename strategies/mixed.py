@@ -12,13 +12,10 @@ the gradients are summed and the loss is not scaled by dp.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
@@ -135,12 +132,6 @@ class Mixed(TensorParallel):
         # Every rank fills its shard from the same deterministic source, so dp replicas start equal.
         materialize(model)
         return model
-
-    @contextlib.contextmanager
-    def no_sync(self, model: nn.Module, is_last_micro_batch: bool) -> Iterator[None]:
-        if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(is_last_micro_batch)
-        yield
 
     def after_backward(self, model: nn.Module) -> None:
         super().after_backward(model)  # tp: Partial q_norm/k_norm gradients (a no-op under FSDP2)
