@@ -119,8 +119,10 @@ class Strategy:
         DCP reshards DTensors by their global layout and treats plain tensors as the same full copy
         on every rank. A strategy that keeps a *plain* local shard (say experts [E/ep, ...] as an
         ordinary tensor) must return a DTensor view of it here (`DTensor.from_local(tensor, mesh,
-        [Shard(0)], run_check=False)`), or checkpoints would hold one rank's experts only. Default:
-        unchanged, right for replicated tensors and for DTensor parameters (FSDP2, TP).
+        [Shard(0)], run_check=False)`), or checkpoints would hold one rank's experts only. A local
+        shard that is several pieces of the HF tensor (rows kept in a permuted order) returns
+        `moectl.checkpoint.LocalBoxes` of them (see `permuted_blocks_view`). Default: unchanged,
+        right for replicated tensors and for DTensor parameters (FSDP2, TP) in HF order.
         """
         return tensor
 

@@ -28,6 +28,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from moectl.checkpoint import LocalBoxes, permuted_blocks_view
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
 from moectl.metrics import ParamCounts
@@ -278,6 +279,14 @@ class TensorParallel(Strategy):
         if name.endswith(GATE_UP_SUFFIX):
             full = gate_up_to_rank_blocks(full, self.tp_size)
         return local_shard(param, full)
+
+    def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor | LocalBoxes:
+        """gate_up (and its optimizer state) in HF's [gate; up] row order, so any layout resumes it:
+        rank r's rows [gate_r; up_r] are two boxes of it, saved and loaded in place (no gather)."""
+        if not (param_name.endswith(GATE_UP_SUFFIX) and isinstance(tensor, DTensor) and tensor.ndim == 3):
+            return tensor  # AdamW's scalar `step` shares the parameter's name
+        stored_order = [half * self.tp_size + rank for rank in range(self.tp_size) for half in (0, 1)]
+        return permuted_blocks_view(tensor, 1, stored_order)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         state = super().full_state_dict(model)

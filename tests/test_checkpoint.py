@@ -15,9 +15,11 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.util import NUMERICS_ARGS, REPO, assert_same_training, losses, run_moectl, train_run
 
@@ -34,6 +36,9 @@ NAMES = list(LAYOUTS)
 PAIRS = [(name, name) for name in NAMES] + [
     (NAMES[i], NAMES[(i + 1) % len(NAMES)]) for i in range(len(NAMES)) if len(NAMES) > 1
 ]
+# tp keeps gate_up_proj's rows permuted ([gate_r; up_r] per rank); straight to `single`, the layout
+# with no DTensor at all, shows its checkpoint holds HF's order.
+PAIRS.append(("tp", "single"))
 HALF_STEPS = 2  # the first run stops here with a checkpoint; the resume trains to NUMERICS_ARGS' 3 steps
 SAME_LAYOUT_RTOL = 1e-6  # resume under the layout that saved: the same arithmetic, so (nearly) bit-exact
 
@@ -44,12 +49,13 @@ def _numerics_steps() -> int:
 
 @pytest.fixture(scope="module")
 def half_runs(tmp_path_factory):
-    """Per layout, a run of HALF_STEPS steps with a checkpoint at its end (made once, then copied)."""
-    made: dict[str, Path] = {}
+    """Per layout (and extra arguments), a run of HALF_STEPS steps with a checkpoint at its end
+    (made once, then copied)."""
+    made: dict[tuple[str, ...], Path] = {}
 
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = train_run(
+    def get(name: str, *extra: str) -> Path:
+        if (name, *extra) not in made:
+            made[(name, *extra)] = train_run(
                 tmp_path_factory.mktemp(f"half-{name}") / "run",
                 *LAYOUTS[name],
                 *NUMERICS_ARGS,
@@ -59,8 +65,9 @@ def half_runs(tmp_path_factory):
                 "1",
                 "--set",
                 "train.keep_checkpoints=1",
+                *extra,
             )
-        return made[name]
+        return made[(name, *extra)]
 
     return get
 
@@ -127,6 +134,49 @@ def test_checkpoint_contents_are_canonical_and_pruned(half_runs):
     assert "model.lm_head.weight" in keys
     assert not [k for k in keys if "module." in k or "_orig_mod" in k or "_checkpoint_wrapped" in k]
     assert any(k.startswith("optimizer.state.model.layers.0.mlp.gate.weight.") for k in keys)
+
+
+def _checkpoint_tensors(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a run's latest checkpoint, whole, read without any process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    (latest,) = (run_dir / "checkpoints").glob("step_*")
+    flat = tmp_path / f"{run_dir.parent.name}.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled": single process on purpose
+        dcp_to_torch_save(latest, flat)
+    state = torch.load(flat, weights_only=False)
+    return {
+        f"{part}.{key}": value
+        for part in ("model", "optimizer")
+        for key, value in state[part].items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+ADAMW = ("--set", "train.optimizer=adamw", "--set", "train.lr=0.01")
+
+
+@pytest.mark.parametrize(
+    ("layout", "extra"), [("tp", ()), ("mixed", ()), ("tp", ADAMW)], ids=["tp-sgd", "mixed-sgd", "tp-adamw"]
+)
+def test_checkpoint_holds_hf_layout(tmp_path, half_runs, layout, extra):
+    """Weights and optimizer state (SGD momentum; AdamW's moments) are stored in HF's layout: the
+    same tensors, at the same offsets, as `single` writes after the same steps, so DCP can reshard
+    them into any other layout. tp keeps gate_up_proj's rows permuted in memory; the file must not."""
+    # AdamW's first steps move each weight by about ±lr whatever the gradient's size, so fp32
+    # reduction-order noise shows up to ~1.5e-5 per tensor; a wrong layout is off by ~1.
+    tolerance = 1e-4 if extra == ADAMW else 1e-5
+    saved = _checkpoint_tensors(half_runs(layout, *extra), tmp_path)
+    reference = _checkpoint_tensors(half_runs("single", *extra), tmp_path)
+    assert saved.keys() == reference.keys()
+    assert any(
+        key.endswith("gate_up_proj.momentum_buffer" if not extra else "gate_up_proj.exp_avg_sq")
+        for key in saved
+    )
+    for key, expected in reference.items():
+        error = (saved[key].double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
+        assert error <= tolerance, f"{key}: relative error {error:.3e}"
 
 
 def _worker_pids(parent_pid: int) -> dict[int, int]:
