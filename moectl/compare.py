@@ -37,7 +37,6 @@ import mmap
 import os
 import struct
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -63,6 +62,7 @@ from rich.table import Table
 
 from moectl.errors import UsageError
 from moectl.hf_layout import canonical_units
+from moectl.outputs import write_text_atomic as write_json_atomic  # re-exported: JSON text in, atomically
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -973,26 +973,6 @@ def render_report(report: CompareReport, console: Console, top: int = 20) -> Non
         console.print("[bold green]MATCH[/]")
     else:
         console.print(f"[bold red]MISMATCH[/]: {'; '.join(report.failures)}", highlight=False)
-
-
-def write_json_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``,
-    so readers never see a half-written file."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 def _check_json_target(json_path: Path) -> None:

@@ -20,7 +20,6 @@ from moectl import checkpoint, runtime
 from moectl.checkpoint import is_due
 from moectl.config import RunConfig, TrainConfig
 from moectl.data import build_data, rank_slice
-from moectl.errors import UsageError
 from moectl.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_step
 from moectl.hf_io import HFCheckpoint
 from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
@@ -235,4 +234,4 @@ def save_outputs(
     write_json_atomic(run_dir / "summary.json", asdict(summary))
 
 
-__all__ = ["run_training", "Summary", "NonFiniteLoss", "UsageError"]
+__all__ = ["run_training", "Summary", "NonFiniteLoss"]
