@@ -269,7 +269,25 @@ def main(argv: list[str] | None = None) -> None:
 
     `argv` (default: sys.argv[1:]) lets tests run the CLI in-process. Click's own usage errors (an
     unknown flag, `--steps abc`) are reduced to one line as well, instead of a boxed usage screen.
+    A process started by an outside torchrun leaves as moectl's own workers do (see
+    `moectl.worker.exit_without_finalization`).
     """
+    from moectl.runtime import under_torchrun
+
+    if argv is not None or not under_torchrun():
+        _main(argv)
+        return
+    from moectl.worker import exit_without_finalization
+
+    try:
+        _main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    exit_without_finalization(code)
+
+
+def _main(argv: list[str] | None) -> None:
     from moectl.faults import TrainingStopped
     from moectl.launch import WorkerFailed
 

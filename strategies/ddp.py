@@ -20,13 +20,15 @@ class DDP(Strategy):
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         apply_layer_wrappers(model, train)
         materialize(model)  # DDP broadcasts real weights at construction
+        if self.mesh is None:  # one process, no process group: nothing to reduce, the model as is
+            return model
         device_ids = [model.device] if model.device.type == "cuda" else None
         # Experts are 3-D parameters, so every parameter gets a gradient each step (zeros for idle experts).
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module, is_last_micro_batch: bool) -> Iterator[None]:
-        if is_last_micro_batch:
+        if is_last_micro_batch or not isinstance(model, DistributedDataParallel):
             yield
         else:
             with model.no_sync():

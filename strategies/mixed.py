@@ -107,6 +107,10 @@ class Mixed(TensorParallel):
             raise UsageError(
                 f"parallel.mixed_dp must be one of {', '.join(DP_WRAPPERS)}, got {parallel.mixed_dp!r}"
             )
+        if self.world_size < 2:
+            raise UsageError(
+                "mixed needs 2 or more processes (--dp-size × --tp-size); for one process use --strategy single"
+            )
         if self.world_size % self.tp_size:
             raise UsageError(
                 f"mixed: the world size {self.world_size} is not a multiple of --tp-size {self.tp_size}; "

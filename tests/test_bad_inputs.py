@@ -162,6 +162,7 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda i: ["--strategy", "ddp", "--nproc", "2", "--tp-size", "2"],
         "no tensor or expert",
     ),
+    "mixed-on-one-process": (lambda i: ["--strategy", "mixed"], "mixed needs 2 or more processes"),
     "dp-size-not-world": (
         lambda i: ["--strategy", "ddp", "--nproc", "4", "--dp-size", "2"],
         "--dp-size 2 must",
