@@ -10,3 +10,4 @@ run tp_30b 200 $Q --strategy tp --tp-size 4 --steps 5 --global-batch 2 --micro-b
 run mixed_30b 200 $Q --strategy mixed --dp-size 2 --tp-size 2 --steps 5 --global-batch 4 --micro-batch 1 --set train.warmup_steps=2
 run ddp_16l 200 $Q --set model.num_layers=16 --strategy ddp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
 run fsdp_16l 200 $Q --set model.num_layers=16 --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
+pack

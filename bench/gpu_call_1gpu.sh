@@ -8,7 +8,7 @@ run tiny_ep1 120 --steps 5 --strategy ep --ep-size 1
 Q="--config qwen3-30b-a3b --seq-len 4096 --set model.num_layers=8 --steps 8 --global-batch 8 --micro-batch 2 --set train.warmup_steps=3 --set train.profile_steps=2"
 run single_8l 240 $Q --strategy single
 run ep1_8l 240 $Q --strategy ep --ep-size 1
-python3 -m moectl compare-weights "$OUT/runs/ep1_8l/model" "$OUT/runs/single_8l/model" --top 5 --json "$OUT/compare_ep1_single.json"
-cp "$OUT/runs/single_8l/profile.txt" "$OUT/profile_single_8l.txt"; cp "$OUT/runs/ep1_8l/profile.txt" "$OUT/profile_ep1_8l.txt"
+python3 -m moectl compare-weights "$RUNS/ep1_8l/model" "$RUNS/single_8l/model" --top 5 --json "$OUT/compare_ep1_single.json"
+cp "$RUNS/single_8l/profile.txt" "$OUT/profile_single_8l.txt"; cp "$RUNS/ep1_8l/profile.txt" "$OUT/profile_ep1_8l.txt"
 head -45 "$OUT/profile_ep1_8l.txt" | cut -c1-200
-rm -rf "$OUT"/runs/*/model "$OUT"/runs/*/profile_trace.json
+rm -rf "$RUNS"/*/model "$RUNS"/*/profile_trace.json

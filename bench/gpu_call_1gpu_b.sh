@@ -4,9 +4,9 @@
 source bench/gpu_env.sh
 Q="--config qwen3-30b-a3b --seq-len 4096 --set model.num_layers=8 --steps 8 --global-batch 8 --micro-batch 2 --set train.warmup_steps=3 --set train.save_model=false"
 run ep1_8l_gather 240 $Q --strategy ep --ep-size 1 --set train.profile_steps=2
-cp "$OUT/runs/ep1_8l_gather/profile.txt" "$OUT/profile_ep1_8l_gather.txt"
+cp "$RUNS/ep1_8l_gather/profile.txt" "$OUT/profile_ep1_8l_gather.txt"
 run ep1_8l_mb4 240 $Q --strategy ep --ep-size 1 --micro-batch 4
 run ep1_8l_compile 300 $Q --strategy ep --ep-size 1 --set train.compile=true
 run single_8l_compile 300 $Q --strategy single --set train.compile=true
 head -30 "$OUT/profile_ep1_8l_gather.txt" | cut -c1-72,150-200
-rm -rf "$OUT"/runs/*/profile_trace.json
+rm -rf "$RUNS"/*/profile_trace.json

@@ -6,9 +6,10 @@ source bench/gpu_env.sh
 nvidia-smi topo -m | head -6
 Q="--config qwen3-30b-a3b --seq-len 4096 --global-batch 8 --micro-batch 1"
 run ep4 330 $Q --strategy ep --ep-size 4 --steps 8 --set train.warmup_steps=3 --set train.profile_steps=2
-cp "$OUT/runs/ep4/profile.txt" "$OUT/profile_ep4.txt" 2>/dev/null
+cp "$RUNS/ep4/profile.txt" "$OUT/profile_ep4.txt" 2>/dev/null
 run fsdp4 330 $Q --strategy fsdp --nproc 4 --steps 8 --set train.warmup_steps=3 --set train.compile=false
-python3 -m moectl compare-weights "$OUT/runs/ep4/model" "$OUT/runs/fsdp4/model" --top 5 --json "$OUT/compare_ep4_fsdp4.json"
-rm -rf "$OUT"/runs/*/model
+python3 -m moectl compare-weights "$RUNS/ep4/model" "$RUNS/fsdp4/model" --top 5 --json "$OUT/compare_ep4_fsdp4.json"
+rm -rf "$RUNS"/*/model
 run naive4 300 $Q --strategy bench/naive_ep.py --ep-size 4 --nproc 4 --steps 4 --set train.warmup_steps=2 --set train.save_model=false --set train.compile=false
-rm -rf "$OUT"/runs/*/profile_trace.json
+rm -rf "$RUNS"/*/profile_trace.json
+pack

@@ -230,11 +230,15 @@ def default_degrees(name: str, nproc: int, model: ModelConfig) -> tuple[int, lis
     if name == "mixed":
         if nproc >= 4 and nproc % 2 == 0:
             return nproc, ["--dp-size", "2", "--tp-size", str(nproc // 2)], None
+        hint = (
+            f"; to run it anyway give --strategy-args 'mixed:--dp-size 1 --tp-size {nproc}'"
+            if nproc >= 2
+            else ""
+        )
         return (
             nproc,
             [],
-            f"mixed runs dp 2 × tp N/2, which needs an even --nproc of 4 or more, not {nproc}; "
-            f"to run it anyway give --strategy-args 'mixed:--dp-size 1 --tp-size {nproc}'",
+            f"mixed runs dp 2 × tp N/2, which needs an even --nproc of 4 or more, not {nproc}{hint}",
         )
     if name == "ep":
         ep_size = max(d for d in range(1, nproc + 1) if model.num_experts % d == 0 and nproc % d == 0)

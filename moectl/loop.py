@@ -62,7 +62,14 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     )
 
 
-def train_step(model, strategy, optimizer, micro_batches, num_target_tokens) -> torch.Tensor:
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy, computed in fp32 (a bf16 log-softmax over 151,936 words loses
+    digits). Compiled (train.compile), the upcast and log-softmax fuse into a few kernels that keep
+    no fp32 copy of the logits (BENCHMARKS.md, issue 8 levers)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def train_step(model, strategy, micro_batches, num_target_tokens, loss_fn=token_loss_sum) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
     Why the loss is divided by the token count of the *whole global batch* (not of the
@@ -74,9 +81,7 @@ def train_step(model, strategy, optimizer, micro_batches, num_target_tokens) -> 
         is_last = index == len(micro_batches) - 1
         with strategy.no_sync(model, is_last):
             logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
-            token_loss = F.cross_entropy(
-                logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"
-            )
+            token_loss = loss_fn(logits, tokens[:, 1:])
             (token_loss * (strategy.loss_scale / num_target_tokens)).backward()
         loss_sum += token_loss.detach()
     strategy.after_backward(model)
@@ -124,6 +129,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 run_dir, steps_done, model, optimizer, strategy, train.keep_checkpoints
             )
 
+    loss_fn = torch.compile(token_loss_sum) if train.compile else token_loss_sum
     step_times = []
     try:
         with StopSignals() as stop, StepProfiler(run_dir, train, enabled=is_rank0, device=device) as profiler:
@@ -134,7 +140,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 runtime.synchronize(device)
                 started = time.perf_counter()
                 loss_sum = train_step(
-                    model, strategy, optimizer, local.split(train.micro_batch), num_target_tokens
+                    model, strategy, local.split(train.micro_batch), num_target_tokens, loss_fn
                 )
                 if dist.is_initialized():
                     dist.all_reduce(loss_sum, group=strategy.loss_group())

@@ -1,7 +1,9 @@
 """End-to-end behaviour of `moectl train` with the single strategy."""
 
 import json
+import shutil
 
+import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
@@ -9,7 +11,15 @@ from transformers import AutoModelForCausalLM
 from moectl.config import build_config
 from moectl.hf_io import save_hf_model
 from moectl.model import build_meta_model, hf_config, materialize, random_init_source
-from tests.util import load_weights, losses, run_moectl, train_run, weight_rel_error
+from tests.util import (
+    NUMERICS_ARGS,
+    assert_same_training,
+    load_weights,
+    losses,
+    run_moectl,
+    train_run,
+    weight_rel_error,
+)
 
 
 def test_default_train_runs_and_loss_falls(tmp_path):
@@ -34,6 +44,13 @@ def test_accumulation_equals_one_big_micro_batch(tmp_path):
     one_shot = train_run(tmp_path / "mb4", *common, "--micro-batch", "4")
     assert weight_rel_error(accumulated, one_shot) <= 1e-6
     assert max(abs(a - b) for a, b in zip(losses(accumulated), losses(one_shot), strict=True)) <= 1e-6
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
+def test_compiled_layers_and_loss_train_the_same_model(tmp_path, single_reference):
+    """train.compile=true (each decoder layer and the loss through Inductor) changes speed, not the model."""
+    run = train_run(tmp_path / "compiled", *NUMERICS_ARGS, "--set", "train.compile=true")
+    assert_same_training(run, single_reference)
 
 
 def test_saved_model_loads_in_plain_transformers_and_equals_memory(tmp_path):
