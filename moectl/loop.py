@@ -51,15 +51,20 @@ class Summary:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (or AdamW) over every trainable parameter, with one param group per tensor kind.
+
+    Why groups: multi-tensor (foreach) kernels refuse a list that mixes DTensors and plain tensors,
+    which `tp` has (sharded attention and experts, replicated embedding and norms); each group is
+    updated by its own kernels. Plain CUDA tensors take the fused kernel (one launch per step).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    # One fused kernel per step on GPUs when every parameter is a plain CUDA tensor (DTensors, as
-    # under FSDP2 and TP, take the foreach path).
-    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params) or None
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    distributed = [p for p in params if isinstance(p, DTensor)]
+    groups = [{"params": plain, "fused": all(p.is_cuda for p in plain) or None}] if plain else []
+    groups += [{"params": distributed}] if distributed else []
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
-    return torch.optim.SGD(
-        params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay, fused=fused
-    )
+        return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
