@@ -1,5 +1,6 @@
 """tp and mixed (dp × tp) train the same model as single; bad degrees are one-line usage errors."""
 
+import subprocess
 import sys
 
 import pytest
@@ -92,3 +93,41 @@ def test_bad_degrees_are_one_line_usage_errors(tmp_path, monkeypatch, capsys, ar
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert expected in lines[0]
     assert not run_dir.exists()
+
+
+def test_optimizer_groups_never_mix_dtensors_and_plain_tensors():
+    """tp holds DTensors (sharded attention, experts) beside plain tensors (embedding, norms); foreach
+    kernels, the default on GPUs, refuse such a mix. Forced here on the CPU, each group still steps.
+    In a child process: a gloo group that DTensor's caches keep alive can abort at interpreter exit."""
+    code = "from tests.test_tp import check_optimizer_groups; check_optimizer_groups()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def check_optimizer_groups() -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from moectl.config import TrainConfig
+    from moectl.loop import build_optimizer
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0)]))
+    optimizer = build_optimizer(model, TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.01))
+    kinds = [{isinstance(p, DTensor) for p in group["params"]} for group in optimizer.param_groups]
+    assert sorted(map(sorted, kinds)) == [[False], [True]], kinds
+    before = model[0].weight.full_tensor().clone()
+    for group in optimizer.param_groups:
+        group["foreach"] = True
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert not torch.equal(model[0].weight.full_tensor(), before)
+    dist.destroy_process_group()
+    os._exit(0)
