@@ -324,16 +324,7 @@ def choose_reference(choice: str, cfg: RunConfig, uses_gpu: bool, available: lis
         name, why = "single", "auto: CPU run, single always fits"
     else:
         param_bytes = 4 if cfg.train.dtype == "float32" else 2
-        need = estimate_memory_gib(
-            cfg.model,
-            count_params(cfg.model).total,
-            param_bytes,
-            cfg.train.optimizer,
-            cfg.train.momentum,
-            cfg.train.micro_batch,
-            cfg.train.seq_len,
-            cfg.train.activation_checkpointing,
-        )
+        need = estimate_memory_gib(cfg.model, cfg.train, count_params(cfg.model).total, param_bytes)
         have = gpu_memory_gib()
         if have is not None and need <= SINGLE_FITS_FRACTION * have:
             name, why = "single", f"auto: about {need:.1f} GiB fits one device's {have:.0f} GiB"

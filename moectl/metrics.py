@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moectl.config import ModelConfig
+from moectl.config import ModelConfig, TrainConfig
 
 # Dense bf16 peak FLOP/s per device (SXM parts, no sparsity). Longer names first: "H200" contains "H20".
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -110,31 +110,30 @@ def format_mfu(value: float | None) -> str:
 
 
 def estimate_memory_gib(
-    cfg: ModelConfig,
-    params_per_rank: float,
-    param_bytes: int,
-    optimizer: str,
-    momentum: float,
-    micro_batch: int,
-    seq_len: int,
-    activation_checkpointing: bool,
+    cfg: ModelConfig, train: TrainConfig, params_per_rank: float, param_bytes: int
 ) -> float:
-    """Rough per-rank memory: weights + grads + optimizer state + activations (an estimate, not a promise)."""
-    optimizer_bytes = 8 if optimizer == "adamw" else (4 if momentum else 0)
-    state = params_per_rank * (2 * param_bytes + optimizer_bytes)
-    tokens = micro_batch * seq_len
-    per_layer = (
-        tokens
-        * (
-            10 * cfg.hidden_size
-            + 4 * cfg.num_heads * cfg.head_dim
-            + cfg.top_k * 4 * cfg.moe_intermediate_size
-        )
-        * param_bytes
-    )
-    layers_kept = 1 if activation_checkpointing else cfg.num_layers
-    activations = per_layer * layers_kept + (
-        tokens * cfg.hidden_size * param_bytes * cfg.num_layers if activation_checkpointing else 0
-    )
-    logits = tokens * cfg.vocab_size * 4 * 2
-    return (state + activations + logits) / 2**30
+    """Peak memory per rank: weights, gradients, optimizer state, one micro-batch's activations and
+    logits. An estimate, not a promise. (Under accumulation the gradients of earlier micro-batches are
+    alive while the next one's activations are; with one micro-batch this is slightly pessimistic.)
+
+    The per-token coefficients were fitted to peaks measured on an H200 (BENCHMARKS.md, "memory
+    estimate"): compiled layers keep about 10·H + 4·heads·head_dim + 6·k·I values per token and layer,
+    eager ones 18·H + 4·heads·head_dim + 10·k·I; the loss keeps the logits and their gradient (plus
+    fp32 copies when eager). Optimizer state is kept in the parameters' dtype.
+    """
+    states = 2 if train.optimizer == "adamw" else (1 if train.momentum else 0)
+    weights_and_state = params_per_rank * param_bytes * (1 + states)
+    tokens = train.micro_batch * train.seq_len
+    attention = 4 * cfg.num_heads * cfg.head_dim
+    if train.compile:
+        per_token_layer = 10 * cfg.hidden_size + attention + 6 * cfg.top_k * cfg.moe_intermediate_size
+    else:
+        per_token_layer = 18 * cfg.hidden_size + attention + 10 * cfg.top_k * cfg.moe_intermediate_size
+    layers_kept = 1 if train.activation_checkpointing else cfg.num_layers
+    activations = tokens * per_token_layer * param_bytes * layers_kept
+    if train.activation_checkpointing:  # each layer's input is kept for the recomputation
+        activations += tokens * cfg.hidden_size * param_bytes * cfg.num_layers
+    logits_bytes = 2 * param_bytes + (0 if train.compile else 8)
+    logits = tokens * cfg.vocab_size * logits_bytes
+    grads = params_per_rank * param_bytes
+    return (weights_and_state + grads + activations + logits) / 2**30

@@ -171,20 +171,19 @@ def param_bytes(cfg: RunConfig) -> int:
     return 4 if (train.dtype == "float32" or (train.dtype == "auto" and not device_is_gpu)) else 2
 
 
+def memory_note(cfg: RunConfig) -> str:
+    if cfg.train.dtype != "auto":
+        return f"train.dtype={cfg.train.dtype}"
+    if param_bytes(cfg) == 4:
+        return "auto: no GPU here; --set train.dtype=bfloat16 to size a GPU run"
+    return "auto: GPU"
+
+
 def describe(p: Plan, console: Console) -> None:
     """The --dry-run report: resolved config, parameter counts, flops per token, memory per rank."""
     cfg = p.cfg
     counts = count_params(cfg.model)
-    memory = estimate_memory_gib(
-        cfg.model,
-        p.strategy.params_per_rank(counts),
-        param_bytes(cfg),
-        cfg.train.optimizer,
-        cfg.train.momentum,
-        cfg.train.micro_batch,
-        cfg.train.seq_len,
-        cfg.train.activation_checkpointing,
-    )
+    memory = estimate_memory_gib(cfg.model, cfg.train, p.strategy.params_per_rank(counts), param_bytes(cfg))
     console.print(cfg.to_yaml(), markup=False, highlight=False)
     table = Table(title=f"{p.strategy.name} on {p.world_size} process(es)", show_header=False)
     rows = [
@@ -199,7 +198,10 @@ def describe(p: Plan, console: Console) -> None:
         ("data-parallel degree", str(p.strategy.dp_size)),
         ("micro-batches per step (accumulation)", str(p.num_micro_batches)),
         ("parameters per rank", f"{p.strategy.params_per_rank(counts) / 1e9:.3f} B"),
-        ("memory estimate per rank", f"{memory:.2f} GiB"),
+        (
+            "memory estimate per rank",
+            f"{memory:.2f} GiB at {'bf16' if param_bytes(cfg) == 2 else 'fp32'} ({memory_note(cfg)})",
+        ),
     ]
     for name, value in rows:
         table.add_row(name, value)

@@ -56,3 +56,38 @@ def test_peak_table_and_unknown_devices():
     assert device_peak_flops(torch.device("cpu"), override_tflops=100) == 100e12
     assert mfu(1e9, 1000.0, None) is None and format_mfu(None) == "n/a"
     assert mfu(1e9, 1000.0, 1e13) == pytest.approx(0.1)
+
+
+# Peaks measured on one H200 (bf16, SGD without momentum, seq 4096; BENCHMARKS.md "memory estimate"):
+# (layers, experts, micro-batch, compile, activation checkpointing, measured GiB).
+H200_PEAKS = [
+    (8, 128, 2, False, False, 49.2),
+    (8, 128, 4, False, False, 77.4),
+    (8, 128, 2, True, False, 35.3),
+    (8, 128, 4, True, False, 49.1),
+    (8, 128, 2, True, True, 26.6),
+    (48, 32, 1, True, False, 62.7),
+    (48, 32, 2, True, False, 92.0),
+]
+
+
+@pytest.mark.parametrize("layers, experts, micro_batch, compiled, checkpointing, measured", H200_PEAKS)
+def test_memory_estimate_reproduces_measured_peaks(
+    layers, experts, micro_batch, compiled, checkpointing, measured
+):
+    """The dry-run estimate stays within 5 % of the peak torch allocated on the GPU for the same config."""
+    import dataclasses
+
+    from moectl.metrics import estimate_memory_gib
+
+    cfg = build_config("qwen3-30b-a3b")
+    model = dataclasses.replace(cfg.model, num_layers=layers, num_experts=experts)
+    train = dataclasses.replace(
+        cfg.train,
+        micro_batch=micro_batch,
+        seq_len=4096,
+        compile=compiled,
+        activation_checkpointing=checkpointing,
+    )
+    estimate = estimate_memory_gib(model, train, count_params(model).total, param_bytes=2)
+    assert estimate == pytest.approx(measured, rel=0.05)
