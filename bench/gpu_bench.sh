@@ -12,7 +12,7 @@ BENCH_DIR="${BENCH_DIR:-/tmp/moectl-bench-$(date +%H%M%S)}"
 $MOECTL bench --config qwen3-30b-a3b --nproc 4 --seq-len 4096 \
   --strategies "${STRATEGIES:-fsdp,tp,mixed,ep}" \
   --steps "${STEPS:-6}" --warmup "${WARMUP:-3}" \
-  --global-batch "${GLOBAL_BATCH:-8}" --micro-batch "${MICRO_BATCH:-1}" \
+  --global-batch "${GLOBAL_BATCH:-16}" --micro-batch "${MICRO_BATCH:-1}" \
   --strategy-args "mixed:--dp-size 2 --tp-size 2;ep:--ep-size 4" \
   --verify --reference fsdp --prune-models --run-timeout "${RUN_TIMEOUT:-900}" \
   --out "$BENCH_DIR" ${EXTRA:-} 2>&1 | tee "$OUT/bench.log"
