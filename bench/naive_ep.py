@@ -24,7 +24,7 @@ from moectl.expert_shards import gather_full_state, localize, shard_on_meta
 from moectl.metrics import ParamCounts
 from moectl.model import apply_layer_wrappers, decoder_layers
 from moectl.moe_dispatch import route
-from strategies.base import Materialize, Strategy
+from strategies.base import Materialize, SameDataOnEveryRank, Strategy
 
 
 class _EnterExpertRegion(torch.autograd.Function):
@@ -88,20 +88,13 @@ class NaiveExpertParallelMoE(nn.Module):
         return _LeaveExpertRegion.apply(partial, self.ep_group).reshape(shape)
 
 
-class NaiveEP(Strategy):
+class NaiveEP(SameDataOnEveryRank, Strategy):
     name = "naive_ep"
     summary = "baseline: same tokens on every rank, local experts in a loop, expert output all-reduced"
 
     @classmethod
     def default_world_size(cls, parallel: ParallelConfig) -> int:
         return parallel.ep_size
-
-    @property
-    def dp_size(self) -> int:
-        return 1
-
-    def dp_rank(self) -> int:
-        return 0
 
     def validate(self, model: ModelConfig, train: TrainConfig) -> None:
         ep = self.parallel.ep_size

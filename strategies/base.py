@@ -138,3 +138,15 @@ class Strategy:
         if dist.is_initialized() and dist.get_rank() != 0:
             return None
         return {canonical_name(k): v for k, v in state.items()}
+
+
+class SameDataOnEveryRank:
+    """Mixin for strategies whose ranks all read the same sequences (no data parallelism): tp, and
+    the naive expert-parallel baseline. Put it before Strategy in the bases."""
+
+    @property
+    def dp_size(self) -> int:
+        return 1
+
+    def dp_rank(self) -> int:
+        return 0

@@ -33,7 +33,7 @@ from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
 from moectl.metrics import ParamCounts
 from moectl.model import apply_layer_wrappers, decoder_layers, local_shard
-from strategies.base import Materialize, Strategy
+from strategies.base import Materialize, SameDataOnEveryRank, Strategy
 
 GATE_UP_SUFFIX = "mlp.experts.gate_up_proj"
 #: expert weight -> the tensor dim that holds the intermediate width (the dim TP splits)
@@ -213,7 +213,7 @@ def tensor_parallel_params_per_rank(model: ModelConfig, counts: ParamCounts, tp_
 
 
 # ---- the strategy -------------------------------------------------------------------------------
-class TensorParallel(Strategy):
+class TensorParallel(SameDataOnEveryRank, Strategy):
     """Tensor parallel only: world size = tp size, one data shard (every rank reads the same data).
 
     The mesh is (dp=1, tp): the size-1 `dp` axis gives the loop a loss group over which summing
@@ -234,13 +234,6 @@ class TensorParallel(Strategy):
     @property
     def tp_size(self) -> int:
         return self.parallel.tp_size
-
-    @property
-    def dp_size(self) -> int:
-        return 1
-
-    def dp_rank(self) -> int:
-        return 0
 
     def validate(self, model: ModelConfig, train: TrainConfig) -> None:
         self.model_config = model

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ from moectl.config import ModelConfig, build_config
 from moectl.metrics import (
     count_params,
     device_peak_flops,
+    estimate_memory_gib,
     flops_per_token,
     format_mfu,
     mfu,
@@ -76,10 +79,6 @@ def test_memory_estimate_reproduces_measured_peaks(
     layers, experts, micro_batch, compiled, checkpointing, measured
 ):
     """The dry-run estimate stays within 5 % of the peak torch allocated on the GPU for the same config."""
-    import dataclasses
-
-    from moectl.metrics import estimate_memory_gib
-
     cfg = build_config("qwen3-30b-a3b")
     model = dataclasses.replace(cfg.model, num_layers=layers, num_experts=experts)
     train = dataclasses.replace(
