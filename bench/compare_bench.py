@@ -32,19 +32,22 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moectl.config import build_config
+
 if TYPE_CHECKING:
     import torch
 
 # torch is imported only inside the subprocesses: ru_maxrss survives fork + exec, so a parent that
 # had grown (generating data) would leak its peak into every child's measurement.
 
-# Qwen3-30B-A3B dimensions (DESIGN.md).
-HIDDEN = 2048
-LAYERS_MAX = 48
-HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128
-EXPERTS = 128
-MOE_INTERMEDIATE = 768
-VOCAB = 151936
+# Qwen3-30B-A3B's dimensions, read from its preset (moectl.config imports no torch).
+QWEN = build_config("qwen3-30b-a3b").model
+HIDDEN = QWEN.hidden_size
+LAYERS_MAX = QWEN.num_layers
+HEADS, KV_HEADS, HEAD_DIM = QWEN.num_heads, QWEN.num_kv_heads, QWEN.head_dim
+EXPERTS = QWEN.num_experts
+MOE_INTERMEDIATE = QWEN.moe_intermediate_size
+VOCAB = QWEN.vocab_size
 BF16_BYTES = 2
 
 

@@ -10,10 +10,11 @@ keys, `--out`), so bad input is one line and exit code 2 before anything runs. T
 through `moectl.compare.compare_checkpoints` as soon as it ends. `bench.json` is rewritten
 atomically after every run, so a bench that is interrupted still leaves what it measured.
 
-Default degrees for `--nproc N` (appended `--strategy-args` win, being later on the command line):
-single 1 process; tp `--tp-size N`; mixed `--dp-size 2 --tp-size N/2` when N ≥ 4 and even, else
-skipped with the reason; ep `--ep-size E` with E the largest divisor of both model.num_experts and
-N; every other strategy (ddp, fsdp, plugins) `--nproc N`.
+Degrees for `--nproc N`: each strategy names the flags that run it on N processes
+(`Strategy.flags_for_world`: tp `--tp-size N`, mixed `--dp-size 2 --tp-size N/2`, ep the largest
+`--ep-size` dividing both N and model.num_experts, ddp and fsdp none; `single` always runs on one
+process); `--strategy-args` for a strategy replace them. A strategy whose degrees do not fit N or
+the model (`ParallelDims.check`, or a rule of its own) is skipped with the rule it breaks.
 
 `bench.json` (schema_version 1). Non-finite numbers are written as null. Paths are relative to the
 directory that holds bench.json.
@@ -58,6 +59,7 @@ directory that holds bench.json.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -71,13 +73,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
-from moectl import __version__
-from moectl.config import ModelConfig, RunConfig, merge_overrides, parse_set_option
+from moectl import __version__, runtime
+from moectl.bench_report import describe_record, print_table, write_plot
+from moectl.compare import compare_checkpoints
+from moectl.config import RunConfig, merge_overrides, parse_set_option
 from moectl.errors import UsageError
+from moectl.faults import last_error_line
+from moectl.metrics import count_params, estimate_memory_gib
 from moectl.outputs import write_json_atomic
+from moectl.registry import available_strategies, get_strategy
+from moectl.strategy import Strategy
+from moectl.train import build_strategy, resolve
 
 SCHEMA_VERSION = 1
 REFERENCE_CHOICES = ("auto", "single", "fsdp")
@@ -221,29 +231,31 @@ def parse_strategy_args(
     return parsed, ignored
 
 
-def default_degrees(name: str, nproc: int, model: ModelConfig) -> tuple[int, list[str], str | None]:
-    """(processes, degree flags, skip reason) for a built-in strategy on `nproc` processes."""
-    if name == "single":
-        return 1, [], None
-    if name == "tp":
-        return nproc, ["--tp-size", str(nproc)], None
-    if name == "mixed":
-        if nproc >= 4 and nproc % 2 == 0:
-            return nproc, ["--dp-size", "2", "--tp-size", str(nproc // 2)], None
-        hint = (
-            f"; to run it anyway give --strategy-args 'mixed:--dp-size 1 --tp-size {nproc}'"
-            if nproc >= 2
-            else ""
-        )
-        return (
-            nproc,
-            [],
-            f"mixed runs dp 2 × tp N/2, which needs an even --nproc of 4 or more, not {nproc}{hint}",
-        )
-    if name == "ep":
-        ep_size = max(d for d in range(1, nproc + 1) if model.num_experts % d == 0 and nproc % d == 0)
-        return nproc, ["--ep-size", str(ep_size)], None
-    return nproc, [], None
+def degrees_for(
+    strategy_cls: type[Strategy], nproc: int, user_flags: list[str], cfg: RunConfig
+) -> tuple[int, list[str], str | None]:
+    """(processes, degree flags, skip reason) of one strategy on `nproc` processes: its own flags for
+    that world unless the user gave some, checked as `moectl train` would check them."""
+    world = 1 if strategy_cls.name == "single" else nproc
+    flags = user_flags or strategy_cls.flags_for_world(world, cfg.model)
+    args = ["--nproc", str(world), *flags]
+    world = _nproc_in(args, world)
+    parallel = dataclasses.replace(cfg.parallel, **_degree_overrides(args))
+    try:
+        build_strategy(dataclasses.replace(cfg, parallel=parallel), world, strategy_cls)
+    except UsageError as exc:
+        return world, flags, str(exc)
+    return world, flags, None
+
+
+def _degree_overrides(argv: list[str]) -> dict[str, int]:
+    """--dp-size / --tp-size / --ep-size values in a flag list (the last one wins, as in train)."""
+    found: dict[str, int] = {}
+    for flag, value in zip(argv, argv[1:], strict=False):
+        key = {"--dp-size": "dp_size", "--tp-size": "tp_size", "--ep-size": "ep_size"}.get(flag)
+        if key and value.isdigit():
+            found[key] = int(value)
+    return found
 
 
 def _nproc_in(argv: list[str], default: int) -> int:
@@ -259,8 +271,6 @@ def _nproc_in(argv: list[str], default: int) -> int:
 
 def _shared_config(options: BenchOptions) -> RunConfig:
     """The config every run shares, resolved here so bad keys and values fail before anything runs."""
-    from moectl.train import resolve
-
     flags = {
         "steps": options.steps,
         "global_batch": options.global_batch,
@@ -298,12 +308,6 @@ def _common_args(options: BenchOptions, cfg: RunConfig) -> list[str]:
     return args
 
 
-def _uses_gpu(cfg: RunConfig) -> bool:
-    import torch
-
-    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-
-
 def gpu_memory_gib() -> float | None:
     """One GPU's memory, asked in a short-lived subprocess so the bench holds no CUDA context."""
     code = "import torch; print(torch.cuda.get_device_properties(0).total_memory)"
@@ -316,14 +320,12 @@ def gpu_memory_gib() -> float | None:
 
 def choose_reference(choice: str, cfg: RunConfig, uses_gpu: bool, available: list[str]) -> tuple[str, str]:
     """(reference strategy, why): `single` when the model fits one device comfortably, else `fsdp`."""
-    from moectl.metrics import count_params, estimate_memory_gib
-
     if choice != "auto":
         name, why = choice, f"--reference {choice}"
     elif not uses_gpu:
         name, why = "single", "auto: CPU run, single always fits"
     else:
-        param_bytes = 4 if cfg.train.dtype == "float32" else 2
+        param_bytes = runtime.training_dtype(cfg.train, True).itemsize
         need = estimate_memory_gib(cfg.model, cfg.train, count_params(cfg.model).total, param_bytes)
         have = gpu_memory_gib()
         if have is not None and need <= SINGLE_FITS_FRACTION * have:
@@ -341,8 +343,6 @@ def choose_reference(choice: str, cfg: RunConfig, uses_gpu: bool, available: lis
 
 def plan_bench(options: BenchOptions) -> BenchPlan:
     """Check every input and work out every run; raises UsageError before anything is written."""
-    from strategies import available_strategies, get_strategy
-
     if options.nproc < 1:
         raise UsageError(f"--nproc must be 1 or more, got {options.nproc}")
     if options.reference not in REFERENCE_CHOICES:
@@ -370,17 +370,12 @@ def plan_bench(options: BenchOptions) -> BenchPlan:
     per_strategy, ignored = parse_strategy_args(options.strategy_args, names, available_strategies())
 
     cfg = _shared_config(options)
-    uses_gpu = _uses_gpu(cfg)
+    uses_gpu = runtime.uses_gpu(cfg.train)
     specs = []
     for entry in entries:
         name = row_name(entry)
-        builtin = classes[entry].name if entry == classes[entry].name else None
-        nproc, degrees, skip = default_degrees(builtin or "", options.nproc, cfg.model)
-        user = per_strategy.get(name, [])
-        if user:
-            skip = None  # the user took the degrees in hand
-        args = ["--nproc", str(nproc), *degrees, *user]
-        specs.append(RunSpec(name, entry, _nproc_in(args, nproc), args, skip))
+        nproc, flags, skip = degrees_for(classes[entry], options.nproc, per_strategy.get(name, []), cfg)
+        specs.append(RunSpec(name, entry, nproc, ["--nproc", str(nproc), *flags], skip))
 
     plan = BenchPlan(options, cfg, _common_args(options, cfg), specs, uses_gpu, ignored_args=ignored)
     if options.verify:
@@ -395,27 +390,19 @@ def plan_bench(options: BenchOptions) -> BenchPlan:
         if in_rows is not None:
             plan.reference_row = in_rows.name
         else:
-            nproc, degrees, _ = default_degrees(reference, options.nproc, cfg.model)
+            nproc, flags, _ = degrees_for(get_strategy(reference), options.nproc, [], cfg)
             name = f"reference-{reference}"
             if name in names.values():
                 raise UsageError(f"a row is named {name}, which the reference run needs; rename the plugin")
-            plan.reference = RunSpec(name, reference, nproc, ["--nproc", str(nproc), *degrees])
+            plan.reference = RunSpec(name, reference, nproc, ["--nproc", str(nproc), *flags])
     return plan
 
 
 def _fp32(cfg: RunConfig, uses_gpu: bool) -> bool:
-    return cfg.train.dtype == "float32" or (cfg.train.dtype == "auto" and not uses_gpu)
+    return runtime.training_dtype(cfg.train, uses_gpu) == torch.float32
 
 
 # ---- running ----------------------------------------------------------------------------------------
-def last_error_line(text: str) -> str:
-    """The line of a stderr that names the error: the last one that is not traceback framing."""
-    framing = ("File ", "^", "~", "Traceback", "During handling", "The above exception", "raise ")
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line and not line.startswith(framing):
-            return line.removeprefix("error: ")[:400]
-    return ""
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -479,7 +466,7 @@ def run_one(spec: RunSpec, common_args: list[str], out: Path, timeout_s: float |
     if record.exit_code == 0 and record.reason is None:
         _read_results(record, run_dir)
     if record.reason is None and record.exit_code != 0:
-        line = last_error_line((run_dir / "stderr.log").read_text(errors="replace"))
+        line = last_error_line((run_dir / "stderr.log").read_text(errors="replace")).removeprefix("error: ")
         if record.exit_code is not None and record.exit_code < 0:
             line = f"killed by {signal.Signals(-record.exit_code).name}" + (f": {line}" if line else "")
         record.reason = line or f"exited with code {record.exit_code}; see {run_dir / 'stderr.log'}"
@@ -512,8 +499,6 @@ def _read_results(record: RunRecord, run_dir: Path) -> None:
 
 def verify_against(record: RunRecord, reference: RunRecord, out: Path, rtol: float) -> dict[str, Any]:
     """Compare a run's final weights (and its loss curve) with the reference's."""
-    from moectl.compare import compare_checkpoints
-
     losses = {p["step"]: p["loss"] for p in reference.loss_curve}
     diffs = [abs(p["loss"] - losses[p["step"]]) for p in record.loss_curve if p["step"] in losses]
     result: dict[str, Any] = {"rtol": rtol, "max_loss_diff": max(diffs, default=None)}
@@ -606,8 +591,6 @@ def _json_safe(value: Any) -> Any:
 
 def run_bench(plan: BenchPlan, console: Console) -> BenchResult:
     """Run the reference first, then every other row; compare each with the reference as it ends."""
-    from moectl.bench_report import describe_record
-
     options, out = plan.options, plan.options.out
     out.mkdir(parents=True, exist_ok=True)
     rows = [RunRecord(s.name, s.strategy, s.nproc, s.args, [], f"runs/{s.name}") for s in plan.specs]
@@ -684,8 +667,6 @@ def _write_json(result: BenchResult, out: Path) -> None:
 
 def bench_command(options: BenchOptions, console: Console | None = None) -> int:
     """`moectl bench`: plan (bad input raises UsageError), run, print the table, write json and plot."""
-    from moectl.bench_report import print_table, write_plot
-
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and pipes: wide enough for the table, never 80 columns
@@ -699,20 +680,12 @@ def bench_command(options: BenchOptions, console: Console | None = None) -> int:
     return result.exit_code
 
 
-#: the order of the design notes; strategies found beyond these follow alphabetically
-PREFERRED_ORDER = ("single", "ddp", "fsdp", "tp", "mixed", "ep")
-
-
 def default_strategies() -> list[str]:
-    """Every available strategy (built-in files and entry points), the reference first."""
-    from strategies import available_strategies
-
+    """Every registered strategy (built-ins and plugins), in registration order, `single` first."""
     found = available_strategies()
-    return [s for s in PREFERRED_ORDER if s in found] + [s for s in found if s not in PREFERRED_ORDER]
+    return sorted(found, key=lambda name: name != "single")
 
 
 def default_nproc() -> int:
     """Every visible GPU, or 2 processes on the CPU."""
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 2

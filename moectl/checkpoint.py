@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
 from moectl import runtime
-from moectl.config import RunConfig, TrainConfig
-from moectl.errors import UsageError
+from moectl.config import TrainConfig
+from moectl.dcp_layouts import LocalBoxes
 from moectl.outputs import write_json_atomic, write_text_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -96,108 +94,10 @@ def resume_hint(run_dir: Path | None) -> str:
     return f"last complete checkpoint: step {latest.step}; continue with: moectl train --resume {run_dir}"
 
 
-# ---- layouts a DTensor cannot state ---------------------------------------------------------------
-class LocalBoxes(torch.Tensor):
-    """A canonical global tensor of which this rank holds several boxes, each a view of local storage.
-
-    Why: a DTensor states one box per rank, but a strategy may keep a layout whose local data is
-    several disjoint pieces of the canonical tensor (tp's [gate_r; up_r] rows of gate_up_proj). DCP
-    saves and loads any tensor that lists its boxes through the protocol DTensor itself implements
-    (`__create_write_items__`, `__create_chunk_list__`, `__get_tensor_shard__`), so the pieces go in
-    under their canonical offsets as they are: saving copies one box at a time at most (DCP clones a
-    view before writing it), nothing is gathered, and loading writes straight into the original
-    tensor (so `load_checkpoint` has nothing to copy back). A tensor subclass because DCP passes only
-    tensors through its state-dict handling; it holds no data of its own and supports no operation.
-    """
-
-    boxes: dict[torch.Size, torch.Tensor]
-
-    @staticmethod
-    def __new__(cls, like: torch.Tensor, boxes: Sequence[tuple[Sequence[int], torch.Tensor]]) -> LocalBoxes:
-        self = torch.Tensor._make_wrapper_subclass(cls, like.shape, dtype=like.dtype, device=like.device)
-        self.boxes = {torch.Size(offsets): view for offsets, view in boxes if view.numel()}
-        return self
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise NotImplementedError(f"LocalBoxes only goes into torch.distributed.checkpoint, not into {func}")
-
-    def __repr__(self) -> str:
-        return f"LocalBoxes({tuple(self.shape)}, offsets={[tuple(offsets) for offsets in self.boxes]})"
-
-    def __create_write_items__(self, fqn: str, obj: object) -> list[WriteItem]:
-        return [
-            WriteItem(
-                index=MetadataIndex(fqn, offsets),
-                type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(offsets=offsets, sizes=view.shape),
-                    properties=TensorProperties.create_from_tensor(view),
-                    size=self.shape,
-                ),
-            )
-            for offsets, view in self.boxes.items()
-        ]
-
-    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [
-            ChunkStorageMetadata(offsets=offsets, sizes=view.shape) for offsets, view in self.boxes.items()
-        ]
-
-    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
-        return self.boxes[torch.Size(index.offset)]
-
-
-def dtensor_local_box(tensor: DTensor) -> tuple[list[int], list[int]]:
-    """(global offsets, sizes) of this rank's local tensor, for DTensors of Shard/Replicate placements.
-
-    Shards nest in mesh-dim order with torch.chunk's split (ceil-sized chunks, the last ones short or
-    empty), the rule DTensor and FSDP2 follow.
-    """
-    offsets, sizes = [0] * tensor.ndim, list(tensor.shape)
-    mesh = tensor.device_mesh
-    for mesh_dim, placement in enumerate(tensor.placements):
-        if isinstance(placement, Replicate):
-            continue
-        if type(placement) is not Shard:  # Partial, or a strided shard whose local rows are not one box
-            raise ValueError(
-                f"no single local box for placement {placement} of a {tuple(tensor.shape)} DTensor"
-            )
-        dim, num_chunks = placement.dim, mesh.size(mesh_dim)
-        chunk = -(-sizes[dim] // num_chunks)
-        start = min(mesh.get_local_rank(mesh_dim) * chunk, sizes[dim])
-        offsets[dim] += start
-        sizes[dim] = min(chunk, sizes[dim] - start)
-    if tuple(sizes) != tuple(tensor.to_local().shape):
-        raise ValueError(
-            f"local shard {tuple(tensor.to_local().shape)} is not the expected box {tuple(sizes)}"
-        )
-    return offsets, sizes
-
-
-def permuted_blocks_view(tensor: DTensor, dim: int, block_order: Sequence[int]) -> LocalBoxes:
-    """The canonical tensor behind `tensor`, whose dim `dim` is stored as len(block_order) equal
-    blocks in a permuted order (stored block k is canonical block block_order[k]), as boxes of this
-    rank's local data: one box per stored block (or part of one) that this rank holds."""
-    offsets, sizes = dtensor_local_box(tensor)
-    local = tensor.to_local().detach()
-    block = tensor.shape[dim] // len(block_order)
-    boxes = []
-    done = 0
-    while done < sizes[dim]:
-        stored_block, within = divmod(offsets[dim] + done, block)
-        length = min(block - within, sizes[dim] - done)
-        box_offsets = list(offsets)
-        box_offsets[dim] = block_order[stored_block] * block + within
-        boxes.append((box_offsets, local.narrow(dim, done, length)))
-        done += length
-    return LocalBoxes(tensor, boxes)
-
-
 # ---- what goes into a checkpoint ---------------------------------------------------------------
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy) -> tuple[dict, list]:
     """{"model": …, "optimizer": …} with canonical keys, each tensor passed through the strategy's
-    `checkpoint_tensor` (a DTensor view of a plain local shard, or `LocalBoxes` of a permuted one,
+    `checkpoint_tensor` (a DTensor view of a plain local shard, or `LocalBoxes` of a permuted one (moectl.dcp_layouts),
     for strategies that keep one). Also returns (container, key, original) for every tensor the
     strategy replaced, so loaded values can be copied back into the tensors the model and optimizer
     really use."""
@@ -357,75 +257,3 @@ def restore_metrics(run_dir: Path, steps_done: int, is_rank0: bool) -> list[floa
     if is_rank0:
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return losses
-
-
-# ---- checks in the parent, before anything is written ---------------------------------------------
-def verify_checkpoint(info: CheckpointInfo, cfg: RunConfig) -> None:
-    """Refuse a checkpoint DCP could not load: unreadable metadata, missing or short shard files,
-    or tensors that do not fit this model."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from moectl.model import build_meta_model
-
-    where = f"checkpoint {info.path}"
-    try:
-        metadata = FileSystemReader(str(info.path)).read_metadata()
-        storage = dict(metadata.storage_data)
-        tensors = metadata.state_dict_metadata
-    except Exception as exc:  # a damaged pickle raises anything; all mean the same to the user
-        raise UsageError(
-            f"{where} is corrupt ({type(exc).__name__}); delete it to resume from the one before"
-        ) from None
-    sizes: dict[str, int] = {}
-    for item in storage.values():
-        file = item.relative_path
-        if file not in sizes:
-            sizes[file] = (info.path / file).stat().st_size if (info.path / file).is_file() else -1
-        if sizes[file] < item.offset + item.length:
-            raise UsageError(
-                f"{where} is incomplete ({file} is missing or truncated); delete it to resume from the one before"
-            )
-    model = build_meta_model(cfg.model, torch.float32)
-    for name, param in model.named_parameters():
-        saved = getattr(tensors.get(f"model.{name}"), "size", None)
-        if saved is None or tuple(saved) != tuple(param.shape):
-            raise UsageError(
-                f"{where} does not fit the model: {name} is "
-                f"{'absent' if saved is None else tuple(saved)}, the model needs {tuple(param.shape)}"
-            )
-
-
-def checkpoint_bytes(cfg: RunConfig, param_bytes: int) -> int:
-    """Size of one checkpoint: the weights plus the optimizer's per-parameter state."""
-    from moectl.metrics import count_params
-
-    train = cfg.train
-    states = 2 if train.optimizer == "adamw" else (1 if train.momentum else 0)
-    return count_params(cfg.model).total * param_bytes * (1 + states)
-
-
-def required_disk_bytes(cfg: RunConfig, param_bytes: int, steps_done: int = 0) -> int:
-    """Final model plus the checkpoints that will exist at once (kept ones + one being written)."""
-    from moectl.metrics import count_params
-
-    train = cfg.train
-    total = count_params(cfg.model).total * param_bytes if train.save_model else 0
-    if train.checkpoint_every > 0:
-        num_saves = train.steps // train.checkpoint_every - steps_done // train.checkpoint_every
-        resident = num_saves if train.keep_checkpoints == 0 else min(num_saves, train.keep_checkpoints)
-        total += (resident + (1 if num_saves else 0)) * checkpoint_bytes(cfg, param_bytes)
-    return total
-
-
-def check_disk_space(run_dir: Path, cfg: RunConfig, param_bytes: int, steps_done: int = 0) -> None:
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    needed = required_disk_bytes(cfg, param_bytes, steps_done)
-    if needed > free:
-        raise UsageError(
-            f"{existing} has {free / 2**30:.1f} GiB free but the final model and checkpoints need about "
-            f"{needed / 2**30:.1f} GiB; free space, pick another --run-dir, lower train.keep_checkpoints "
-            "or set train.save_model=false"
-        )

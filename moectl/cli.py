@@ -104,7 +104,7 @@ def train(
 ) -> None:
     """Train with one strategy and write a run directory (config.yaml, metrics.jsonl, summary.json, model/)."""
     from moectl.config import merge_overrides, parse_set_option
-    from moectl.train import describe, plan, resolve, resolve_resume, run
+    from moectl.train import describe, prepare, run
 
     overrides = merge_overrides(
         parse_set_option(set_ or []),
@@ -128,21 +128,12 @@ def train(
             checkpoint_every=checkpoint_every,
         ),
     )
-    if resume is None:
-        the_plan = plan(resolve(config, overrides))
-    else:
-        if config is not None:
-            raise UsageError("--resume continues with the run's own config.yaml; drop --config")
-        if run_dir is not None and run_dir.resolve() != resume.resolve():
-            raise UsageError("--resume writes into the run it continues; drop --run-dir")
-        the_plan = plan(*resolve_resume(resume, overrides))
-        run_dir = resume
+    the_plan, run_dir = prepare(config, overrides, resume, run_dir)
     if dry_run:
         describe(the_plan, Console())
         return
-    result = run(the_plan, run_dir)
-    where = result if isinstance(result, Path) else the_plan.cfg.run_dir
-    if not hasattr(result, "strategy") or _is_rank0():
+    where = run(the_plan, run_dir)
+    if _is_rank0():
         Console().print(f"[green]done[/green]: run directory {where}")
 
 

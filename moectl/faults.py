@@ -103,3 +103,13 @@ def agree_on_step(model: nn.Module, stop: StopSignals, device: torch.device) -> 
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad, stop_now = (flags > 0).tolist()
     return bad, stop_now
+
+
+def last_error_line(text: str) -> str:
+    """The line of a stderr that names the error: the last one that is not traceback framing."""
+    framing = ("File ", "^", "~", "Traceback", "During handling", "The above exception", "raise ")
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and not line.startswith(framing):
+            return line[:400]
+    return ""

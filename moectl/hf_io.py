@@ -13,15 +13,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers import Qwen3MoeForCausalLM
+from transformers.utils import logging as hf_logging
 
-from moectl.compare import open_checkpoint
 from moectl.errors import UsageError
 from moectl.hf_layout import fuse_expert_tensors, parse_per_expert_key
+from moectl.safetensors_reader import open_checkpoint
 
 
 class HFCheckpoint:
     """A lazy tensor source over an HF directory; per-expert keys are fused on demand into
-    transformers 5's in-memory layout. Opening it validates every header (moectl.compare)."""
+    transformers 5's in-memory layout. Opening it validates every header (moectl.safetensors_reader)."""
 
     def __init__(self, model_dir: Path):
         checkpoint = open_checkpoint(model_dir)
@@ -60,9 +62,6 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config, out_dir: Path)
     The weights are assigned into a meta-device model (no copy), saved into a temporary directory
     beside the target, and renamed into place, so a crash never leaves a half-written model.
     """
-    from transformers import Qwen3MoeForCausalLM
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
 
     with torch.device("meta"):

@@ -18,7 +18,9 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalEx
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from moectl.checkpoint import resume_hint
 from moectl.config import ParallelConfig
+from moectl.faults import last_error_line
 
 # Never let NCCL use NVLink multicast (NVLS): on shared hosts it can take the GPUs out of service.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -72,8 +74,6 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
     except ChildFailedError as exc:
         raise _describe_failure(exc.failures, run_dir, run_id) from None
     except SignalException as exc:
-        from moectl.checkpoint import resume_hint
-
         name = signal.Signals(exc.sigval).name
         raise WorkerFailed(f"stopped by {name}; {resume_hint(run_dir)}", 128 + exc.sigval) from None
 
@@ -108,8 +108,6 @@ def _describe_failure(failures: dict[int, ProcessFailure], run_dir: Path, run_id
         if failure.exitcode < 0
         else f"exited with code {failure.exitcode}"
     )
-    from moectl.checkpoint import resume_hint
-
     return WorkerFailed(
         f"worker rank {rank} {how}{': ' + detail if detail else ''}; {resume_hint(run_dir)}; "
         f"all logs under {run_dir / 'logs'}",
@@ -123,9 +121,4 @@ def _last_error_line(run_dir: Path, run_id: str, local_rank: int) -> str:
         (run_dir / "logs").glob(f"{run_id}_*/attempt_*/{local_rank}/stderr.log"),
         key=lambda path: path.stat().st_mtime,
     )
-    for path in reversed(logs[-1:]):
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        for line in reversed(lines):
-            if not line.startswith(("File ", "^", "~")) and "Traceback" not in line:
-                return line[:300]
-    return ""
+    return last_error_line(logs[-1].read_text(errors="replace")) if logs else ""

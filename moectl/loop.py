@@ -1,5 +1,5 @@
 """The one training loop. It never asks which strategy it runs: everything parallel sits behind
-the Strategy contract (strategies/base.py)."""
+the Strategy contract (moectl/strategy.py)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from moectl.checkpoint import is_due
 from moectl.config import RunConfig, TrainConfig
 from moectl.data import build_data, rank_slice
 from moectl.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_step
-from moectl.hf_io import HFCheckpoint
+from moectl.hf_io import HFCheckpoint, save_hf_model
 from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
-from moectl.model import build_meta_model, materialize, random_init_source
+from moectl.model import build_meta_model, hf_config, materialize, random_init_source
 from moectl.outputs import write_json_atomic
 from moectl.report import StepProfiler, StepReporter
-from strategies.base import Strategy
+from moectl.strategy import Strategy
 
 
 @dataclass
@@ -97,7 +97,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
     """Build, train and save; every rank runs this, rank 0 reports and writes."""
     train = cfg.train
     device = runtime.pick_device(train)
-    dtype = runtime.pick_dtype(train, device)
+    dtype = runtime.training_dtype(train, device.type == "cuda")
     is_rank0 = runtime.rank() == 0
     torch.manual_seed(train.seed)
 
@@ -108,7 +108,6 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         source = HFCheckpoint(Path(cfg.model.path))
     else:
         source = random_init_source(cfg.model, train.seed)
-    strategy.mesh = strategy.build_mesh(device.type)
     model = build_meta_model(cfg.model, dtype)
     model = strategy.parallelize(model, lambda m: materialize(m, device, source, strategy.shard), train)
     model.train()
@@ -119,7 +118,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         start_step = checkpoint.load_checkpoint(resume, model, optimizer, strategy, train)
         losses = checkpoint.restore_metrics(run_dir, start_step, is_rank0)
 
-    dp_rank, dp_size = strategy.dp_rank(), strategy.dp_size
+    dp_rank, dp_size = strategy.dims.dp_rank, strategy.dims.dp
     num_target_tokens = train.global_batch * train.seq_len
     flops_tok, seed_flops_tok = flops_per_token(cfg.model, train.seq_len), seed_flops_per_token(cfg.model)
     peak = device_peak_flops(device, train.peak_tflops)
@@ -229,9 +228,6 @@ def save_outputs(
     summary: Summary,
     is_rank0: bool,
 ) -> None:
-    from moectl.hf_io import save_hf_model
-    from moectl.model import hf_config
-
     state = strategy.full_state_dict(model) if cfg.train.save_model else None
     if not is_rank0 or run_dir is None:
         return

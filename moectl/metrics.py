@@ -105,12 +105,29 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def format_count(count: float) -> str:
+    """A count in human units: 30.53 B, 1.07 M, 53.2 K, 912."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count:.0f}"
+
+
 def format_mfu(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def optimizer_states_per_param(train: TrainConfig) -> int:
+    """Tensors of optimizer state per parameter: AdamW's two moments, SGD's momentum buffer if any."""
+    return 2 if train.optimizer == "adamw" else (1 if train.momentum else 0)
+
+
 def estimate_memory_gib(
-    cfg: ModelConfig, train: TrainConfig, params_per_rank: float, param_bytes: int
+    cfg: ModelConfig,
+    train: TrainConfig,
+    params_per_rank: float,
+    param_bytes: int,
+    grad_params_per_rank: float | None = None,
 ) -> float:
     """Peak memory per rank: weights, gradients, optimizer state, one micro-batch's activations and
     logits. An estimate, not a promise. (Under accumulation the gradients of earlier micro-batches are
@@ -119,10 +136,11 @@ def estimate_memory_gib(
     The per-token coefficients were fitted to peaks measured on an H200 (BENCHMARKS.md, "memory
     estimate"): compiled layers keep about 10·H + 4·heads·head_dim + 6·k·I values per token and layer,
     eager ones 18·H + 4·heads·head_dim + 10·k·I; the loss keeps the logits and their gradient (plus
-    fp32 copies when eager). Optimizer state is kept in the parameters' dtype.
+    fp32 copies when eager). Optimizer state is kept in the parameters' dtype. `grad_params_per_rank`
+    (default: `params_per_rank`) counts the gradients a rank holds at its peak, which FSDP keeps
+    unsharded while it defers their reduction to the last micro-batch.
     """
-    states = 2 if train.optimizer == "adamw" else (1 if train.momentum else 0)
-    weights_and_state = params_per_rank * param_bytes * (1 + states)
+    weights_and_state = params_per_rank * param_bytes * (1 + optimizer_states_per_param(train))
     tokens = train.micro_batch * train.seq_len
     attention = 4 * cfg.num_heads * cfg.head_dim
     if train.compile:
@@ -135,5 +153,5 @@ def estimate_memory_gib(
         activations += tokens * cfg.hidden_size * param_bytes * cfg.num_layers
     logits_bytes = 2 * param_bytes + (0 if train.compile else 8)
     logits = tokens * cfg.vocab_size * logits_bytes
-    grads = params_per_rank * param_bytes
+    grads = (params_per_rank if grad_params_per_rank is None else grad_params_per_rank) * param_bytes
     return (weights_and_state + grads + activations + logits) / 2**30

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch.profiler as tp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -72,8 +73,6 @@ class StepProfiler:
         self.active = enabled and run_dir is not None and train.profile_steps > 0
         self.profiler = None
         if self.active:
-            import torch.profiler as tp
-
             activities = [tp.ProfilerActivity.CPU] + (
                 [tp.ProfilerActivity.CUDA] if device.type == "cuda" else []
             )

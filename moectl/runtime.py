@@ -16,19 +16,25 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def uses_gpu(train: TrainConfig) -> bool:
+    """Whether a run with these settings trains on GPUs (the one place that decides it)."""
+    return train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
+
+
+def training_dtype(train: TrainConfig, on_gpu: bool) -> torch.dtype:
+    """The dtype of weights, gradients and optimizer state: `auto` is bf16 on GPUs, fp32 on CPUs."""
+    if train.dtype == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, train.dtype)
+
+
 def pick_device(train: TrainConfig) -> torch.device:
-    use_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
-    if not use_cuda:
+    """This process's device (its local rank's GPU), made current."""
+    if not uses_gpu(train):
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
-
-
-def pick_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
-    if train.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, train.dtype)
 
 
 def init_process_group(device: torch.device, timeout_s: int) -> None:

@@ -1,7 +1,7 @@
 """`moectl train` as a library function: resolve and check everything, then run or launch.
 
-Every check that can fail on user input runs here, before the run directory exists, so bad input
-never leaves a half-written run behind.
+Every check that can fail on user input runs here (`prepare`), before the run directory exists, so
+bad input never leaves a half-written run behind.
 """
 
 from __future__ import annotations
@@ -18,12 +18,20 @@ from rich.console import Console
 from rich.table import Table
 
 from moectl import runtime
-from moectl.checkpoint import CheckpointInfo, check_disk_space, latest_checkpoint, verify_checkpoint
+from moectl.checkpoint import CheckpointInfo, latest_checkpoint
 from moectl.config import ParallelConfig, RunConfig, build_config, merge_overrides
 from moectl.data import check_data
 from moectl.errors import UsageError
 from moectl.hf_io import HFCheckpoint
-from moectl.metrics import count_params, estimate_memory_gib, flops_per_token, seed_flops_per_token
+from moectl.launch import launch_workers
+from moectl.loop import run_training
+from moectl.metrics import (
+    count_params,
+    estimate_memory_gib,
+    flops_per_token,
+    format_count,
+    seed_flops_per_token,
+)
 from moectl.model import model_config_from_hf_dir
 from moectl.outputs import (
     check_run_dir_writable,
@@ -32,12 +40,13 @@ from moectl.outputs import (
     default_run_dir,
     write_text_atomic,
 )
-from strategies import get_strategy
-from strategies.base import Strategy
+from moectl.preflight import check_disk_space, verify_checkpoint
+from moectl.registry import get_strategy
+from moectl.strategy import Strategy
 
 
 @dataclass
-class Plan:
+class RunPlan:
     cfg: RunConfig
     strategy: Strategy
     world_size: int
@@ -120,9 +129,36 @@ def resolve_resume(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple
     return cfg, info
 
 
-def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Plan:
+def prepare(
+    config: str | None,
+    overrides: dict[str, dict[str, Any]],
+    resume: Path | None = None,
+    run_dir: Path | None = None,
+) -> tuple[RunPlan, Path | None]:
+    """`moectl train`'s flags to a checked plan and the run directory to write (a resume writes into
+    the run it continues)."""
+    if resume is None:
+        return plan(resolve(config, overrides)), run_dir
+    if config is not None:
+        raise UsageError("--resume continues with the run's own config.yaml; drop --config")
+    if run_dir is not None and run_dir.resolve() != resume.resolve():
+        raise UsageError("--resume writes into the run it continues; drop --run-dir")
+    return plan(*resolve_resume(resume, overrides)), resume
+
+
+def build_strategy(
+    cfg: RunConfig, world_size: int | None, strategy_cls: type[Strategy] | None = None
+) -> Strategy:
+    """The strategy (`cfg.parallel.strategy` unless given) with its degrees checked against the world
+    and the model: the one place they are checked."""
+    strategy_cls = strategy_cls or get_strategy(cfg.parallel.strategy)
+    dims = strategy_cls.parallel_dims(cfg.parallel, world_size)
+    dims.check(cfg.model, strategy_cls.name)
+    return strategy_cls(dims, cfg.model, cfg.parallel)
+
+
+def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> RunPlan:
     """World size from --nproc (or the outside launcher, or the degrees); every degree checked."""
-    strategy_cls = get_strategy(cfg.parallel.strategy)
     parallel = cfg.parallel
     if runtime.under_torchrun():
         world_size = int(os.environ["WORLD_SIZE"])
@@ -130,27 +166,29 @@ def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Plan:
     elif parallel.nproc:
         nproc_per_node, world_size = parallel.nproc, parallel.nproc * parallel.nnodes
     else:
-        world_size = strategy_cls.default_world_size(parallel)
+        world_size = None
+    strategy = build_strategy(cfg, world_size)
+    if world_size is None:
+        world_size = strategy.dims.world_size
         if world_size % parallel.nnodes:
             raise UsageError(
                 f"world size {world_size} does not split over {parallel.nnodes} nodes; give --nproc"
             )
         nproc_per_node = world_size // parallel.nnodes
-    strategy = strategy_cls(parallel, world_size)
-    strategy.validate(cfg.model, cfg.train)
 
     train = cfg.train
-    per_step = train.micro_batch * strategy.dp_size
+    dp = strategy.dims.dp
+    per_step = train.micro_batch * dp
     if train.global_batch % per_step:
         raise UsageError(
             f"global batch {train.global_batch} is not a multiple of micro-batch {train.micro_batch} × "
-            f"data-parallel degree {strategy.dp_size} = {per_step}; use --global-batch {max(per_step, train.global_batch // per_step * per_step)}"
+            f"data-parallel degree {dp} = {per_step}; use --global-batch {max(per_step, train.global_batch // per_step * per_step)}"
         )
     if train.seq_len > cfg.model.max_position_embeddings:
         raise UsageError(
             f"--seq-len {train.seq_len} exceeds model.max_position_embeddings {cfg.model.max_position_embeddings}"
         )
-    if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()):
+    if runtime.uses_gpu(train):
         if not torch.cuda.is_available():
             raise UsageError("train.device is cuda but no GPU is visible; use --set train.device=cpu")
         if nproc_per_node > torch.cuda.device_count():
@@ -161,14 +199,12 @@ def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Plan:
         check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
         HFCheckpoint(Path(cfg.model.path))
-    return Plan(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step, resume_from)
+    return RunPlan(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step, resume_from)
 
 
 def param_bytes(cfg: RunConfig) -> int:
     """Bytes per parameter as the run will hold (and save) them: bf16 on GPUs unless told otherwise."""
-    train = cfg.train
-    device_is_gpu = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
-    return 4 if (train.dtype == "float32" or (train.dtype == "auto" and not device_is_gpu)) else 2
+    return runtime.training_dtype(cfg.train, runtime.uses_gpu(cfg.train)).itemsize
 
 
 def memory_note(cfg: RunConfig) -> str:
@@ -179,25 +215,30 @@ def memory_note(cfg: RunConfig) -> str:
     return "auto: GPU"
 
 
-def describe(p: Plan, console: Console) -> None:
+def describe(p: RunPlan, console: Console) -> None:
     """The --dry-run report: resolved config, parameter counts, flops per token, memory per rank."""
     cfg = p.cfg
     counts = count_params(cfg.model)
-    memory = estimate_memory_gib(cfg.model, cfg.train, p.strategy.params_per_rank(counts), param_bytes(cfg))
+    per_rank = p.strategy.params_per_rank(counts)
+    grads = p.strategy.grad_params_per_rank(counts, p.num_micro_batches)
+    memory = estimate_memory_gib(cfg.model, cfg.train, per_rank, param_bytes(cfg), grads)
     console.print(cfg.to_yaml(), markup=False, highlight=False)
     table = Table(title=f"{p.strategy.name} on {p.world_size} process(es)", show_header=False)
     rows = [
-        ("total parameters", f"{counts.total / 1e9:.3f} B ({counts.total:,})"),
-        ("active parameters / token", f"{counts.active / 1e9:.3f} B"),
-        ("active matmul parameters / token", f"{counts.active_matmul / 1e9:.3f} B"),
+        ("total parameters", f"{format_count(counts.total)} ({counts.total:,})"),
+        ("active parameters / token", f"{format_count(counts.active)} ({counts.active:,})"),
+        (
+            "active matmul parameters / token",
+            f"{format_count(counts.active_matmul)} ({counts.active_matmul:,})",
+        ),
         (
             "flops / token (6·N_active_matmul + attention)",
             f"{flops_per_token(cfg.model, cfg.train.seq_len):.4g}",
         ),
         ("flops / token, seed style (6·N_active)", f"{seed_flops_per_token(cfg.model):.4g}"),
-        ("data-parallel degree", str(p.strategy.dp_size)),
+        ("data-parallel degree", str(p.strategy.dims.dp)),
         ("micro-batches per step (accumulation)", str(p.num_micro_batches)),
-        ("parameters per rank", f"{p.strategy.params_per_rank(counts) / 1e9:.3f} B"),
+        ("parameters per rank", f"{format_count(per_rank)} ({round(per_rank):,})"),
         (
             "memory estimate per rank",
             f"{memory:.2f} GiB at {'bf16' if param_bytes(cfg) == 2 else 'fp32'} ({memory_note(cfg)})",
@@ -208,11 +249,9 @@ def describe(p: Plan, console: Console) -> None:
     console.print(table)
 
 
-def run(p: Plan, run_dir: Path | None) -> Any:
-    """Run on this process (world 1, or inside an outside torchrun) or launch workers."""
-    from moectl.launch import launch_workers
-    from moectl.loop import run_training
-
+def run(p: RunPlan, run_dir: Path | None) -> Path:
+    """Run on this process (world 1, or inside an outside torchrun) or launch workers; returns the run
+    directory (its summary.json holds what the run measured)."""
     cfg = p.cfg
     if runtime.under_torchrun():
         device = runtime.pick_device(cfg.train)
@@ -223,13 +262,15 @@ def run(p: Plan, run_dir: Path | None) -> Any:
         if dist.is_initialized():
             dist.broadcast_object_list(target, src=0)
         try:
-            return run_training(cfg, p.strategy, Path(target[0]))
+            run_training(cfg, p.strategy, Path(target[0]))
+            return Path(target[0])
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
     target = _prepare_run_dir(p, run_dir)
     if p.world_size == 1 and cfg.parallel.nnodes == 1:
-        return run_training(cfg, p.strategy, target)
+        run_training(cfg, p.strategy, target)
+        return target
     node_dir = _node_dir(cfg, target)
     launch_workers(cfg.parallel, p.nproc_per_node, node_dir / "config.yaml", node_dir)
     return target
@@ -246,7 +287,7 @@ def _node_dir(cfg: RunConfig, target: Path) -> Path:
     return target if node_rank == 0 or cfg.parallel.nnodes == 1 else target / f"node{node_rank}"
 
 
-def _prepare_run_dir(p: Plan, run_dir: Path | None) -> Path:
+def _prepare_run_dir(p: RunPlan, run_dir: Path | None) -> Path:
     """A fresh run gets a new directory; a resume rewrites config.yaml with its (maybe new) layout."""
     cfg = p.cfg
     if p.resume_from is not None:

@@ -13,7 +13,7 @@ from moectl.config import build_config
 from moectl.errors import UsageError
 from moectl.faults import TrainingStopped
 from moectl.loop import run_training
-from strategies import get_strategy
+from moectl.train import build_strategy
 
 
 def main(config_path: str, run_dir: str) -> int:
@@ -21,7 +21,7 @@ def main(config_path: str, run_dir: str) -> int:
     device = runtime.pick_device(cfg.train)
     runtime.init_process_group(device, cfg.parallel.timeout_s)
     try:
-        strategy = get_strategy(cfg.parallel.strategy)(cfg.parallel, runtime.world_size())
+        strategy = build_strategy(cfg, runtime.world_size())
         run_training(cfg, strategy, Path(run_dir))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

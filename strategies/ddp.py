@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moectl.config import TrainConfig
 from moectl.model import apply_layer_wrappers
-from strategies.base import Materialize, Strategy
+from moectl.strategy import Materialize, Strategy
 
 
 class DDP(Strategy):
@@ -20,11 +20,13 @@ class DDP(Strategy):
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         apply_layer_wrappers(model, train)
         materialize(model)  # DDP broadcasts real weights at construction
-        if self.mesh is None:  # one process, no process group: nothing to reduce, the model as is
+        if self.dims.world_size == 1:  # one process, no process group: nothing to reduce
             return model
         device_ids = [model.device] if model.device.type == "cuda" else None
         # Experts are 3-D parameters, so every parameter gets a gradient each step (zeros for idle experts).
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+        return DistributedDataParallel(
+            model, device_ids=device_ids, process_group=self.dims.group("dp"), find_unused_parameters=False
+        )
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module, is_last_micro_batch: bool) -> Iterator[None]:

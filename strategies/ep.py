@@ -2,94 +2,79 @@
 
 Every rank reads its own data (the dense part is data parallel over all W ranks). In each MoE layer a
 rank routes its own tokens, sends each (token, expert) row to the rank that owns the expert, runs its
-E/ep experts as one grouped GEMM and gets the outputs back (moectl/moe_dispatch.py). With W > ep the
-experts are replicated over W/ep groups: mesh ("ep_replicate", "ep") of shape (W/ep, ep), EP groups
-on consecutive ranks (one node's NVLink).
+E/ep experts as one grouped GEMM and gets the outputs back (moectl/parallel/ep_dispatch.py). With
+W > ep the experts are replicated over W/ep groups: mesh (ep_replicate, ep) of shape (W/ep, ep), EP
+groups on consecutive ranks (one node's NVLink).
 
 Gradients are *sums* over ranks (the loop already divides the loss by the global token count, so
 loss_scale is 1): the all-to-all backward sums every rank's contribution into the expert weights;
 replicas of an expert and the replicated dense part are then all-reduced by hand in `after_backward`.
-With `parallel.fsdp=true` FSDP2 does those reductions instead: the dense part of each decoder layer
-and the root over all ranks, the experts over their replicas, all with sum reductions.
+With `parallel.fsdp=true` FSDP2 does those reductions instead: the experts over their replicas, the
+dense part of each decoder layer and the root over all ranks, all with sum reductions.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
-from moectl.expert_shards import all_reduce_grads, gather_full_state, is_expert_key, localize, shard_on_meta
 from moectl.metrics import ParamCounts
 from moectl.model import apply_layer_wrappers, decoder_layers
-from moectl.moe_dispatch import ExpertParallelMoE, GroupedExperts
-from strategies.base import Materialize, Strategy
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers
+from moectl.parallel.dims import ParallelDims
+from moectl.parallel.ep_dispatch import ExpertParallelMoE, GroupedExperts
+from moectl.parallel.expert_parallel import gather_full_state, is_expert_key, localize, shard_on_meta
+from moectl.strategy import Materialize, Strategy
 
 
 class ExpertParallel(Strategy):
     name = "ep"
     summary = "expert parallel: experts sharded over ranks, tokens routed with all-to-all, grouped GEMM"
 
-    def __init__(self, parallel: ParallelConfig, world_size: int):
-        super().__init__(parallel, world_size)
-        self.ep_size = parallel.ep_size
-        self.num_replicas = world_size // parallel.ep_size if world_size % parallel.ep_size == 0 else 0
-        self.dp_mesh: DeviceMesh | None = None
-        self.ckpt_mesh: DeviceMesh | None = None
-
     @classmethod
-    def default_world_size(cls, parallel: ParallelConfig) -> int:
-        return parallel.dp_size or parallel.ep_size
-
-    def validate(self, model: ModelConfig, train: TrainConfig) -> None:
-        ep, world = self.ep_size, self.world_size
-        if self.parallel.tp_size != 1:
-            raise UsageError(f"ep has no tensor parallelism; drop --tp-size {self.parallel.tp_size}")
-        if self.parallel.dp_size is not None and self.parallel.dp_size != world:
+    def parallel_dims(cls, parallel: ParallelConfig, world_size: int | None) -> ParallelDims:
+        world = world_size or parallel.dp_size or parallel.ep_size
+        if parallel.tp_size != 1:
+            raise UsageError(f"ep has no tensor parallelism; drop --tp-size {parallel.tp_size}")
+        if parallel.dp_size is not None and parallel.dp_size != world:
             raise UsageError(
-                f"ep: every rank is a data-parallel rank, so --dp-size {self.parallel.dp_size} must equal "
+                f"ep: every rank is a data-parallel rank, so --dp-size {parallel.dp_size} must equal "
                 f"the world size {world}; drop --dp-size"
             )
-        if world % ep:
-            raise UsageError(
-                f"ep: --ep-size {ep} must divide the world size {world}; use --nproc {ep} (or a multiple of {ep})"
-            )
-        if model.num_experts % ep:
-            raise UsageError(
-                f"ep: --ep-size {ep} must divide model.num_experts {model.num_experts}; "
-                f"use one of {', '.join(map(str, _divisors(model.num_experts)))}"
-            )
+        return ParallelDims(world, dp=world, ep=parallel.ep_size)
+
+    @classmethod
+    def flags_for_world(cls, world_size: int, model: ModelConfig) -> list[str]:
+        ep = max(d for d in range(1, world_size + 1) if model.num_experts % d == 0 and world_size % d == 0)
+        return ["--ep-size", str(ep)]
 
     def params_per_rank(self, counts: ParamCounts) -> float:
         if self.parallel.fsdp:
-            return counts.total / self.world_size
-        return counts.dense + counts.experts / self.ep_size
+            return counts.total / self.dims.world_size
+        return counts.dense + counts.experts / self.dims.ep
 
-    # ---- building ------------------------------------------------------------------------------
-    def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        if self.world_size == 1:
-            return None
-        mesh = init_device_mesh(
-            device_type, (self.num_replicas, self.ep_size), mesh_dim_names=("ep_replicate", "ep")
-        )
-        if self.parallel.fsdp:
-            self.dp_mesh = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp",))
-            self.ckpt_mesh = DeviceMesh(device_type, mesh.mesh.t(), mesh_dim_names=("ep", "ep_replicate"))
-        return mesh
+    def grad_params_per_rank(self, counts: ParamCounts, num_micro_batches: int) -> float:
+        # FSDP2 keeps gradients unsharded (over its mesh) until the last micro-batch's reduce-scatter.
+        if self.parallel.fsdp and num_micro_batches > 1:
+            return counts.dense + counts.experts / self.dims.ep
+        return self.params_per_rank(counts)
 
     @property
-    def _ep_group(self):
-        return None if self.mesh is None or self.ep_size == 1 else self.mesh.get_group("ep")
+    def loss_scale(self) -> float:
+        return 1.0
+
+    @property
+    def _ep_mesh(self) -> DeviceMesh | None:
+        return self.dims.mesh("ep") if self.dims.ep > 1 else None
 
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
-        ep_mesh = None if self.mesh is None or self.ep_size == 1 else self.mesh["ep"]
+        ep_mesh = self._ep_mesh
+        ep_group = None if ep_mesh is None else ep_mesh.get_group()
         for layer in decoder_layers(model):
             block = layer.mlp
             experts = GroupedExperts(
@@ -97,7 +82,7 @@ class ExpertParallel(Strategy):
             )
             shard_on_meta(experts, ep_mesh)
             layer.mlp = ExpertParallelMoE(
-                block.gate, experts, block.experts.num_experts, self._ep_group, self.ep_size
+                block.gate, experts, block.experts.num_experts, ep_group, self.dims.ep
             )
         apply_layer_wrappers(model, train)
         # Materialise before FSDP: the expert DTensors carry their global shape only until then. The
@@ -105,57 +90,44 @@ class ExpertParallel(Strategy):
         materialize(model)
         for layer in decoder_layers(model):
             localize(layer.mlp.experts)
-        if self.parallel.fsdp and self.mesh is not None:
-            self._fully_shard(model)
+        if self.parallel.fsdp and self.dims.world_size > 1:
+            dtype = next(model.parameters()).dtype
+            policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
+            for layer in decoder_layers(model):
+                fully_shard(layer.mlp.experts, mesh=self.dims.mesh("ep_replicate"), mp_policy=policy)
+            fully_shard_layers(model, self.dims.mesh("dp"), sum_gradients=True)
+            experts = self.dims.mesh("experts")  # its transpose states the checkpoint layout (below)
+            self._checkpoint_mesh = DeviceMesh(
+                experts.device_type, experts.mesh.t(), mesh_dim_names=("ep", "ep_replicate")
+            )
         return model
 
-    def _fully_shard(self, model: nn.Module) -> None:
-        """FSDP2: experts over their replicas (the ep_replicate axis), dense layers and root over all ranks."""
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        for layer in decoder_layers(model):
-            fully_shard(layer.mlp.experts, mesh=self.mesh["ep_replicate"])
-            fully_shard(layer, mesh=self.dp_mesh)
-        fully_shard(model, mesh=self.dp_mesh)
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                # Sums, not averages: the loop's loss normalisation already makes the sum exact.
-                module.set_gradient_divide_factor(1.0)
-                module.set_force_sum_reduction_for_comms(True)
-
-    # ---- the loop's hooks ----------------------------------------------------------------------
-    @property
-    def loss_scale(self) -> float:
-        return 1.0
-
-    def loss_group(self):
-        return None  # every rank holds distinct tokens: the global loss sums over the whole world
-
     def after_backward(self, model: nn.Module) -> None:
-        if self.mesh is None or self.parallel.fsdp:
+        if self.dims.world_size == 1 or self.parallel.fsdp:
             return
         dense, experts = [], []
         for name, param in model.named_parameters():
             (experts if is_expert_key(name) else dense).append(param)
-        all_reduce_grads(dense, group=None)
-        if self.num_replicas > 1:
-            all_reduce_grads(experts, group=self.mesh.get_group("ep_replicate"))
+        all_reduce_gradients(dense, group=None)
+        if self.dims.ep_replicate > 1:
+            all_reduce_gradients(experts, group=self.dims.group("ep_replicate"))
 
     def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Experts are plain local blocks [E/ep, ...]; DCP needs their global layout to reshard them.
 
         Without FSDP a block is expert slice p of the ep axis, the same on every replica. With FSDP
         each replica r further holds chunk r of that slice, i.e. global chunk p·R + r: sharded first
-        over `ep`, then over `ep_replicate` (the transposed mesh built in build_mesh).
+        over `ep`, then over `ep_replicate` (the expert mesh transposed).
         """
-        if self.mesh is None or not is_expert_key(param_name):
+        if self.dims.world_size == 1 or not is_expert_key(param_name):
             return tensor
         if isinstance(tensor, DTensor):  # FSDP2's shard over the replicas
             return DTensor.from_local(
-                tensor.to_local(), self.ckpt_mesh, [Shard(0), Shard(0)], run_check=False
+                tensor.to_local(), self._checkpoint_mesh, [Shard(0), Shard(0)], run_check=False
             )
-        return DTensor.from_local(tensor, self.mesh, [Replicate(), Shard(0)], run_check=False)
+        return DTensor.from_local(tensor, self.dims.mesh("experts"), [Replicate(), Shard(0)], run_check=False)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        holds_rank0_experts = self.mesh is None or self.mesh.get_coordinate()[0] == 0
-        return gather_full_state(model, self._ep_group, holds_rank0_experts)
+        holds_rank0_experts = self.dims.local_rank("ep_replicate") == 0
+        ep_group = None if self._ep_mesh is None else self._ep_mesh.get_group()
+        return gather_full_state(model, ep_group, holds_rank0_experts)

@@ -1,143 +1,107 @@
 """`mixed`: a 2-D mesh (dp, tp): tensor parallel inside each tp group, data parallel across groups.
 
-TP is tp.py's, unchanged. Across `dp` runs either FSDP2 (`parallel.mixed_dp: fsdp`, the default:
-parameters, gradients and optimizer state sharded over dp, on top of the tp sharding) or plain
-replication with a gradient all-reduce over dp (`mixed_dp: ddp`).
+Composed from the per-axis building blocks: tensor parallelism over `tp`, then across `dp` either
+FSDP2 (`parallel.mixed_dp: fsdp`, the default: parameters, gradients and optimizer state sharded over
+dp on top of the tp sharding) or replicas with a bucketed gradient all-reduce (`mixed_dp: ddp`).
 
-Why `ddp` is a hand-written bucketed all-reduce and not `DistributedDataParallel`: DDP does not take
-DTensor parameters (its TP bridge is a private torch function); gradients that are summed once per
-step after the last micro-batch are all that is needed, and gloo (the CPU backend) has no AVG op, so
-the gradients are summed and the loss is not scaled by dp.
+Why `ddp` is a hand-written all-reduce and not `DistributedDataParallel`: DDP does not take DTensor
+parameters; gradients summed once per step after the last micro-batch are all that is needed, and
+gloo (the CPU backend) has no AVG op, so the gradients are summed and the loss is not scaled by dp.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
+from moectl.dcp_layouts import LocalBoxes
 from moectl.errors import UsageError
 from moectl.metrics import ParamCounts
-from moectl.model import apply_layer_wrappers, decoder_layers
-from strategies.base import Materialize
-from strategies.tp import (
-    TensorParallel,
+from moectl.model import apply_layer_wrappers, local_shard
+from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers
+from moectl.parallel.dims import ParallelDims
+from moectl.parallel.tensor_parallel import (
     apply_tensor_parallel,
-    check_tp_divides_model,
+    finish_partial_gradients,
+    gate_up_checkpoint_view,
+    gate_up_to_hf_order,
     tensor_parallel_params_per_rank,
+    tensor_parallel_shard,
 )
+from moectl.strategy import Materialize, Strategy
 
 DP_WRAPPERS = ("fsdp", "ddp")
-#: gradient bucket for the hand-made dp all-reduce: fewer, larger collectives
-BUCKET_BYTES = 64 * 2**20
 
 
-def shard_with_fsdp(model: nn.Module, dp_mesh) -> None:
-    """FSDP2 per decoder layer, then the root (embedding, final norm, lm_head).
-
-    Parameters that are already tp DTensors become 2-D (dp, tp) DTensors.
-    """
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
-
-
-def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
-    """Sum every gradient over `group`, packed into flat buckets per dtype."""
-    bucket: list[torch.Tensor] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal size
-        if not bucket:
-            return
-        flat = torch.cat([grad.reshape(-1) for grad in bucket])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for grad in bucket:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
-        bucket.clear()
-        size = 0
-
-    for param in model.parameters():
-        if param.grad is None:
-            continue
-        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-        if bucket and (
-            grad.dtype != bucket[0].dtype or size + grad.numel() * grad.element_size() > BUCKET_BYTES
-        ):
-            flush()
-        bucket.append(grad)
-        size += grad.numel() * grad.element_size()
-    flush()
-
-
-class Mixed(TensorParallel):
+class Mixed(Strategy):
     """dp × tp on a (dp, tp) mesh; tp groups are consecutive ranks (one host's fast links)."""
 
     name = "mixed"
     summary = "2-D dp × tp: tensor parallel inside groups, FSDP2 (or replicated dp) across them"
 
     @classmethod
-    def default_world_size(cls, parallel: ParallelConfig) -> int:
-        return (parallel.dp_size or 1) * parallel.tp_size
-
-    @property
-    def dp_size(self) -> int:
-        return self.parallel.dp_size or max(1, self.world_size // self.tp_size)
-
-    def dp_rank(self) -> int:
-        return self.mesh.get_local_rank("dp") if self.mesh is not None else 0
-
-    @property
-    def loss_scale(self) -> float:
-        # FSDP2 averages gradients over dp; the hand-made ddp path sums them.
-        return float(self.dp_size) if self.parallel.mixed_dp == "fsdp" else 1.0
-
-    def validate(self, model: ModelConfig, train: TrainConfig) -> None:
-        self.model_config = model
-        parallel = self.parallel
+    def parallel_dims(cls, parallel: ParallelConfig, world_size: int | None) -> ParallelDims:
+        tp = parallel.tp_size
         if parallel.ep_size != 1:
             raise UsageError("mixed has no expert parallelism; drop --ep-size or pick --strategy ep")
         if parallel.mixed_dp not in DP_WRAPPERS:
             raise UsageError(
                 f"parallel.mixed_dp must be one of {', '.join(DP_WRAPPERS)}, got {parallel.mixed_dp!r}"
             )
-        if self.world_size < 2:
+        world = world_size or (parallel.dp_size or 1) * tp
+        if world % tp:
             raise UsageError(
-                "mixed needs 2 or more processes (--dp-size × --tp-size); for one process use --strategy single"
+                f"mixed: the world size {world} is not a multiple of --tp-size {tp}; "
+                f"set --nproc to a multiple of {tp} or give --dp-size"
             )
-        if self.world_size % self.tp_size:
+        if tp < 2:
             raise UsageError(
-                f"mixed: the world size {self.world_size} is not a multiple of --tp-size {self.tp_size}; "
-                f"set --nproc to a multiple of {self.tp_size} or give --dp-size"
+                f"mixed needs --tp-size 2 or more (got {tp}; without tensor parallelism it is fsdp or ddp); "
+                "with --nproc N give --dp-size 2 --tp-size N/2"
             )
-        if self.dp_size * self.tp_size != self.world_size:
-            raise UsageError(
-                f"mixed: --dp-size {self.dp_size} × --tp-size {self.tp_size} = {self.dp_size * self.tp_size} "
-                f"must equal the world size {self.world_size}; set --nproc {self.dp_size * self.tp_size} "
-                "or drop --dp-size"
-            )
-        check_tp_divides_model(self.name, model, self.tp_size)
+        dp = parallel.dp_size or world // tp
+        return ParallelDims(world, dp=dp, tp=tp)
+
+    @classmethod
+    def flags_for_world(cls, world_size: int, model: ModelConfig) -> list[str]:
+        return ["--dp-size", "2", "--tp-size", str(max(1, world_size // 2))]
 
     def params_per_rank(self, counts: ParamCounts) -> float:
-        per_tp_rank = tensor_parallel_params_per_rank(self.model_config, counts, self.tp_size)
-        return per_tp_rank / self.dp_size if self.parallel.mixed_dp == "fsdp" else per_tp_rank
+        per_tp_rank = tensor_parallel_params_per_rank(self.model_config, counts, self.dims.tp)
+        return per_tp_rank / self.dims.dp if self.parallel.mixed_dp == "fsdp" else per_tp_rank
+
+    def grad_params_per_rank(self, counts: ParamCounts, num_micro_batches: int) -> float:
+        # FSDP2 keeps gradients unsharded over dp until the last micro-batch's reduce-scatter.
+        if self.parallel.mixed_dp == "fsdp" and num_micro_batches > 1:
+            return tensor_parallel_params_per_rank(self.model_config, counts, self.dims.tp)
+        return self.params_per_rank(counts)
+
+    @property
+    def loss_scale(self) -> float:
+        # FSDP2 averages gradients over dp; the hand-made all-reduce sums them.
+        return float(self.dims.dp) if self.parallel.mixed_dp == "fsdp" else 1.0
 
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
-        apply_tensor_parallel(model, self.mesh["tp"])
+        apply_tensor_parallel(model, self.dims.mesh("tp"))
         apply_layer_wrappers(model, train)
         if self.parallel.mixed_dp == "fsdp":
-            shard_with_fsdp(model, self.mesh["dp"])
+            fully_shard_layers(model, self.dims.mesh("dp"))
         # Every rank fills its shard from the same deterministic source, so dp replicas start equal.
         materialize(model)
         return model
 
     def after_backward(self, model: nn.Module) -> None:
-        super().after_backward(model)  # tp: Partial q_norm/k_norm gradients (a no-op under FSDP2)
-        if self.parallel.mixed_dp == "ddp" and self.dp_size > 1:
-            all_reduce_gradients(model, self.mesh.get_group("dp"))
+        finish_partial_gradients(model)  # Partial q_norm/k_norm gradients (a no-op under FSDP2)
+        if self.parallel.mixed_dp == "ddp":
+            all_reduce_gradients(list(model.parameters()), self.dims.group("dp"))
+
+    def shard(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        return local_shard(param, tensor_parallel_shard(name, full, self.dims.tp))
+
+    def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor | LocalBoxes:
+        return gate_up_checkpoint_view(param_name, tensor, self.dims.tp)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        state = super().full_state_dict(model)
+        return None if state is None else gate_up_to_hf_order(state, self.dims.tp)

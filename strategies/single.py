@@ -4,22 +4,24 @@ from __future__ import annotations
 
 from torch import nn
 
-from moectl.config import ModelConfig, TrainConfig
+from moectl.config import ParallelConfig, TrainConfig
 from moectl.errors import UsageError
 from moectl.model import apply_layer_wrappers
-from strategies.base import Materialize, Strategy
+from moectl.parallel.dims import ParallelDims
+from moectl.strategy import Materialize, Strategy
 
 
 class Single(Strategy):
     name = "single"
     summary = "one process, one device: the numerical reference"
 
-    def validate(self, model: ModelConfig, train: TrainConfig) -> None:
-        if self.world_size != 1:
+    @classmethod
+    def parallel_dims(cls, parallel: ParallelConfig, world_size: int | None) -> ParallelDims:
+        if (world_size or 1) != 1:
             raise UsageError(
-                f"single runs on one process, not {self.world_size}; drop --nproc or pick ddp/fsdp/tp/ep"
+                f"single runs on one process, not {world_size}; drop --nproc or pick ddp/fsdp/tp/ep"
             )
-        super().validate(model, train)
+        return super().parallel_dims(parallel, 1)
 
     @property
     def loss_scale(self) -> float:

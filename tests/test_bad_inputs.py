@@ -162,7 +162,7 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda i: ["--strategy", "ddp", "--nproc", "2", "--tp-size", "2"],
         "no tensor or expert",
     ),
-    "mixed-on-one-process": (lambda i: ["--strategy", "mixed"], "mixed needs 2 or more processes"),
+    "mixed-on-one-process": (lambda i: ["--strategy", "mixed"], "mixed needs --tp-size 2 or more"),
     "dp-size-not-world": (
         lambda i: ["--strategy", "ddp", "--nproc", "4", "--dp-size", "2"],
         "--dp-size 2 must",
@@ -243,11 +243,11 @@ CASES: dict[str, tuple[Case, str]] = {
     "plugin-file-missing": (lambda i: ["--strategy", str(i.tmp / "absent_plugin.py")], "does not exist"),
     "module-class-missing": (
         lambda i: ["--strategy", "strategies.ddp:NoSuchClass"],
-        "NoSuchClass is not a Strategy",
+        "NoSuchClass (in strategies.ddp) is not a Strategy subclass",
     ),
     "module-class-not-strategy": (
         lambda i: ["--strategy", "moectl.config:RunConfig"],
-        "RunConfig is not a Strategy",
+        "RunConfig (in moectl.config) is not a Strategy subclass",
     ),
     "module-missing": (
         lambda i: ["--strategy", "no_such_module_xyz:Plugin"],

@@ -16,8 +16,7 @@ from moectl.bench import (
     RunSpec,
     bench_command,
     choose_reference,
-    default_degrees,
-    last_error_line,
+    degrees_for,
     plan_bench,
     row_name,
     run_one,
@@ -25,7 +24,8 @@ from moectl.bench import (
 from moectl.bench_report import PLOT_SKIPPED, write_plot
 from moectl.config import build_config
 from moectl.errors import UsageError
-from strategies import available_strategies
+from moectl.faults import last_error_line
+from moectl.registry import available_strategies, get_strategy
 from tests.util import REPO, losses, run_moectl
 
 SMALL = ["--steps", "3", "--warmup", "1", "--global-batch", "8", "--micro-batch", "2"]
@@ -280,7 +280,7 @@ def test_skip_without_verify_and_the_plot_skipped_without_matplotlib(tmp_path, m
     single, mixed = payload["rows"]
     assert single["status"] == "ok" and single["verify"] is None and not payload["verify"]["enabled"]
     assert not (out / "runs" / "single" / "model").exists()  # train.save_model=false when not verifying
-    assert mixed["status"] == "skipped" and "--nproc of 4 or more, not 2" in mixed["reason"]
+    assert mixed["status"] == "skipped" and "mixed needs --tp-size 2 or more" in mixed["reason"]
     assert "skip mixed:" in text and "[1/1] single" in text
 
 
@@ -348,16 +348,23 @@ def test_non_empty_out_is_refused(tmp_path):
 
 # ---- planning ----------------------------------------------------------------------------------------
 def test_default_degrees_follow_nproc():
-    tiny = build_config("tiny").model  # 8 experts
-    assert default_degrees("single", 4, tiny) == (1, [], None)
-    assert default_degrees("tp", 4, tiny) == (4, ["--tp-size", "4"], None)
-    assert default_degrees("mixed", 4, tiny) == (4, ["--dp-size", "2", "--tp-size", "2"], None)
-    assert default_degrees("mixed", 8, tiny)[1] == ["--dp-size", "2", "--tp-size", "4"]
-    assert default_degrees("mixed", 2, tiny)[2] and default_degrees("mixed", 6, tiny)[2] is None
-    assert default_degrees("ep", 4, tiny)[1] == ["--ep-size", "4"]
-    assert default_degrees("ep", 6, tiny)[1] == ["--ep-size", "2"]  # divides both 8 experts and 6 ranks
-    assert default_degrees("fsdp", 4, tiny) == (4, [], None)
-    assert default_degrees("ddp", 4, tiny) == (4, [], None)
+    cfg = build_config("tiny", {"model": {"num_kv_heads": 4}})  # 8 experts, 4 heads, 4 KV heads
+
+    def degrees(name: str, nproc: int):
+        return degrees_for(get_strategy(name), nproc, [], cfg)
+
+    assert degrees("single", 4) == (1, [], None)
+    assert degrees("tp", 4) == (4, ["--tp-size", "4"], None)
+    assert degrees("mixed", 4) == (4, ["--dp-size", "2", "--tp-size", "2"], None)
+    assert degrees("mixed", 8)[1] == ["--dp-size", "2", "--tp-size", "4"]
+    assert "mixed needs --tp-size 2 or more" in degrees("mixed", 2)[2]
+    assert "does not divide model.num_heads" in degrees("mixed", 6)[2]  # tp 3 of 4 heads: the shared check
+    assert degrees("ep", 4)[1] == ["--ep-size", "4"]
+    assert degrees("ep", 6) == (6, ["--ep-size", "2"], None)  # divides both 8 experts and 6 ranks
+    assert degrees("fsdp", 4) == (4, [], None)
+    assert degrees("ddp", 4) == (4, [], None)
+    # The user's flags replace the strategy's own and are checked the same way.
+    assert degrees_for(get_strategy("tp"), 4, ["--tp-size", "3"], cfg)[2].startswith("tp: --tp-size 3 must")
 
 
 def test_strategy_args_replace_defaults_and_lift_a_skip(tmp_path):
@@ -399,7 +406,10 @@ def test_reference_auto_picks_fsdp_when_the_model_does_not_fit(monkeypatch):
 def test_last_error_line_skips_traceback_framing():
     stderr = 'Traceback (most recent call last):\n  File "x.py", line 1\n    raise X\nValueError: bad\n'
     assert last_error_line(stderr) == "ValueError: bad"
-    assert last_error_line("warn\nerror: ep: --ep-size 3 must divide 8\n") == "ep: --ep-size 3 must divide 8"
+    assert (
+        last_error_line("warn\nerror: ep: --ep-size 3 must divide 8\n")
+        == "error: ep: --ep-size 3 must divide 8"
+    )
     assert last_error_line("") == ""
 
 

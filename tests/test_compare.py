@@ -14,9 +14,10 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moectl.compare as compare
-from moectl.compare import compare_checkpoints, compare_command, write_json_atomic
+from moectl.compare import compare_checkpoints, compare_command
 from moectl.errors import UsageError
 from moectl.hf_layout import canonical_units, fuse_expert_tensors, split_expert_tensors, unit_view
+from moectl.outputs import write_json_atomic
 
 TINY_CONFIG = dict(
     vocab_size=256,
@@ -231,7 +232,7 @@ def test_json_report_content(
 def test_write_json_atomic_replaces(tmp_path: Path) -> None:
     target = tmp_path / "r.json"
     target.write_text("old")
-    write_json_atomic(target, '{"new": true}\n')
+    write_json_atomic(target, {"new": True})
     assert json.loads(target.read_text()) == {"new": True}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 

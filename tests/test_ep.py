@@ -49,7 +49,9 @@ def test_full_state_dict_has_single_keys_shapes_and_every_expert(single_referenc
 
 
 def test_naive_baseline_matches_single(tmp_path, single_reference):
-    run = train_run(tmp_path / "naive", "--strategy", "bench/naive_ep.py", "--ep-size", "2", *NUMERICS_ARGS)
+    run = train_run(
+        tmp_path / "naive", "--strategy", "examples/naive_ep/naive_ep.py", "--ep-size", "2", *NUMERICS_ARGS
+    )
     assert_same_training(run, single_reference)
 
 
@@ -95,7 +97,7 @@ def skewed_single(tmp_path_factory, skewed_checkpoint) -> Path:
     return train_run(run_dir, "--strategy", "single", "--model", str(skewed_checkpoint), *NUMERICS_ARGS)
 
 
-@pytest.mark.parametrize("strategy", ["ep", "bench/naive_ep.py"])
+@pytest.mark.parametrize("strategy", ["ep", "examples/naive_ep/naive_ep.py"])
 def test_unbalanced_routing_still_matches_single(tmp_path, skewed_checkpoint, skewed_single, strategy):
     """Idle experts, an idle EP rank (rank 3 gets no rows) and a hot rank 0: still exact, no hang."""
     args = ["--strategy", strategy, "--ep-size", "4", "--model", str(skewed_checkpoint), *NUMERICS_ARGS]
@@ -108,7 +110,10 @@ def test_unbalanced_routing_still_matches_single(tmp_path, skewed_checkpoint, sk
     [
         (["--strategy", "ep", "--ep-size", "3"], ["3", "num_experts 8"]),
         (["--strategy", "ep", "--ep-size", "4", "--nproc", "6"], ["4", "world size 6"]),
-        (["--strategy", "bench/naive_ep.py", "--ep-size", "2", "--nproc", "4"], ["2", "world size 4"]),
+        (
+            ["--strategy", "examples/naive_ep/naive_ep.py", "--ep-size", "2", "--nproc", "4"],
+            ["2", "world size 4"],
+        ),
     ],
 )
 def test_bad_degrees_exit_2_with_one_line(tmp_path, args, numbers):

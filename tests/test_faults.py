@@ -118,6 +118,7 @@ def test_save_outputs_refuses_nonfinite_weights(tmp_path):
     from moectl.faults import NonFiniteLoss
     from moectl.loop import Summary, save_outputs
     from moectl.model import build_meta_model, materialize, random_init_source
+    from moectl.parallel.dims import ParallelDims
     from strategies.single import Single
 
     cfg = build_config("tiny")
@@ -127,7 +128,9 @@ def test_save_outputs_refuses_nonfinite_weights(tmp_path):
         model.lm_head.weight[3, 5] = float("nan")
     summary = Summary("single", 1, 1, 0, 1, 1.0, 1.0, 1.0, None, None, 1.0, 0.0, 1.0)
     with pytest.raises(NonFiniteLoss, match="lm_head.weight"):
-        save_outputs(cfg, Single(cfg.parallel, 1), model, tmp_path, summary, is_rank0=True)
+        save_outputs(
+            cfg, Single(ParallelDims(1), cfg.model, cfg.parallel), model, tmp_path, summary, is_rank0=True
+        )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,9 +8,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from moectl.config import ModelConfig, ParallelConfig, TrainConfig
+from moectl.config import ModelConfig, ParallelConfig, build_config
 from moectl.metrics import count_params
 from moectl.model import build_meta_model, materialize, random_init_source
+from moectl.parallel.data_parallel import fully_shard_layers
+from moectl.parallel.dims import ParallelDims
 from strategies.fsdp import FSDP
 from tests.util import NUMERICS_ARGS, assert_same_training, run_moectl, train_run
 
@@ -44,15 +46,12 @@ def test_fsdp_shards_meta_model_and_defers_grad_sync(one_rank_group):
 
     (Full state dicts are checked against `single` key by key in the multi-process runs above.)
     """
-    model_cfg, train = ModelConfig(), TrainConfig()
-    strategy = FSDP(ParallelConfig(strategy="fsdp"), world_size=1)
-    strategy.mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+    model_cfg = ModelConfig()
+    strategy = FSDP(ParallelDims(1, dp=1), model_cfg, ParallelConfig(strategy="fsdp"))
     device, source = torch.device("cpu"), random_init_source(model_cfg, seed=0)
-    model = strategy.parallelize(
-        build_meta_model(model_cfg, torch.float32),
-        lambda m: materialize(m, device, source, strategy.shard),
-        train,
-    )
+    model = build_meta_model(model_cfg, torch.float32)
+    fully_shard_layers(model, init_device_mesh("cpu", (1,), mesh_dim_names=("dp",)))
+    materialize(model, device, source, strategy.shard)
     for name, param in model.named_parameters():
         assert isinstance(param, DTensor) and param.placements == (Shard(0),), name
         expected = source(name, param.shape, device)
@@ -72,9 +71,9 @@ def test_fsdp_shards_meta_model_and_defers_grad_sync(one_rank_group):
 def test_fsdp_dry_run_counts_parameters_per_rank():
     result = run_moectl("train", "--strategy", "fsdp", "--nproc", "4", "--global-batch", "16", "--dry-run")
     assert result.returncode == 0, result.stderr
-    total = count_params(ModelConfig()).total
+    total = count_params(build_config("tiny").model).total
     line = next(line for line in result.stdout.splitlines() if "parameters per rank" in line)
-    assert f"{total / 4 / 1e9:.3f} B" in line
+    assert f"({round(total / 4):,})" in line, line  # the exact count, beside the human-unit one
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from moectl.config import build_config
 from moectl.model import build_meta_model, materialize, random_init_source
-from moectl.moe_dispatch import (
+from moectl.parallel.ep_dispatch import (
     ExpertParallelMoE,
     GroupedExperts,
     expert_major_index,
@@ -169,7 +169,7 @@ def test_two_rank_dispatch_with_an_idle_rank_equals_dense_reference(tmp_path):
 
 def test_gather_backwards_equal_index_select_autograd():
     """The permutation and token-copy gathers have gather-only backwards; they must equal autograd's."""
-    from moectl.moe_dispatch import _CopyTokens, inverse_permutation, permute_rows
+    from moectl.parallel.ep_dispatch import _CopyTokens, inverse_permutation, permute_rows
 
     torch.manual_seed(0)
     num_tokens, top_k, hidden = 7, 3, 5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moectl.cli import main
-from strategies.tp import gate_up_from_rank_blocks, gate_up_to_rank_blocks
+from moectl.parallel.tensor_parallel import gate_up_from_rank_blocks, gate_up_to_rank_blocks
 from tests.util import NUMERICS_ARGS, assert_same_training, train_run
 
 

@@ -19,9 +19,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-#: torch >= 2.10 exposes the grouped GEMM publicly; 2.9 only as torch._grouped_mm.
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
 
 def route(gate: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own router (softmax, top-k, renormalised when norm_topk_prob): scores and expert ids [T, k].
@@ -125,7 +122,7 @@ def expert_major_index(recv_counts: torch.Tensor, num_rows: int) -> torch.Tensor
 
 def uses_grouped_kernel(x: torch.Tensor) -> bool:
     """CUDA bf16 runs torch's grouped GEMM; anything else (the CPU, fp32) the per-expert fallback."""
-    return _GROUPED_MM is not None and x.is_cuda and x.dtype == torch.bfloat16
+    return x.is_cuda and x.dtype == torch.bfloat16
 
 
 def grouped_linear(
@@ -133,8 +130,8 @@ def grouped_linear(
 ) -> torch.Tensor:
     """x [R, K] sorted into len(weight) contiguous groups; group g is multiplied by weight[g].T ([N, K]).
 
-    On CUDA (bf16) one grouped GEMM with int32 cumulative `offsets`: bf16 needs no per-group padding
-    in torch >= 2.10, only 16-byte aligned strides (K and N multiples of 8) and base pointers, which
+    On CUDA (bf16) one grouped GEMM with int32 cumulative `offsets`: bf16 needs no per-group padding,
+    only 16-byte aligned strides (K and N multiples of 8) and base pointers, which
     freshly allocated contiguous buffers have. Elsewhere a loop over the L local experts, which is
     correct everywhere and cheap on the CPU.
     """
@@ -146,7 +143,7 @@ def grouped_linear(
 
 def grouped_mm_kernel(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """torch's grouped GEMM: x [R, K] row-major, weight [G, N, K] seen as column-major [G, K, N]."""
-    return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offsets)
+    return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
 
 
 class GroupedExperts(nn.Module):

@@ -1,10 +1,11 @@
-"""Placing expert weights on expert-parallel ranks, reducing gradients by hand, gathering the full model.
+"""Expert-parallel building blocks: placing expert weights on their ranks and gathering the full model.
+(The token dispatch that moves rows to those ranks is moectl/parallel/ep_dispatch.py.)
 
 The experts' 3-D weights are sharded on dim 0 (experts) over the `ep` mesh axis. They are DTensors
 only while the model is materialised: `materialize` then draws each full tensor with its *global*
 shape (the same values `single` starts from) and keeps this rank's slice. Afterwards they become
-plain local tensors, because optimizers' foreach kernels refuse a parameter list that mixes DTensors
-with plain tensors (the replicated dense part), and the forward only needs the local block anyway.
+plain local tensors: the forward needs only the local block (as one grouped GEMM operand, with no
+DTensor dispatch on the way), and plain CUDA parameters keep the optimizer on its fused kernel.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from moectl.model import canonical_name
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
-#: gradients are flattened into buckets of about this size for one all-reduce each
-BUCKET_BYTES = 256 * 1024 * 1024
 
 
 def is_expert_key(name: str) -> bool:
@@ -44,32 +43,6 @@ def localize(module: nn.Module) -> None:
             setattr(
                 module, weight, nn.Parameter(param.to_local().detach(), requires_grad=param.requires_grad)
             )
-
-
-def all_reduce_grads(params: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
-    """Sum the gradients of `params` over `group`, flattened into few large buckets.
-
-    A missing gradient counts as zeros, so every rank flattens the same layout.
-    """
-    bucket: list[torch.Tensor] = []
-    bucket_bytes = 0
-    for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        if bucket and (param.grad.dtype != bucket[0].dtype or bucket_bytes >= BUCKET_BYTES):
-            _all_reduce_bucket(bucket, group)
-            bucket, bucket_bytes = [], 0
-        bucket.append(param.grad)
-        bucket_bytes += param.grad.numel() * param.grad.element_size()
-    if bucket:
-        _all_reduce_bucket(bucket, group)
-
-
-def _all_reduce_bucket(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-    flat = torch.cat([grad.reshape(-1) for grad in grads])
-    dist.all_reduce(flat, group=group)
-    for grad, reduced in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
-        grad.copy_(reduced.view_as(grad))
 
 
 def gather_full_state(

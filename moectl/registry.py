@@ -1,0 +1,112 @@
+"""The strategy registry.
+
+A strategy is named by: an entry point in the group `moectl.strategies` (the built-ins are declared
+there in moectl's own pyproject.toml, exactly as a third-party package declares its own);
+`package.module:ClassName`; or a path to a `.py` file (optionally `path.py:ClassName`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+from types import ModuleType
+
+from moectl.errors import UsageError
+from moectl.strategy import Strategy
+
+ENTRY_POINT_GROUP = "moectl.strategies"
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_strategies() -> list[str]:
+    """Registered names (moectl's own and those of installed plugins)."""
+    return list(_entry_points())
+
+
+def _check_class(cls: object, what: str) -> type[Strategy]:
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+        raise UsageError(f"{what} is not a Strategy subclass (moectl.strategy.Strategy); fix the plugin")
+    return cls
+
+
+def _strategies_in(module: ModuleType) -> list[type[Strategy]]:
+    return [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj)
+        and issubclass(obj, Strategy)
+        and obj is not Strategy
+        and obj.__module__ == module.__name__
+    ]
+
+
+def _pick(module: ModuleType, class_name: str | None, spec: str) -> type[Strategy]:
+    if class_name:
+        return _check_class(getattr(module, class_name, None), f"{spec}: {class_name} (in {module.__name__})")
+    candidates = _strategies_in(module)
+    if len(candidates) != 1:
+        raise UsageError(f"{spec}: found {len(candidates)} Strategy classes; name one as {spec}:ClassName")
+    return candidates[0]
+
+
+def _import_failure(what: str, exc: BaseException) -> UsageError:
+    """One line for a plugin that cannot be imported, whatever it raised (SystemExit included)."""
+    detail = f"exit({exc.code})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+    return UsageError(f"{what} failed to import ({' '.join(detail.split())}); fix the plugin")
+
+
+def _load_file(spec: str) -> type[Strategy]:
+    path_text, _, class_name = spec.partition(".py:")
+    path = Path(path_text if not class_name else path_text + ".py")
+    if not path.is_file():
+        raise UsageError(f"strategy file {path} does not exist; give an existing .py file")
+    module_name = f"moectl_plugin_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        raise _import_failure(f"strategy file {path}", exc) from None
+    return _pick(module, class_name or None, spec)
+
+
+def get_strategy(spec: str) -> type[Strategy]:
+    """Resolve a strategy name, entry point, `module:Class` or `.py` path to its class."""
+    registered = _entry_points()
+    if spec in registered:
+        try:
+            cls = registered[spec].load()
+        except (Exception, SystemExit) as exc:
+            raise _import_failure(f"strategy {spec!r} ({registered[spec].value})", exc) from None
+        return _check_class(cls, f"entry point {spec!r}")
+    if spec.endswith(".py") or ".py:" in spec:
+        return _load_file(spec)
+    if ":" in spec:
+        module_name, class_name = spec.split(":", 1)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                raise UsageError(f"cannot import strategy module {module_name!r}; check the name") from None
+            raise _import_failure(f"strategy module {module_name!r}", exc) from None
+        except (Exception, SystemExit) as exc:
+            raise _import_failure(f"strategy module {module_name!r}", exc) from None
+        return _pick(module, class_name, spec)
+    known = available_strategies()
+    if not known:
+        raise UsageError(
+            f"no strategies are registered (entry-point group {ENTRY_POINT_GROUP}); install moectl "
+            "with 'make setup' (pip install -e .)"
+        )
+    raise UsageError(
+        f"unknown strategy {spec!r}; choose one of {', '.join(known)}, "
+        "or give package.module:Class or a .py file"
+    )

@@ -1,0 +1,88 @@
+"""The project's shape: dependencies run one way, built-ins register as plugins do, and the README's
+strategy-writing section works as printed."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from moectl.registry import get_strategy
+from moectl.strategy import Strategy
+from tests.util import REPO, load_weights, run_moectl
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_core_never_imports_the_strategies():
+    offenders = {
+        str(path.relative_to(REPO)): sorted(
+            m for m in _imported_modules(path) if m.split(".")[0] == "strategies"
+        )
+        for path in (REPO / "moectl").rglob("*.py")
+    }
+    assert not {path: mods for path, mods in offenders.items() if mods}
+
+
+def test_strategies_import_only_the_core():
+    for path in [*(REPO / "strategies").glob("*.py"), REPO / "examples/naive_ep/naive_ep.py"]:
+        project = {m for m in _imported_modules(path) if m.split(".")[0] in ("strategies", "tests", "bench")}
+        assert not project, f"{path.name} imports {sorted(project)}"
+
+
+def test_every_builtin_file_is_an_entry_point_naming_its_strategy():
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][
+        "moectl.strategies"
+    ]
+    files = {p.stem for p in (REPO / "strategies").glob("*.py") if p.stem != "__init__"}
+    assert {target.split(":")[0].removeprefix("strategies.") for target in declared.values()} == files
+    for name in declared:
+        cls = get_strategy(name)
+        assert issubclass(cls, Strategy) and cls.name == name
+    assert sorted(declared) == ["ddp", "ep", "fsdp", "mixed", "single", "tp"]
+
+
+def _readme_commands(section: str) -> list[str]:
+    text = (REPO / "README.md").read_text()
+    body = text[text.index(section) :]
+    block = body[body.index("```bash") + len("```bash") : body.index("```", body.index("```bash") + 7)]
+    return [line.strip() for line in block.strip().splitlines()]
+
+
+def test_the_strategy_writing_section_works_as_printed(tmp_path):
+    """Both README commands: the plugin as a file, then packaged with its entry point. The package
+    goes into a scratch directory rather than this environment (same pip, same metadata)."""
+    file_command, package_command = _readme_commands("### Writing a strategy")
+    args = shlex.split(file_command)
+    assert args[0] == "moectl"
+    by_file = tmp_path / "by-file"
+    result = run_moectl(*args[1:], "--run-dir", str(by_file))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    install, train = package_command.split(" && ")
+    install_args = shlex.split(install)
+    assert install_args[:2] == ["pip", "install"]
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
+         *install_args[2:]],
+        cwd=REPO, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    by_entry_point = tmp_path / "by-entry-point"
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    result = run_moectl(*shlex.split(train)[1:], "--run-dir", str(by_entry_point), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = load_weights(by_file / "model"), load_weights(by_entry_point / "model")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
