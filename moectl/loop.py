@@ -70,7 +70,7 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy, computed in fp32 (a bf16 log-softmax over 151,936 words loses
     digits). Compiled (train.compile), the upcast and log-softmax fuse into a few kernels that keep
-    no fp32 copy of the logits (BENCHMARKS.md, issue 8 levers)."""
+    no fp32 copy of the logits (BENCHMARKS.md, "Changes, predicted and measured")."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
 
