@@ -2,6 +2,7 @@
 
     python3 bench/fit_plan.py            # the table with the figures in moectl/plan_data.py
     python3 bench/fit_plan.py --fit      # least-squares re-fit first (relative step-time error), then the table
+    python3 bench/fit_plan.py --pending  # the predictions of the runs scripted in bench/ but not run yet
 
 Each fitted figure enters the step time linearly (a time per token and layer, an idle time per layer,
 1 / bandwidth, an exposed share), so each group is one weighted linear least-squares solve over the runs
@@ -15,7 +16,7 @@ import sys
 
 import numpy as np
 
-from moectl.plan import Layout, predict, run_config
+from moectl.plan import predict, run_config
 from moectl.plan_data import CALIBRATION, MEASURED_RUNS, Calibration, MeasuredRun
 
 # (figures, the runs that set them); each group is solved with the figures of the groups before it.
@@ -74,6 +75,8 @@ def table(cal: Calibration) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in MEASURED_RUNS:
+        if run.role == "pending":
+            continue
         if run.role == "out of scope":
             rows.append(
                 f"| {run.name} | {run.date} | {run.role} | {run.tokens_per_s_per_gpu:,.0f} | — | — "
@@ -92,7 +95,22 @@ def table(cal: Calibration) -> str:
     return "\n".join(rows)
 
 
+def pending_table(cal: Calibration) -> str:
+    rows = [
+        "| run | script (run name) | tokens/s per GPU | MFU | step time | exposed comm | peak GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in (r for r in MEASURED_RUNS if r.role == "pending"):
+        model, train, layout = run_config(run)
+        p = predict(model, train, layout, num_gpus=run.world, cal=cal)
+        comm = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in p.comm_s.items()) or "—"
+        rows.append(
+            f"| {run.name} | {run.script} ({run.recipe.split()[1]}) | {p.tokens_per_s_per_gpu:,.0f} | "
+            f"{100 * p.mfu:.1f} % | {p.step_time_s:.2f} s | {comm} | {p.peak_mem_gib:.1f} |"
+        )
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     calibration = fit(CALIBRATION) if "--fit" in sys.argv else CALIBRATION
-    print(table(calibration))
-    _ = Layout
+    print(pending_table(calibration) if "--pending" in sys.argv else table(calibration))

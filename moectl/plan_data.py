@@ -81,7 +81,8 @@ class MeasuredRun:
     """One measured GPU run of the qwen3-30b-a3b preset (seq 4096, bf16, SGD, synthetic data) with `model`
     overriding its dimensions. `role`: "fit" (sets a figure above), "holdout" (checked, never fitted),
     "profiled" (torch.profiler ran on 2 of the 4 timed steps: checked, not fitted), "superseded" (the code
-    that ran has since changed: shown, not held to the bounds), "out of scope" (see the note)."""
+    that ran has since changed: shown, not held to the bounds), "out of scope" (see the note), "pending"
+    (scripted in bench/, not run yet: its prediction is written down in BENCHMARKS.md before the run)."""
 
     name: str
     date: str
@@ -96,8 +97,8 @@ class MeasuredRun:
     model: dict
     compile: bool
     activation_checkpointing: bool
-    tokens_per_s_per_gpu: float
-    peak_mem_gib: float
+    tokens_per_s_per_gpu: float | None  # None while the run is "pending"
+    peak_mem_gib: float | None
     role: str
     note: str = ""
     seq_len: int = 4096
@@ -113,7 +114,8 @@ class MeasuredRun:
         return RECIPES[key][1].format(run=run)
 
 
-L8, L4, PROXY, FULL = {"num_layers": 8}, {"num_layers": 4}, {"num_experts": 32}, {}  # PROXY: ep 4's share
+L16, L8, L4, FULL = {"num_layers": 16}, {"num_layers": 8}, {"num_layers": 4}, {}
+PROXY = {"num_experts": 32}  # one GPU's share of ep 4: 48 layers of 32 experts
 SUPERSEDED = "code since changed: "
 
 #: recipe key -> (the script that ran it, its raw result with {run} the run name)
@@ -127,6 +129,10 @@ RECIPES = {
     "b2p": ("bench/gpu_call_2gpu_bench.sh", "bench/results/2026-11-29-h200x2-b/{run}_summary.json"),
     "1": ("bench/gpu_call_1gpu.sh", "bench/results/2026-11-28-h200x1/{run}.log"),
     "1b": ("bench/gpu_call_1gpu_b.sh", "bench/results/2026-11-28-h200x1-b/{run}.log"),
+    "4": ("bench/gpu_call_4gpu.sh", "not run yet: {run}"),
+    "b4": ("bench/gpu_bench.sh", "not run yet: {run}"),
+    "c1": ("bench/gpu_call1.sh", "not run yet: {run}"),
+    "w": ("bench/gpu_weak_scaling.sh", "not run yet: {run}"),
 }
 # fmt: off
 MEASURED_RUNS: list[MeasuredRun] = [
@@ -169,6 +175,21 @@ MEASURED_RUNS: list[MeasuredRun] = [
                 SUPERSEDED + "the loss ran eager in fp32 (compile now covers it)"),
     MeasuredRun("single 8l compiled layers", "2026-11-28", "h200x1", "1b single_8l_compile", "single", 1, 1, 1, 2, 8, L8, True, False, 66977, 46.30, "superseded",
                 SUPERSEDED + "the loss ran eager in fp32 (compile now covers it)"),
+    # ---- four H200s: scripted, not run yet (the 4-GPU kind has not been lent) ----
+    MeasuredRun("ep4 full mb2",         "pending",    "h200x4", "4 ep4",                 "ep",     4, 4, 1, 2, 16, FULL,  True,  False, None, None, "pending",
+                "profiled on 2 of its 6 timed steps"),
+    MeasuredRun("fsdp4 full eager mb1", "pending",    "h200x4", "4 fsdp4",               "fsdp",   4, 1, 1, 1, 16, FULL,  False, False, None, None, "pending"),
+    MeasuredRun("bench4 fsdp",          "pending",    "h200x4", "b4 fsdp",               "fsdp",   4, 1, 1, 1, 16, FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("bench4 tp",            "pending",    "h200x4", "b4 tp",                 "tp",     4, 1, 4, 1, 16, FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("bench4 mixed 2x2",     "pending",    "h200x4", "b4 mixed",              "mixed",  4, 1, 2, 1, 16, FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("bench4 ep",            "pending",    "h200x4", "b4 ep",                 "ep",     4, 4, 1, 1, 16, FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("fsdp4 gb8",            "pending",    "h200x4", "c1 fsdp_30b",           "fsdp",   4, 1, 1, 1, 8,  FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("tp4 gb2",              "pending",    "h200x4", "c1 tp_30b",             "tp",     4, 1, 4, 1, 2,  FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("mixed 2x2 gb4",        "pending",    "h200x4", "c1 mixed_30b",          "mixed",  4, 1, 2, 1, 4,  FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("ddp4 16l",             "pending",    "h200x4", "c1 ddp_16l",            "ddp",    4, 1, 1, 1, 8,  L16,   True,  False, None, None, "pending"),
+    MeasuredRun("fsdp4 16l",            "pending",    "h200x4", "c1 fsdp_16l",           "fsdp",   4, 1, 1, 1, 8,  L16,   True,  False, None, None, "pending"),
+    MeasuredRun("ep4 8l (weak scaling)", "pending",   "h200x4", "w weak_ep4",            "ep",     4, 4, 1, 2, 32, L8,    True,  False, None, None, "pending",
+                "profiled on 2 of its 7 timed steps"),
 ]
 # fmt: on
 
