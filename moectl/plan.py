@@ -173,27 +173,14 @@ def compute_seconds(
     recompute = 4 / 3 if layout.activation_checkpointing else 1.0  # one more forward of every layer
     rows_per_expert = tokens * model.top_k * layout.ep / model.num_experts / tp  # tp narrows each GEMM
     grouped = cal.grouped_gemm_max * rows_per_expert / (rows_per_expert + cal.grouped_gemm_half_rows)
+    dense_flops = 6 * tokens * layers * projections
+    lm_head_flops = 6 * tokens * model.vocab_size * hidden
+    attention_flops = 12 * layers * model.num_heads / tp * model.head_dim * train.seq_len * tokens
+    expert_flops = 6 * tokens * layers * model.top_k * 3 * hidden * model.moe_intermediate_size / tp
     flop_seconds = (
-        6 * tokens * (layers * projections * recompute + model.vocab_size * hidden) / cal.dense_gemm
-        + 12
-        * layers
-        * model.num_heads
-        / tp
-        * model.head_dim
-        * train.seq_len
-        * tokens
-        * recompute
-        / cal.attention
-        + 6
-        * tokens
-        * layers
-        * model.top_k
-        * 3
-        * hidden
-        * model.moe_intermediate_size
-        / tp
-        * recompute
-        / grouped
+        (dense_flops * recompute + lm_head_flops) / cal.dense_gemm
+        + attention_flops * recompute / cal.attention
+        + expert_flops * recompute / grouped
     ) / gpu.peak_flops
     per_token_layer = (
         cal.seconds_per_token_layer_compiled if layout.compile else cal.seconds_per_token_layer_eager
@@ -222,7 +209,7 @@ def comm_seconds(
     num_micro = train.global_batch // (layout.micro_batch * dp)
     tokens = layout.micro_batch * train.seq_len
     across_nodes, gpus_per_node = nodes > 1, world // nodes
-    sharded, whole_grads, _ = _params(model, layout)
+    _, whole_grads, _ = _params(model, layout)
     nbytes = BYTES_PER_PARAM
     out: dict[str, float] = {}
 
