@@ -249,5 +249,10 @@ def plan_command(
             f"Between nodes the model assumes {GPU_KINDS[gpu].network_bytes_per_s / 1e9:g} GB/s per GPU: "
             "no multi-node run has measured it."
         )
+    if cfg.model.hidden_size < 1024:
+        lines.append(
+            f"Hidden size {cfg.model.hidden_size} is far below the calibrated runs' 2048: such small layers are "
+            "launch-bound, and the speeds above are too high."
+        )
     for line in lines:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
