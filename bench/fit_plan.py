@@ -71,8 +71,9 @@ def fit(cal: Calibration) -> Calibration:
 
 def table(cal: Calibration) -> str:
     rows = [
-        "| run | date | role | tokens/s per GPU: measured | predicted | error | peak GiB: measured | predicted | error |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | date | role | tokens/s per GPU: measured | predicted | error | peak GiB: measured | predicted "
+        "| error | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in MEASURED_RUNS:
         if run.role == "pending":
@@ -80,7 +81,7 @@ def table(cal: Calibration) -> str:
         if run.role == "out of scope":
             rows.append(
                 f"| {run.name} | {run.date} | {run.role} | {run.tokens_per_s_per_gpu:,.0f} | — | — "
-                f"| {run.peak_mem_gib:.2f} | — | — |"
+                f"| {run.peak_mem_gib:.2f} | — | — | {run.note} |"
             )
             continue
         model, train, layout = run_config(run)
@@ -90,7 +91,7 @@ def table(cal: Calibration) -> str:
         rows.append(
             f"| {run.name} | {run.date} | {run.role} | {run.tokens_per_s_per_gpu:,.0f} | "
             f"{p.tokens_per_s_per_gpu:,.0f} | {100 * speed:+.1f} % | {run.peak_mem_gib:.2f} | "
-            f"{p.peak_mem_gib:.2f} | {100 * memory:+.1f} % |"
+            f"{p.peak_mem_gib:.2f} | {100 * memory:+.1f} % | {run.note} |"
         )
     return "\n".join(rows)
 

@@ -80,7 +80,8 @@ CALIBRATION = Calibration()
 class MeasuredRun:
     """One measured GPU run of the qwen3-30b-a3b preset (seq 4096, bf16, SGD, synthetic data) with `model`
     overriding its dimensions. `role`: "fit" (sets a figure above), "holdout" (checked, never fitted),
-    "profiled" (torch.profiler ran on 2 of the 4 timed steps: checked, not fitted), "superseded" (the code
+    "profiled" (torch.profiler ran on 2 of the 4 timed steps, so the median includes one: checked, not
+    fitted; runs that profiled 2 of 5 or more timed steps have an unprofiled median), "superseded" (the code
     that ran has since changed: shown, not held to the bounds), "out of scope" (see the note), "pending"
     (scripted in bench/, not run yet: its prediction is written down in BENCHMARKS.md before the run)."""
 
@@ -168,9 +169,9 @@ MEASURED_RUNS: list[MeasuredRun] = [
     MeasuredRun("ep1 8l eager mb2",     "2026-11-28", "h200x1", "1b ep1_8l_gather",      "ep",     1, 1, 1, 2, 8,  L8,    False, False, 49169, 49.18, "fit"),
     MeasuredRun("ep1 8l eager mb4",     "2026-11-28", "h200x1", "1b ep1_8l_mb4",         "ep",     1, 1, 1, 4, 8,  L8,    False, False, 52943, 77.41, "fit"),
     MeasuredRun("single 8l eager mb2",  "2026-11-28", "h200x1", "1 single_8l",           "single", 1, 1, 1, 2, 8,  L8,    False, False, 42459, 49.19, "superseded",
-                SUPERSEDED + "foreach SGD before the fused one; profiled"),
+                SUPERSEDED + "foreach SGD before the fused one"),
     MeasuredRun("ep1 8l eager, call 1", "2026-11-28", "h200x1", "1 ep1_8l",              "ep",     1, 1, 1, 2, 8,  L8,    False, False, 44385, 49.18, "superseded",
-                SUPERSEDED + "index_add_ in the dispatch's backward, foreach SGD; profiled"),
+                SUPERSEDED + "index_add_ in the dispatch's backward, foreach SGD"),
     MeasuredRun("ep1 8l compiled layers", "2026-11-28", "h200x1", "1b ep1_8l_compile",   "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 67526, 46.29, "superseded",
                 SUPERSEDED + "the loss ran eager in fp32 (compile now covers it)"),
     MeasuredRun("single 8l compiled layers", "2026-11-28", "h200x1", "1b single_8l_compile", "single", 1, 1, 1, 2, 8, L8, True, False, 66977, 46.30, "superseded",
