@@ -6,6 +6,7 @@ import importlib.util
 import itertools
 import json
 import re
+import shlex
 import statistics
 from pathlib import Path
 
@@ -186,6 +187,26 @@ def test_plan_on_two_nodes_names_the_rendezvous_and_the_assumed_network(capsys):
     out = _plan(capsys, "--gpus", "8", "--nodes", "2", "--global-batch", "64")
     assert "--nproc 8 --nnodes 2 --node-rank RANK --rdzv-endpoint HOST:PORT" in out
     assert "no multi-node run has measured it" in out
+
+
+def test_every_offered_layout_is_one_moectl_train_accepts(capsys):
+    plan = json.loads(_plan(capsys, "--gpus", "8", "--global-batch", "64", "--json"))
+    assert {row["label"] for row in plan["layouts"]} == {
+        "ddp",
+        "fsdp",
+        "mixed/fsdp",
+        "mixed/ddp",
+        "ep",
+        "ep+fsdp",
+    }
+    for row in plan["layouts"]:
+        main(["train", *shlex.split(row["command"])[2:], "--dry-run"])
+        assert "memory estimate per rank" in capsys.readouterr().out, row["command"]
+    forbidden = plan["forbidden"][0]
+    assert forbidden["label"] == "tp"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", "qwen3-30b-a3b", "--strategy", "tp", "--tp-size", "8", "--dry-run"])
+    assert exc.value.code == 2 and "num_kv_heads = 4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
