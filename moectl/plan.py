@@ -269,8 +269,9 @@ def predict(
     nodes: int = 1,
     cal: Calibration = CALIBRATION,
 ) -> Prediction:
-    """Predicted tokens/s per GPU, peak memory per GPU and MFU of one layout. `num_gpus` is the world
-    (all nodes); it defaults to the layout's. Raises ValueError for a layout `layout_problem` rejects."""
+    """Predicted tokens/s per GPU, peak memory per GPU and MFU of one layout, for bf16 weights (what GPU
+    runs hold). `num_gpus` is the world (all nodes); it defaults to the layout's. Raises ValueError for a
+    layout `layout_problem` rejects (a plugin strategy among them)."""
     kind = GPU_KINDS[gpu]
     num_gpus = num_gpus or layout.world
     problem = layout_problem(model, train.global_batch, layout, num_gpus)
