@@ -85,3 +85,12 @@ recipe_four_gpu_bench() {  # moectl bench on four H200s, the whole model, verifi
   bench bench4 $FULL --nproc 4 --strategies fsdp,tp,mixed,ep --steps 6 --warmup 3 --global-batch 16 \
     --micro-batch 1 --verify --reference fsdp --prune-models --run-timeout 900
 }
+
+recipe_four_gpu_layouts() {  # fsdp, tp and mixed on the whole model on four H200s; ddp and fsdp on a 16-layer cut
+  local q="$FULL --set train.save_model=false"
+  run fsdp_30b 200 $q --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
+  run tp_30b 200 $q --strategy tp --tp-size 4 --steps 5 --global-batch 2 --micro-batch 1 --set train.warmup_steps=2
+  run mixed_30b 200 $q --strategy mixed --dp-size 2 --tp-size 2 --steps 5 --global-batch 4 --micro-batch 1 --set train.warmup_steps=2
+  run ddp_16l 200 $q --set model.num_layers=16 --strategy ddp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
+  run fsdp_16l 200 $q --set model.num_layers=16 --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
+}

@@ -231,6 +231,31 @@ def bench(
     raise typer.Exit(bench_command(options))
 
 
+@app.command()
+def plan(
+    config: Annotated[
+        str | None, Opt("--config", "-c", help="Preset name (see configs/) or a YAML path. Default: tiny.")
+    ] = None,
+    gpus: Annotated[int, Opt(help="GPUs per node.")] = 1,
+    nodes: Annotated[int, Opt(help="Nodes (each with --gpus GPUs).")] = 1,
+    gpu: Annotated[str, Opt(help="GPU kind the model has figures for: h200.")] = "h200",
+    gpu_mem: Annotated[float | None, Opt(help="Memory per GPU in GiB. Default: the kind's.")] = None,
+    seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
+    global_batch: Annotated[int | None, Opt(help="Sequences per optimizer step.")] = None,
+    set_: Annotated[
+        list[str] | None, Opt("--set", help="Config override: section.key=value (repeatable).")
+    ] = None,
+    all_variants: Annotated[
+        bool, Opt("--all", help="Every micro-batch / checkpointing / compile variant, not only the best.")
+    ] = False,
+    json_out: Annotated[bool, Opt("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Predict tokens/s, MFU and peak memory of every parallel layout, best first; no GPU needed."""
+    from moectl.plan_table import plan_command
+
+    plan_command(config, gpus, nodes, gpu, gpu_mem, seq_len, global_batch, set_ or [], all_variants, json_out)
+
+
 def _is_rank0() -> bool:
     import os
 

@@ -1,0 +1,328 @@
+"""`moectl plan`: predict every parallel layout's speed and memory before running any, from a small model.
+
+Memory is the dry-run's estimate (`moectl.metrics.estimate_memory_gib`, fitted to H200 peaks) with the
+parameters each rank holds, plus the buffers a strategy adds: ep's all-to-all send and receive
+buffers, DDP's gradient buckets, FSDP's unsharded gradients under accumulation and its gathered layers.
+
+Time per optimizer step on one GPU is compute plus the communication the step waits for:
+
+- compute: the step's FLOPs per kernel class (dense GEMMs, flash attention, the experts' grouped GEMM)
+  over an achieved efficiency measured on H200s, plus memory-bound work per token and layer, the loss
+  per token, the GPU's idle time per layer and micro-batch, and the passes over the parameters
+  (gradient accumulation, optimizer step) at the achieved HBM bandwidth;
+- communication: all-to-all bytes per MoE layer (ep), gathers and reduce-scatters (fsdp), activation
+  all-reduces (tp), gradient reductions (ddp, ep's replicated part), each over NVLink within a node and
+  the network between nodes, times the share each strategy leaves exposed (moectl/plan_data.py says
+  what was measured and what was fitted).
+
+Nothing here starts a process group or needs a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from moectl.config import ModelConfig, ParallelConfig, TrainConfig, build_config
+from moectl.metrics import count_params, estimate_memory_gib, flops_per_token
+from moectl.plan_data import CALIBRATION, GPU_KINDS, Calibration, GpuKind, MeasuredRun
+
+STRATEGIES = ("single", "ddp", "fsdp", "tp", "mixed", "ep")
+#: Left free on each GPU beyond the predicted peak: CUDA context, NCCL buffers, allocator fragmentation
+#: (torch's peak counts none of them). Not measured: the largest run peaked at 120 GiB of 139.8.
+HEADROOM_GIB = 6.0
+BYTES_PER_PARAM = 2  # bf16 weights, gradients and optimizer state, as runs on GPUs hold them
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run: world = dp × tp; ep groups consecutive ranks inside dp (every ep rank reads its own data)."""
+
+    strategy: str
+    dp: int = 1
+    tp: int = 1
+    ep: int = 1
+    ep_fsdp: bool = False  # ep: dense part and expert replicas sharded with FSDP2
+    mixed_dp: str = "fsdp"  # mixed: what runs over dp
+    micro_batch: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = True
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+    def label(self) -> str:
+        name = {"ep": "ep+fsdp" if self.ep_fsdp else "ep", "mixed": f"mixed/{self.mixed_dp}"}
+        return name.get(self.strategy, self.strategy)
+
+
+@dataclass(frozen=True)
+class MemoryParts:
+    weights_and_optimizer: float  # GiB: weights, gradients, optimizer state (and the strategy's copies)
+    activations: float
+    logits: float
+    buffers: float  # ep's exchange buffers
+
+    @property
+    def total(self) -> float:
+        return self.weights_and_optimizer + self.activations + self.logits + self.buffers
+
+
+@dataclass(frozen=True)
+class Prediction:
+    tokens_per_s_per_gpu: float
+    peak_mem_gib: float
+    mfu: float
+    step_time_s: float
+    compute_s: float
+    exposed_comm_s: float
+    memory: MemoryParts
+    comm_s: dict[str, float]  # exposed seconds per step by collective
+
+
+# ---- the rules a layout must satisfy --------------------------------------------------------------
+def layout_problem(model: ModelConfig, global_batch: int, layout: Layout, num_gpus: int) -> str | None:
+    """The first rule the layout breaks, naming the numbers; None when it is allowed."""
+    dp, tp, ep = layout.dp, layout.tp, layout.ep
+    if layout.strategy not in STRATEGIES:
+        return f"unknown strategy {layout.strategy!r}; one of {', '.join(STRATEGIES)}"
+    if dp * tp != num_gpus:
+        return f"dp {dp} × tp {tp} = {dp * tp} must equal the {num_gpus} GPUs"
+    if layout.strategy == "single" and num_gpus != 1:
+        return f"single runs on one GPU, not {num_gpus}"
+    if layout.strategy == "mixed" and (dp < 2 or tp < 2):
+        return f"mixed needs dp ≥ 2 and tp ≥ 2 (got dp {dp}, tp {tp}); use tp or fsdp"
+    if layout.strategy in ("tp", "mixed"):
+        for key in ("num_heads", "num_kv_heads", "moe_intermediate_size"):
+            if getattr(model, key) % tp:
+                return f"tp {tp} must divide {key} {getattr(model, key)}"
+    if layout.strategy == "ep":
+        if model.num_experts % ep:
+            return f"ep {ep} must divide num_experts {model.num_experts}"
+        if num_gpus % ep:
+            return f"ep {ep} must divide the world size {num_gpus}"
+    per_step = layout.micro_batch * dp
+    if global_batch % per_step:
+        return f"global batch {global_batch} must be divisible by micro-batch {layout.micro_batch} × dp {dp} = {per_step}"
+    return None
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+def _params(model: ModelConfig, layout: Layout) -> tuple[float, float, float]:
+    """(parameters each rank holds sharded, parameters whose gradients it holds whole when it accumulates
+    micro-batches, parameters of one FSDP unit gathered whole); as strategies/*.py count them."""
+    counts = count_params(model)
+    q_width, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    tp_sharded = model.num_layers * 2 * model.hidden_size * (q_width + kv_width) + counts.experts
+    per_tp_rank = counts.total - tp_sharded + tp_sharded / layout.tp
+    layer = (counts.total - counts.embedding) / model.num_layers
+    world = layout.world
+    if layout.strategy in ("single", "ddp"):
+        return counts.total, counts.total, 0.0
+    if layout.strategy == "fsdp":
+        return counts.total / world, counts.total, layer
+    if layout.strategy == "tp" or (layout.strategy == "mixed" and layout.mixed_dp == "ddp"):
+        return per_tp_rank, per_tp_rank, 0.0
+    if layout.strategy == "mixed":
+        return per_tp_rank / layout.dp, per_tp_rank, layer / layout.tp
+    held = counts.dense + counts.experts / layout.ep
+    if layout.ep_fsdp:
+        return counts.total / world, held, layer / layout.ep
+    return held, held, 0.0
+
+
+def predict_memory(model: ModelConfig, train: TrainConfig, layout: Layout) -> MemoryParts:
+    """Peak GiB per GPU, split into what the dry-run's estimate sizes and what the strategy adds."""
+    train = _train_for(train, layout)
+    sharded, whole_grads, gathered_unit = _params(model, layout)
+    num_micro = train.global_batch // (layout.micro_batch * layout.dp)
+    static = estimate_memory_gib(model, dataclasses.replace(train, micro_batch=0), sharded, BYTES_PER_PARAM)
+    no_layers = dataclasses.replace(model, num_layers=0)
+    logits = estimate_memory_gib(no_layers, train, 0, BYTES_PER_PARAM)
+    activations = estimate_memory_gib(model, train, sharded, BYTES_PER_PARAM) - static - logits
+    extra_params = 0.0
+    if layout.strategy == "ddp" and layout.world > 1:
+        extra_params = whole_grads  # DDP's gradient buckets are a second copy of the gradients
+    if gathered_unit and layout.dp > 1:
+        embedding = count_params(model).embedding / layout.tp
+        # Two layers gathered (the current one and the prefetched one), the root (embeddings, lm_head)
+        # stays gathered, and accumulation keeps whole gradients until the last micro-batch.
+        extra_params = 2 * gathered_unit + embedding + (whole_grads - sharded if num_micro > 1 else 0)
+    buffers = 0.0
+    if layout.strategy == "ep" and layout.ep > 1:
+        buffers = 2 * layout.micro_batch * train.seq_len * model.top_k * model.hidden_size * BYTES_PER_PARAM
+    return MemoryParts(static + extra_params * BYTES_PER_PARAM / 2**30, activations, logits, buffers / 2**30)
+
+
+# ---- time ------------------------------------------------------------------------------------------
+def _link(gpu: GpuKind, group: int, spans_nodes: bool) -> float:
+    return 0.0 if group == 1 else (gpu.network_bytes_per_s if spans_nodes else gpu.allreduce_bytes_per_s)
+
+
+def compute_seconds(
+    model: ModelConfig, train: TrainConfig, layout: Layout, gpu: GpuKind, cal: Calibration
+) -> float:
+    """Busy and idle GPU time of one optimizer step on one rank, without communication."""
+    train = _train_for(train, layout)
+    layers, hidden, tp = model.num_layers, model.hidden_size, layout.tp
+    tokens = layout.micro_batch * train.seq_len
+    num_micro = train.global_batch // (layout.micro_batch * layout.dp)
+    q_width, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    projections = 2 * hidden * (q_width + kv_width) / tp + model.num_experts * hidden
+    recompute = 4 / 3 if layout.activation_checkpointing else 1.0  # one more forward of every layer
+    rows_per_expert = tokens * model.top_k * layout.ep / model.num_experts / tp  # tp narrows each GEMM
+    grouped = cal.grouped_gemm_max * rows_per_expert / (rows_per_expert + cal.grouped_gemm_half_rows)
+    dense_flops = 6 * tokens * layers * projections
+    lm_head_flops = 6 * tokens * model.vocab_size * hidden
+    attention_flops = 12 * layers * model.num_heads / tp * model.head_dim * train.seq_len * tokens
+    expert_flops = 6 * tokens * layers * model.top_k * 3 * hidden * model.moe_intermediate_size / tp
+    flop_seconds = (
+        (dense_flops * recompute + lm_head_flops) / cal.dense_gemm
+        + attention_flops * recompute / cal.attention
+        + expert_flops * recompute / grouped
+    ) / gpu.peak_flops
+    per_token_layer = (
+        cal.seconds_per_token_layer_compiled if layout.compile else cal.seconds_per_token_layer_eager
+    )
+    per_token_loss = (
+        cal.seconds_per_token_loss_compiled if layout.compile else cal.seconds_per_token_loss_eager
+    )
+    memory_bound = tokens * (layers * per_token_layer * recompute + per_token_loss)
+    per_micro_batch = flop_seconds + memory_bound + layers * cal.seconds_per_layer_sync
+    sharded, whole_grads, _ = _params(model, layout)
+    states = 2 if train.optimizer == "adamw" else (1 if train.momentum else 0)
+    # Optimizer: read weights and gradients, write weights, read and write each state; one more read of
+    # the gradients for the norm and finiteness check. Accumulation: read, add, write the gradients.
+    streamed = sharded * (4 + 2 * states) + (num_micro - 1) * whole_grads * 3
+    return num_micro * per_micro_batch + streamed * BYTES_PER_PARAM / gpu.hbm_bytes_per_s
+
+
+def comm_seconds(
+    model: ModelConfig, train: TrainConfig, layout: Layout, gpu: GpuKind, nodes: int, cal: Calibration
+) -> dict[str, float]:
+    """Exposed communication per step on one rank, by collective. Groups of consecutive ranks (tp, ep)
+    stay on NVLink while they fit in a node; strided ones (dp, ep replicas) cross nodes when there are several."""
+    train = _train_for(train, layout)
+    world, dp, tp, ep = layout.world, layout.dp, layout.tp, layout.ep
+    counts = count_params(model)
+    num_micro = train.global_batch // (layout.micro_batch * dp)
+    tokens = layout.micro_batch * train.seq_len
+    across_nodes, gpus_per_node = nodes > 1, world // nodes
+    _, whole_grads, _ = _params(model, layout)
+    nbytes = BYTES_PER_PARAM
+    out: dict[str, float] = {}
+
+    def ring(group: int) -> float:  # bytes each rank sends per byte of an all-reduce
+        return 2 * (group - 1) / group
+
+    def gather_and_scatter(params: float, group: int, spans: bool) -> float:
+        """FSDP: a gather in forward and one in backward per micro-batch, one reduce-scatter per step."""
+        link = _link(gpu, group, spans)
+        if not link:
+            return 0.0
+        return (2 * num_micro + 1) * params * nbytes * (group - 1) / group / link * cal.fsdp_exposure
+
+    if layout.strategy == "ddp" and world > 1:
+        link = _link(gpu, world, across_nodes)
+        out["gradient all-reduce"] = whole_grads * nbytes * ring(world) / link * (1 - cal.ddp_overlap)
+    if layout.strategy == "fsdp":
+        out["fsdp gather/scatter"] = gather_and_scatter(counts.total, world, across_nodes)
+    if layout.strategy in ("tp", "mixed") and tp > 1:
+        link = _link(gpu, tp, tp > gpus_per_node)
+        activation = tokens * model.hidden_size * nbytes * ring(tp)
+        out["tp all-reduce"] = num_micro * model.num_layers * 4 * activation / link * (1 - cal.tp_overlap)
+    if layout.strategy == "mixed" and dp > 1:
+        if layout.mixed_dp == "fsdp":
+            out["fsdp gather/scatter"] = gather_and_scatter(whole_grads, dp, across_nodes)
+        else:
+            out["gradient all-reduce"] = whole_grads * nbytes * ring(dp) / _link(gpu, dp, across_nodes)
+    if layout.strategy == "ep" and world > 1:
+        ep_spans = ep > gpus_per_node
+        if ep > 1:
+            # Dispatch and combine, forward and backward: 4 exchanges per MoE layer and micro-batch, each
+            # row (token, chosen expert) of H values sent unless its expert is on this rank.
+            sent = num_micro * model.num_layers * 4 * tokens * model.top_k * model.hidden_size * nbytes
+            a2a = cal.all_to_all_bytes_per_s
+            if ep_spans:  # the network at the share of its bandwidth the exchange reaches on NVLink
+                a2a *= gpu.network_bytes_per_s / gpu.allreduce_bytes_per_s
+            out["all-to-all"] = sent * (ep - 1) / ep / a2a
+        replicas = world // ep
+        if layout.ep_fsdp:
+            out["fsdp gather/scatter"] = gather_and_scatter(counts.dense, world, across_nodes)
+            out["fsdp gather/scatter"] += gather_and_scatter(counts.experts / ep, replicas, across_nodes)
+        else:  # by hand after backward: nothing left to overlap with
+            link = _link(gpu, world, across_nodes)
+            out["gradient all-reduce"] = counts.dense * nbytes * ring(world) / link
+            if replicas > 1:
+                link = _link(gpu, replicas, across_nodes)
+                out["gradient all-reduce"] += counts.experts / ep * nbytes * ring(replicas) / link
+    return {name: seconds for name, seconds in out.items() if seconds > 0}
+
+
+def predict(
+    model: ModelConfig,
+    train: TrainConfig,
+    layout: Layout,
+    gpu: str = "h200",
+    num_gpus: int | None = None,
+    nodes: int = 1,
+    cal: Calibration = CALIBRATION,
+) -> Prediction:
+    """Predicted tokens/s per GPU, peak memory per GPU and MFU of one layout, for bf16 weights (what GPU
+    runs hold). `num_gpus` is the world (all nodes); it defaults to the layout's. Raises ValueError for a
+    layout `layout_problem` rejects (a plugin strategy among them)."""
+    kind = GPU_KINDS[gpu]
+    num_gpus = num_gpus or layout.world
+    problem = layout_problem(model, train.global_batch, layout, num_gpus)
+    if problem:
+        raise ValueError(problem)
+    compute = compute_seconds(model, train, layout, kind, cal)
+    comm = comm_seconds(model, train, layout, kind, nodes, cal)
+    step = compute + sum(comm.values())
+    tokens_per_s = train.global_batch * train.seq_len / step / num_gpus
+    memory = predict_memory(model, train, layout)
+    mfu = flops_per_token(model, train.seq_len) * tokens_per_s / kind.peak_flops
+    return Prediction(tokens_per_s, memory.total, mfu, step, compute, sum(comm.values()), memory, comm)
+
+
+def layout_from_config(parallel: ParallelConfig, train: TrainConfig, world_size: int) -> Layout:
+    """The layout a `moectl train` config runs, for `predict` (what the training loop can call)."""
+    tp = parallel.tp_size if parallel.strategy in ("tp", "mixed") else 1
+    return Layout(
+        strategy=parallel.strategy,
+        dp=world_size // tp,
+        tp=tp,
+        ep=parallel.ep_size if parallel.strategy == "ep" else 1,
+        ep_fsdp=parallel.strategy == "ep" and parallel.fsdp,
+        mixed_dp=parallel.mixed_dp,
+        micro_batch=train.micro_batch,
+        activation_checkpointing=train.activation_checkpointing,
+        compile=train.compile,
+    )
+
+
+def gpu_kind_for_device(device_name: str) -> str | None:
+    """'h200' for "NVIDIA H200" and the like; None for a GPU the model has no figures for."""
+    name = device_name.upper()
+    return next((key for key, kind in GPU_KINDS.items() if kind.name.upper() in name), None)
+
+
+def _train_for(train: TrainConfig, layout: Layout) -> TrainConfig:
+    return dataclasses.replace(
+        train,
+        micro_batch=layout.micro_batch,
+        activation_checkpointing=layout.activation_checkpointing,
+        compile=layout.compile,
+    )
+
+
+def run_config(run: MeasuredRun) -> tuple[ModelConfig, TrainConfig, Layout]:
+    """The model, training settings and layout of one measured run (moectl/plan_data.py)."""
+    train = {"seq_len": run.seq_len, "global_batch": run.global_batch}
+    cfg = build_config("qwen3-30b-a3b", {"model": dict(run.model), "train": train})
+    layout = Layout(
+        run.strategy, run.world // run.tp, run.tp, run.ep, micro_batch=run.micro_batch,
+        activation_checkpointing=run.activation_checkpointing, compile=run.compile,
+    )  # fmt: skip
+    return cfg.model, cfg.train, layout

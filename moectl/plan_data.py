@@ -1,0 +1,198 @@
+"""The data behind `moectl plan` (moectl/plan.py): GPU kinds, calibrated figures, and every measured run.
+
+Everything here was measured, or fitted to what was measured, with the provenance beside it. The
+runs are the `summary.json` / log figures of BENCHMARKS.md (raw files under bench/results/); the
+fit that produced the figures of `CALIBRATION` is `bench/fit_plan.py`, which re-fits them from
+`MEASURED_RUNS` and prints the predicted-against-measured table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GpuKind:
+    name: str
+    peak_flops: float  # dense bf16, the MFU table's figure
+    memory_gib: float  # what torch reports as the device's total memory
+    hbm_bytes_per_s: float  # achieved by the streaming passes over parameters (optimizer, grad accumulation)
+    allreduce_bytes_per_s: float  # NCCL bus bandwidth within a node (NVLink)
+    network_bytes_per_s: float  # per GPU between nodes
+
+
+GPU_KINDS: dict[str, GpuKind] = {
+    "h200": GpuKind(
+        name="NVIDIA H200",
+        peak_flops=989e12,
+        memory_gib=139.8,
+        # profile_ep1_8l_compiled.txt: fused SGD over 5.61 B bf16 parameters (read p, g; write p) and the
+        # gradient-accumulation add_ (3 passes of 3 × 11.2 GB) ran at 3.5-4.4 TB/s.
+        hbm_bytes_per_s=3.6e12,
+        # profile_ep2_8l.txt: ep 2's dense-gradient all-reduce, 1.56 GB per step in 5.1 ms of NCCL kernels.
+        allreduce_bytes_per_s=306e9,
+        # Not measured (no multi-node run exists): one 400 Gb/s NIC per GPU, the usual H200 HGX node.
+        network_bytes_per_s=50e9,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Achieved efficiencies per kernel class and the exposed share of each strategy's communication."""
+
+    # From the kernel times of two profiles (profile_ep1_8l_compiled.txt, profile_proxy48_mb2.txt), as a
+    # fraction of peak: dense GEMMs (attention projections, router, lm_head) ran at 802 and 762 TFLOP/s;
+    # cuDNN flash attention at 805 and 807 TFLOP/s of the README's 12·L·heads·head_dim·seq formula.
+    dense_gemm: float = 0.79
+    attention: float = 0.81
+    # Expert grouped GEMM: efficiency grows with the rows each expert gets, eff = max · m / (m + half).
+    # Fitted to 519 TFLOP/s at 512 rows (8-layer cut) and 625 at 2048 (48-layer proxy); it predicts
+    # 586 at 1024 rows, where profile_ep2_8l.txt measured 588 (a held-out check).
+    grouped_gemm_max: float = 0.68
+    grouped_gemm_half_rows: float = 150.0
+    # Memory-bound work per token and layer (norms, rotary, SiLU·up, the dispatch's gathers) and per token
+    # for the loss, compiled and eager; and the GPU idle time per layer and micro-batch (host syncs of
+    # the dispatch, launch gaps). Fitted by bench/fit_plan.py on the one-GPU step times (role "fit").
+    seconds_per_token_layer_compiled: float = 2.35e-7
+    seconds_per_token_layer_eager: float = 9.54e-7
+    # Loss kernels per token: compiled 12.6 ms per 32,768 tokens (profile_ep1_8l_compiled.txt), eager
+    # log-softmax forward + backward 39 ms per 32,768 tokens plus its fp32 copies (profile_ep1_8l.txt).
+    seconds_per_token_loss_compiled: float = 3.85e-7
+    seconds_per_token_loss_eager: float = 1.5e-6
+    seconds_per_layer_sync: float = 9.1e-4
+    # Communication, as the fraction of its transfer time (bytes / link bandwidth) that the step waits
+    # for. ep's all-to-all: the exchange runs on NCCL's stream while the compute stream waits for it
+    # (c10d's all-to-all), and a host sync per layer sizes the receive buffers, so nothing overlaps;
+    # what is fitted is the bandwidth the exchange reaches (sent once per chosen expert, uneven splits
+    # under real routing included). ddp: the share of the gradient all-reduce hidden behind backward.
+    # fsdp: gathers and reduce-scatters cost more than their transfers (copy-in/out, no overlap seen).
+    all_to_all_bytes_per_s: float = 125e9
+    ddp_overlap: float = 0.045
+    fsdp_exposure: float = 1.14
+    tp_overlap: float = 0.0  # tp's all-reduces sit on the forward and backward critical path
+
+
+CALIBRATION = Calibration()
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """One measured GPU run of the qwen3-30b-a3b preset (seq 4096, bf16, SGD, synthetic data) with `model`
+    overriding its dimensions. `role`: "fit" (sets a figure above), "holdout" (checked, never fitted),
+    "profiled" (torch.profiler ran on 2 of the 4 timed steps, so the median includes one: checked, not
+    fitted; runs that profiled 2 of 5 or more timed steps have an unprofiled median), "superseded" (the code
+    that ran has since changed: shown, not held to the bounds), "out of scope" (see the note), "pending"
+    (scripted in bench/, not run yet: its prediction is written down in BENCHMARKS.md before the run)."""
+
+    name: str
+    date: str
+    machine: str
+    recipe: str  # "<key of RECIPES> <run name>"
+    strategy: str
+    world: int
+    ep: int
+    tp: int
+    micro_batch: int
+    global_batch: int
+    model: dict
+    compile: bool
+    activation_checkpointing: bool
+    tokens_per_s_per_gpu: float | None  # None while the run is "pending"
+    peak_mem_gib: float | None
+    role: str
+    note: str = ""
+    seq_len: int = 4096
+
+    @property
+    def script(self) -> str:
+        return RECIPES[self.recipe.split()[0]][0]
+
+    @property
+    def source(self) -> str:
+        """The raw result this run's figures come from."""
+        key, run = self.recipe.split()
+        return RECIPES[key][1].format(run=run)
+
+
+L16, L8, L4, FULL = {"num_layers": 16}, {"num_layers": 8}, {"num_layers": 4}, {}
+PROXY = {"num_experts": 32}  # one GPU's share of ep 4: 48 layers of 32 experts
+SUPERSEDED = "code since changed: "
+
+#: recipe key -> (the script that ran it, its raw result with {run} the run name)
+RECIPES = {
+    "c": ("recipe one-gpu-compiled", "bench/results/2026-11-29-h200x1/{run}_summary.json"),
+    "p": ("recipe one-gpu-proxy", "bench/results/2026-11-29-h200x1/{run}_summary.json"),
+    "b1": ("recipe one-gpu-bench", "bench/results/2026-11-29-h200x1/bench.json#{run}"),
+    "a": ("recipe two-gpu-8l", "bench/results/2026-11-29-h200x2/{run}_summary.json"),
+    "f": ("recipe two-gpu-full-model", "bench/results/2026-11-29-h200x2-b/{run}_summary.json"),
+    "b2": ("recipe two-gpu-bench", "bench/results/2026-11-29-h200x2-b/bench2/{run}_summary.json"),
+    "b2p": ("recipe two-gpu-bench", "bench/results/2026-11-29-h200x2-b/{run}_summary.json"),
+    "1": ("recipe one-gpu-8l", "bench/results/2026-11-28-h200x1/{run}.log"),
+    "1b": ("recipe one-gpu-8l (with the levers, 2026-11-28)", "bench/results/2026-11-28-h200x1-b/{run}.log"),
+    "4": ("recipe four-gpu-full-model", "not run yet: {run}"),
+    "b4": ("recipe four-gpu-bench", "not run yet: {run}"),
+    "c1": ("recipe four-gpu-layouts", "not run yet: {run}"),
+    "w": ("recipe weak-scaling", "not run yet: {run}"),
+}
+# fmt: off
+MEASURED_RUNS: list[MeasuredRun] = [
+    # name                      date          machine   recipe                   strategy  W ep tp mb  gb model  compile AC     tok/s/GPU GiB     role
+    MeasuredRun("ep1 8l mb2",           "2026-11-29", "h200x1", "c ep1_8l_closs",        "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 72849, 35.31, "fit"),
+    MeasuredRun("ep1 8l mb4",           "2026-11-29", "h200x1", "c ep1_8l_closs_mb4",    "ep",     1, 1, 1, 4, 8,  L8,    True,  False, 82986, 49.09, "fit"),
+    MeasuredRun("ep1 8l mb2 AC",        "2026-11-29", "h200x1", "c ep1_8l_closs_ac",     "ep",     1, 1, 1, 2, 8,  L8,    True,  True,  60546, 26.58, "holdout"),
+    MeasuredRun("single 8l mb2",        "2026-11-29", "h200x1", "c single_8l_closs",     "single", 1, 1, 1, 2, 8,  L8,    True,  False, 74736, 35.32, "fit"),
+    MeasuredRun("proxy48 mb1",          "2026-11-29", "h200x1", "p proxy48_mb1",         "ep",     1, 1, 1, 1, 8,  PROXY, True,  False, 15144, 62.67, "fit"),
+    MeasuredRun("proxy48 mb2",          "2026-11-29", "h200x1", "p proxy48_mb2",         "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 17776, 91.99, "fit"),
+    MeasuredRun("proxy48 mb2 profiled", "2026-11-29", "h200x1", "p proxy48_mb2_prof",    "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 15989, 91.99, "profiled"),
+    MeasuredRun("bench1 single 4l",     "2026-11-29", "h200x1", "b1 single",             "single", 1, 1, 1, 2, 8,  L4,    True,  False, 118965, 21.54, "fit"),
+    MeasuredRun("bench1 ddp 4l",        "2026-11-29", "h200x1", "b1 ddp",                "single", 1, 1, 1, 2, 8,  L4,    True,  False, 118743, 21.54, "holdout",
+                "ddp on one process trains the unwrapped model: single's code"),
+    MeasuredRun("bench1 fsdp 4l",       "2026-11-29", "h200x1", "b1 fsdp",               "single", 1, 1, 1, 2, 8,  L4,    True,  False, 118510, 21.54, "holdout",
+                "fsdp on one process trains the unwrapped model: single's code"),
+    MeasuredRun("bench1 ep 4l",         "2026-11-29", "h200x1", "b1 ep",                 "ep",     1, 1, 1, 2, 8,  L4,    True,  False, 119137, 21.54, "holdout"),
+    MeasuredRun("bench2 single 4l",     "2026-11-29", "h200x2", "b2 single",             "single", 1, 1, 1, 2, 8,  L4,    True,  False, 119966, 21.54, "holdout"),
+    MeasuredRun("ep2 8l",               "2026-11-29", "h200x2", "a ep2_8l",              "ep",     2, 2, 1, 2, 16, L8,    True,  False, 57850, 26.68, "fit"),
+    MeasuredRun("fsdp2 8l",             "2026-11-29", "h200x2", "a fsdp2_8l",            "fsdp",   2, 1, 1, 2, 16, L8,    True,  False, 53312, 32.41, "fit"),
+    MeasuredRun("ddp2 8l",              "2026-11-29", "h200x2", "a ddp2_8l",             "ddp",    2, 1, 1, 2, 16, L8,    True,  False, 68880, 45.76, "fit"),
+    MeasuredRun("ep2 full mb2",         "2026-11-29", "h200x2", "f ep2_full_mb2",        "ep",     2, 2, 1, 2, 8,  FULL,  True,  False, 12797, 120.06, "holdout"),
+    MeasuredRun("fsdp2 full mb1",       "2026-11-29", "h200x2", "f fsdp2_full",          "fsdp",   2, 1, 1, 1, 8,  FULL,  True,  False, 6910, 117.85, "holdout"),
+    MeasuredRun("ep2 full eager mb1",   "2026-11-29", "h200x2", "f ep2_full_eager",      "ep",     2, 2, 1, 1, 8,  FULL,  False, False, 7288, 104.57, "holdout"),
+    MeasuredRun("naive ep2 full eager", "2026-11-29", "h200x2", "f naive2_full",         "naive_ep", 2, 2, 1, 1, 8, FULL, False, False, 1098, 97.32, "out of scope",
+                "examples/naive_ep/naive_ep.py loops over its 64 local experts in Python in every layer: a layout plan "
+                "does not offer, and a kernel class the model has no figure for"),
+    MeasuredRun("bench2 ddp 4l",        "2026-11-29", "h200x2", "b2 ddp",                "ddp",    2, 1, 1, 2, 8,  L4,    True,  False, 106751, 27.34, "holdout"),
+    MeasuredRun("bench2 fsdp 4l",       "2026-11-29", "h200x2", "b2 fsdp",               "fsdp",   2, 1, 1, 2, 8,  L4,    True,  False, 85304, 20.96, "fit"),
+    MeasuredRun("bench2 tp 4l",         "2026-11-29", "h200x2", "b2 tp",                 "tp",     2, 1, 2, 2, 8,  L4,    True,  False, 70289, 15.91, "holdout"),
+    MeasuredRun("bench2 ep 4l",         "2026-11-29", "h200x2", "b2 ep",                 "ep",     2, 2, 1, 2, 8,  L4,    True,  False, 101462, 17.28, "fit"),
+    MeasuredRun("ep2 8l profiled",      "2026-11-29", "h200x2", "b2p ep2_8l_prof",       "ep",     2, 2, 1, 2, 16, L8,    True,  False, 63175, 26.67, "profiled"),
+    MeasuredRun("ep1 8l eager mb2",     "2026-11-28", "h200x1", "1b ep1_8l_gather",      "ep",     1, 1, 1, 2, 8,  L8,    False, False, 49169, 49.18, "fit"),
+    MeasuredRun("ep1 8l eager mb4",     "2026-11-28", "h200x1", "1b ep1_8l_mb4",         "ep",     1, 1, 1, 4, 8,  L8,    False, False, 52943, 77.41, "fit"),
+    MeasuredRun("single 8l eager mb2",  "2026-11-28", "h200x1", "1 single_8l",           "single", 1, 1, 1, 2, 8,  L8,    False, False, 42459, 49.19, "superseded",
+                SUPERSEDED + "foreach SGD before the fused one"),
+    MeasuredRun("ep1 8l eager, call 1", "2026-11-28", "h200x1", "1 ep1_8l",              "ep",     1, 1, 1, 2, 8,  L8,    False, False, 44385, 49.18, "superseded",
+                SUPERSEDED + "index_add_ in the dispatch's backward, foreach SGD"),
+    MeasuredRun("ep1 8l compiled layers", "2026-11-28", "h200x1", "1b ep1_8l_compile",   "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 67526, 46.29, "superseded",
+                SUPERSEDED + "the loss ran eager in fp32 (compile now covers it)"),
+    MeasuredRun("single 8l compiled layers", "2026-11-28", "h200x1", "1b single_8l_compile", "single", 1, 1, 1, 2, 8, L8, True, False, 66977, 46.30, "superseded",
+                SUPERSEDED + "the loss ran eager in fp32 (compile now covers it)"),
+    # ---- four H200s: scripted, not run yet (the 4-GPU kind has not been lent) ----
+    MeasuredRun("ep4 full mb2",         "pending",    "h200x4", "4 ep4",                 "ep",     4, 4, 1, 2, 16, FULL,  True,  False, None, None, "pending",
+                "profiled on 2 of its 6 timed steps"),
+    MeasuredRun("fsdp4 full eager mb1", "pending",    "h200x4", "4 fsdp4",               "fsdp",   4, 1, 1, 1, 16, FULL,  False, False, None, None, "pending"),
+    MeasuredRun("bench4 fsdp",          "pending",    "h200x4", "b4 fsdp",               "fsdp",   4, 1, 1, 1, 16, FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("bench4 tp",            "pending",    "h200x4", "b4 tp",                 "tp",     4, 1, 4, 1, 16, FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("bench4 mixed 2x2",     "pending",    "h200x4", "b4 mixed",              "mixed",  4, 1, 2, 1, 16, FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("bench4 ep",            "pending",    "h200x4", "b4 ep",                 "ep",     4, 4, 1, 1, 16, FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("fsdp4 gb8",            "pending",    "h200x4", "c1 fsdp_30b",           "fsdp",   4, 1, 1, 1, 8,  FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("tp4 gb2",              "pending",    "h200x4", "c1 tp_30b",             "tp",     4, 1, 4, 1, 2,  FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("mixed 2x2 gb4",        "pending",    "h200x4", "c1 mixed_30b",          "mixed",  4, 1, 2, 1, 4,  FULL,  True,  False, None, None, "pending"),
+    MeasuredRun("ddp4 16l",             "pending",    "h200x4", "c1 ddp_16l",            "ddp",    4, 1, 1, 1, 8,  L16,   True,  False, None, None, "pending"),
+    MeasuredRun("fsdp4 16l",            "pending",    "h200x4", "c1 fsdp_16l",           "fsdp",   4, 1, 1, 1, 8,  L16,   True,  False, None, None, "pending"),
+    MeasuredRun("ep4 8l (weak scaling)", "pending",   "h200x4", "w weak_ep4",            "ep",     4, 4, 1, 2, 32, L8,    True,  False, None, None, "pending",
+                "profiled on 2 of its 7 timed steps"),
+]
+# fmt: on
+
+#: The tiny preset's GPU runs (tiny_*.log: 17-24k tokens/s at 0.07 GiB, MFU 0.0 %) are launch-bound at
+#: hidden size 64, a regime the model has no term for; plan never proposes such a run.

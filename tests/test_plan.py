@@ -1,0 +1,226 @@
+"""`moectl plan`: the model against every measured GPU run, the layout rules, and the command."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import re
+import shlex
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from moectl.cli import main
+from moectl.config import ParallelConfig, TrainConfig, build_config
+from moectl.plan import Layout, gpu_kind_for_device, layout_from_config, layout_problem, predict, run_config
+from moectl.plan_data import CALIBRATION, MEASURED_RUNS, MeasuredRun
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKED = ("fit", "holdout", "profiled")  # the roles held to the bounds
+TOKENS_BOUND, MEMORY_BOUND = 0.15, 0.05
+QWEN = build_config("qwen3-30b-a3b").model
+
+
+def _predicted(run: MeasuredRun):
+    model, train, layout = run_config(run)
+    return predict(model, train, layout, num_gpus=run.world)
+
+
+@pytest.mark.parametrize("run", [r for r in MEASURED_RUNS if r.role in CHECKED], ids=lambda r: r.name)
+def test_prediction_within_bounds_of_measured(run):
+    p = _predicted(run)
+    assert abs(p.tokens_per_s_per_gpu / run.tokens_per_s_per_gpu - 1) <= TOKENS_BOUND
+    assert abs(p.peak_mem_gib / run.peak_mem_gib - 1) <= MEMORY_BOUND
+
+
+def test_every_bound_run_is_current_code_and_some_are_held_out():
+    roles = {r.role for r in MEASURED_RUNS}
+    assert roles <= {*CHECKED, "superseded", "out of scope", "pending"}
+    held_out = [r for r in MEASURED_RUNS if r.role == "holdout"]
+    assert {r.strategy for r in held_out} >= {"ep", "fsdp", "ddp", "tp"}
+    assert all(r.note for r in MEASURED_RUNS if r.role in ("superseded", "out of scope"))
+
+
+def _same_machine_groups() -> list[list[MeasuredRun]]:
+    runs = [r for r in MEASURED_RUNS if r.role in ("fit", "holdout")]
+    key = lambda r: (r.date, r.machine, json.dumps(r.model, sort_keys=True))  # noqa: E731
+    return [list(group) for _, group in itertools.groupby(sorted(runs, key=key), key=key)]
+
+
+def test_ranking_on_the_same_machine():
+    """Wherever two measured layouts on one machine differ by more than 5 %, the faster is predicted faster."""
+    compared = 0
+    for group in _same_machine_groups():
+        for a, b in itertools.combinations(group, 2):
+            if abs(a.tokens_per_s_per_gpu / b.tokens_per_s_per_gpu - 1) <= 0.05:
+                continue
+            measured = a.tokens_per_s_per_gpu > b.tokens_per_s_per_gpu
+            predicted = _predicted(a).tokens_per_s_per_gpu > _predicted(b).tokens_per_s_per_gpu
+            assert measured == predicted, (a.name, b.name)
+            compared += 1
+    assert compared >= 15
+
+
+def test_measured_figures_match_the_raw_results():
+    for run in (r for r in MEASURED_RUNS if r.role != "pending"):
+        path, _, row = run.source.partition("#")
+        text = (ROOT / path).read_text()
+        assert (ROOT / run.script).is_file(), run.script
+        if path.endswith(".log"):  # the median of the timed steps' tokens/s, as the summary takes it
+            timed = [line for line in text.splitlines() if line.startswith("step ") and "warm-up" not in line]
+            speeds = [float(re.search(r"\| ([\d,]+) tok/s", line)[1].replace(",", "")) for line in timed]
+            assert statistics.median(speeds) == run.tokens_per_s_per_gpu, run.name
+            assert f"mem {run.peak_mem_gib:.2f} GiB" in timed[-1], run.name
+            continue
+        data = json.loads(text)
+        if row:
+            data = next(r for r in data["rows"] if r["name"] == row)
+        assert data["tokens_per_s_per_device"] == pytest.approx(run.tokens_per_s_per_gpu, abs=1)
+        assert data["peak_mem_gib"] == pytest.approx(run.peak_mem_gib, abs=0.01)
+        assert data["world_size"] == run.world
+
+
+def test_fitted_figures_are_what_the_fit_gives():
+    spec = importlib.util.spec_from_file_location("fit_plan", ROOT / "bench" / "fit_plan.py")
+    fit_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_plan)
+    refit = fit_plan.fit(CALIBRATION)
+    for names, _ in fit_plan.GROUPS:
+        for name in names:
+            assert getattr(refit, name) == pytest.approx(getattr(CALIBRATION, name), rel=0.02, abs=0.01), name
+
+
+# Written down in BENCHMARKS.md before any 4-GPU run existed: if the model changes, these move with it.
+PENDING_PREDICTIONS = {  # name: (tokens/s per GPU, peak GiB)
+    "ep4 full mb2": (10351, 91.9),
+    "fsdp4 full eager mb1": (4781, 123.5),
+    "bench4 ep": (9532, 62.3),
+    "bench4 fsdp": (5762, 103.9),
+    "bench4 tp": (4969, 59.5),
+    "bench4 mixed 2x2": (5516, 74.6),
+}
+
+
+@pytest.mark.parametrize("name", PENDING_PREDICTIONS)
+def test_written_predictions_are_this_models(name):
+    run = next(r for r in MEASURED_RUNS if r.name == name)
+    p = _predicted(run)
+    tokens, memory = PENDING_PREDICTIONS[name]
+    assert p.tokens_per_s_per_gpu == pytest.approx(tokens, rel=0.005)
+    assert p.peak_mem_gib == pytest.approx(memory, abs=0.05)
+
+
+# ---- the rules -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "layout, num_gpus, rule",
+    [
+        (Layout("tp", tp=8), 8, "tp 8 must divide num_kv_heads 4"),
+        (Layout("ep", dp=6, ep=3), 6, "ep 3 must divide num_experts 128"),
+        (Layout("ep", dp=4, ep=8), 4, "ep 8 must divide the world size 4"),
+        (Layout("mixed", dp=1, tp=4), 4, "mixed needs dp ≥ 2 and tp ≥ 2 (got dp 1, tp 4)"),
+        (Layout("fsdp", dp=4), 8, "dp 4 × tp 1 = 4 must equal the 8 GPUs"),
+        (
+            Layout("ddp", dp=8, micro_batch=2),
+            8,
+            "global batch 8 must be divisible by micro-batch 2 × dp 8 = 16",
+        ),
+    ],
+)
+def test_layout_problem_names_the_rule_and_numbers(layout, num_gpus, rule):
+    assert rule in layout_problem(QWEN, 8, layout, num_gpus)
+
+
+def test_allowed_layout_has_no_problem_and_forbidden_one_does_not_predict():
+    assert layout_problem(QWEN, 64, Layout("mixed", dp=4, tp=2, micro_batch=2), 8) is None
+    train = build_config("qwen3-30b-a3b").train
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        predict(QWEN, train, Layout("tp", tp=8))
+
+
+def test_predict_from_a_train_config_as_the_loop_would():
+    parallel = ParallelConfig(strategy="ep", ep_size=2, nproc=2)
+    train = TrainConfig(global_batch=8, micro_batch=2, seq_len=4096, compile=True)
+    layout = layout_from_config(parallel, train, world_size=2)
+    assert layout == Layout("ep", dp=2, ep=2, micro_batch=2, compile=True)
+    p = predict(QWEN, train, layout, gpu_kind_for_device("NVIDIA H200"), num_gpus=2)
+    assert p.tokens_per_s_per_gpu == pytest.approx(11543, rel=0.01)  # measured 12,797 (BENCHMARKS.md)
+    assert p.peak_mem_gib == pytest.approx(118.9, abs=0.1)  # measured 120.06
+    assert gpu_kind_for_device("NVIDIA A100-SXM4-80GB") is None
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def _plan(capsys, *args: str) -> str:
+    main(["plan", "--config", "qwen3-30b-a3b", *args])
+    return capsys.readouterr().out
+
+
+def test_plan_prints_the_table_best_first_with_commands(capsys):
+    out = _plan(capsys, "--gpus", "8", "--gpu-mem", "141", "--global-batch", "64")
+    assert "tokens/s/GPU" in out and "peak GiB" in out
+    commands = re.findall(r"^\s*\d+\. (moectl train .*)$", out, re.MULTILINE)
+    assert commands and all("--nproc 8" in c and "--global-batch 64" in c for c in commands)
+    assert any("--strategy ep --ep-size 8" in c for c in commands)
+    assert "forbidden: tp dp 1 tp 8 ep 1: tp 8 must divide num_kv_heads 4" in out
+    assert re.search(r"^\s*\d+\. \d+\.\d GiB > 135\.0 usable: weights \+ optimizer state", out, re.MULTILINE)
+    assert not torch.distributed.is_initialized()
+
+
+def test_plan_json_parses_and_ranks_fitting_layouts_fastest_first(capsys):
+    plan = json.loads(_plan(capsys, "--gpus", "4", "--global-batch", "16", "--json", "--all"))
+    fitting = [row for row in plan["layouts"] if row["fits"]]
+    speeds = [row["tokens_per_s_per_gpu"] for row in fitting]
+    assert speeds == sorted(speeds, reverse=True) and len(fitting) > 20
+    assert all(row["peak_mem_gib"] <= plan["usable_gib"] for row in fitting)
+    assert all(row["does_not_fit"] for row in plan["layouts"] if not row["fits"])
+    assert {row["rule"] for row in plan["forbidden"]} == {
+        "mixed needs dp ≥ 2 and tp ≥ 2 (got dp 1, tp 4); use tp or fsdp"
+    }
+    ep4 = next(r for r in plan["layouts"] if r["label"] == "ep" and r["ep"] == 4 and r["micro_batch"] == 2
+               and r["compile"] and not r["activation_checkpointing"])  # fmt: skip
+    assert ep4["tokens_per_s_per_gpu"] == pytest.approx(PENDING_PREDICTIONS["ep4 full mb2"][0], rel=0.005)
+
+
+def test_plan_on_two_nodes_names_the_rendezvous_and_the_assumed_network(capsys):
+    out = _plan(capsys, "--gpus", "8", "--nodes", "2", "--global-batch", "64")
+    assert "--nproc 8 --nnodes 2 --node-rank RANK --rdzv-endpoint HOST:PORT" in out
+    assert "no multi-node run has measured it" in out
+
+
+def test_every_offered_layout_is_one_moectl_train_accepts(capsys):
+    plan = json.loads(_plan(capsys, "--gpus", "8", "--global-batch", "64", "--json"))
+    assert {row["label"] for row in plan["layouts"]} == {
+        "ddp",
+        "fsdp",
+        "mixed/fsdp",
+        "mixed/ddp",
+        "ep",
+        "ep+fsdp",
+    }
+    for row in plan["layouts"]:
+        main(["train", *shlex.split(row["command"])[2:], "--dry-run"])
+        assert "memory estimate per rank" in capsys.readouterr().out, row["command"]
+    forbidden = plan["forbidden"][0]
+    assert forbidden["label"] == "tp"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", "qwen3-30b-a3b", "--strategy", "tp", "--tp-size", "8", "--dry-run"])
+    assert exc.value.code == 2 and "num_kv_heads = 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus", "0"], "--gpus and --nodes must be 1 or more"),
+        (["--gpu", "a100"], "unknown --gpu 'a100'"),
+        (["--gpu-mem", "4"], "leaves nothing beyond"),
+        (["--set", "train.global_batch=0"], "global_batch"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _plan(capsys, *args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert message in err and err.count("\n") == 1
