@@ -7,6 +7,7 @@ directory and every worker reads it back, so all ranks agree on every value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,9 +141,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return int(value)
     if annotation is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UsageError(f"{where} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise UsageError(f"{where} must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, (dict, list)):
             raise UsageError(f"{where} must be a string, got {value!r}")
@@ -225,7 +229,7 @@ def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
 
 def _require_positive(values: dict[str, int | float | None]) -> None:
     for name, value in values.items():
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:
             raise UsageError(f"{name} must be positive, got {value}")
 
 
@@ -248,6 +252,9 @@ def validate(cfg: RunConfig) -> None:
             "train.micro_batch": t.micro_batch,
             "train.seq_len": t.seq_len,
             "train.lr": t.lr,
+            "train.peak_tflops": t.peak_tflops,
+            "model.rope_theta": m.rope_theta,
+            "model.rms_norm_eps": m.rms_norm_eps,
             "parallel.nproc": p.nproc,
             "parallel.dp_size": p.dp_size,
             "parallel.tp_size": p.tp_size,
@@ -263,6 +270,7 @@ def validate(cfg: RunConfig) -> None:
             f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})"
         )
     for name, value in {
+        "model.initializer_range": m.initializer_range,
         "train.weight_decay": t.weight_decay,
         "train.momentum": t.momentum,
         "train.warmup_steps": t.warmup_steps,
@@ -272,7 +280,7 @@ def validate(cfg: RunConfig) -> None:
         "data.noise": d.noise,
         "parallel.node_rank": p.node_rank,
     }.items():
-        if value < 0:
+        if not value >= 0:
             raise UsageError(f"{name} must not be negative, got {value}")
     choices = {
         "train.optimizer": (t.optimizer, ("sgd", "adamw")),

@@ -17,14 +17,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moectl.errors import TrainingStopped
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class TrainingStopped(Exception):
-    """The run ended early on purpose; `exit_code` and a one-line message, never a traceback."""
-
-    exit_code = 1
-    label = "error"
 
 
 class NonFiniteLoss(TrainingStopped):
