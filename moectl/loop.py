@@ -48,6 +48,7 @@ class Summary:
     final_loss: float
     losses: list[float] = field(default_factory=list)
     device: str = "cpu"
+    degrees: dict[str, int] = field(default_factory=dict)  # dp, tp, ep
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -123,9 +124,13 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
     flops_tok, seed_flops_tok = flops_per_token(cfg.model, train.seq_len), seed_flops_per_token(cfg.model)
     peak = device_peak_flops(device, train.peak_tflops)
     world = runtime.world_size()
-    reporter = StepReporter(run_dir, train.steps, is_rank0, f"{strategy.name} ×{world}")
+    reporter = StepReporter(run_dir, train.steps, is_rank0, f"{strategy.name} ×{world}", world)
     if resume is not None:
-        reporter.message(f"resumed at step {start_step} of {train.steps} from {resume.path.name}")
+        untimed = min(train.warmup_steps, train.steps - start_step)
+        reporter.message(
+            f"resumed at step {start_step} of {train.steps} from {resume.path.name}"
+            + (f"; the next {untimed} step(s) are warm-up again (not timed)" if untimed else "")
+        )
 
     def save_checkpoint(steps_done: int) -> None:
         if run_dir is not None:
@@ -215,6 +220,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         final_loss=losses[-1] if losses else float("nan"),
         losses=losses,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        degrees={"dp": strategy.dims.dp, "tp": strategy.dims.tp, "ep": strategy.dims.ep},
     )
     save_outputs(cfg, strategy, model, run_dir, summary, is_rank0)
     return summary
