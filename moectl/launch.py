@@ -129,21 +129,27 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
 CLEAN_STOP_CODES = {2, 3, 128 + signal.SIGINT, 128 + signal.SIGTERM}
 
 
-def _likely_cause(item: tuple[int, ProcessFailure]) -> tuple[int, int, int]:
+def _likely_cause(item: tuple[int, ProcessFailure], run_dir: Path) -> tuple[int, float, int]:
     """Sort key, most likely root cause first. Once one worker fails, its peers fail *because* of
     it: they lose their connection (an exception, exit code 1) or the agent stops them (SIGTERM).
-    So: killed by any other signal (SIGKILL, SIGSEGV, ...) < exited with an error < SIGTERM."""
+    So: killed by any other signal (SIGKILL, SIGSEGV, ...) < exited with an error < SIGTERM; within a
+    kind, the rank whose log was written last the earliest (the peers' "connection closed" tracebacks
+    come after the cause's own), then the agent's detection time."""
     rank, failure = item
     if failure.exitcode < 0:
         kind = 2 if -failure.exitcode == signal.SIGTERM else 0
     else:
         kind = 1
-    return kind, failure.timestamp, rank
+    try:
+        last_written = rank_log_path(run_dir, rank).stat().st_mtime
+    except OSError:
+        last_written = float(failure.timestamp)
+    return kind, last_written, rank
 
 
 def _describe_failure(failures: dict[int, ProcessFailure], run_dir: Path) -> WorkerFailed:
     """Name the rank that failed first, with the last line of its log (its traceback stays there)."""
-    rank, failure = min(failures.items(), key=_likely_cause)
+    rank, failure = min(failures.items(), key=lambda item: _likely_cause(item, run_dir))
     detail = _last_error_line(rank_log_path(run_dir, rank))
     # All ranks agreed on the stop; a peer may still have been stopped by the agent (SIGTERM) first.
     agreed = all(f.exitcode in (failure.exitcode, -signal.SIGTERM) for f in failures.values())

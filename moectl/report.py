@@ -142,7 +142,10 @@ def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
         ),
         ("strategy", f"{summary['strategy']} on {processes}" + (f" ({layout})" if layout else "")),
         ("device", summary.get("device", "cpu")),
-        ("steps", f"{summary['steps']} ({summary['warmup_steps']} {WARMUP_LABEL} per session)"),
+        (
+            "steps",
+            f"{summary['steps']}; the first {summary['warmup_steps']} of each session not timed (warm-up)",
+        ),
         ("speed", speed),
         ("MFU", mfu),
         ("peak memory", f"{summary['peak_mem_gib']:.2f} GiB on the busiest rank ({memory_kind})"),
@@ -162,7 +165,9 @@ def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
 def print_run_summary(run_dir: Path, console: Console) -> None:
     """The summary block at the end of `moectl train`."""
     rows = summary_lines(run_dir)
-    console.print(f"done: run directory {run_dir}", style="green", markup=False, highlight=False)
+    console.print(
+        f"done: run directory {run_dir}", style="green", markup=False, highlight=False, soft_wrap=True
+    )
     width = max((len(name) for name, _ in rows), default=0)
     for name, value in rows:
         console.print(f"  {name:<{width}}  {value}", markup=False, highlight=False, soft_wrap=True)
