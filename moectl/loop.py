@@ -48,6 +48,7 @@ class Summary:
     final_loss: float
     losses: list[float] = field(default_factory=list)
     device: str = "cpu"
+    strategy_metrics: dict[str, float] = field(default_factory=dict)  # Strategy.step_metrics, medians
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -134,7 +135,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
             )
 
     loss_fn = torch.compile(token_loss_sum) if train.compile else token_loss_sum
-    step_times = []
+    step_times, step_figures = [], []
     try:
         with StopSignals() as stop, StepProfiler(run_dir, train, enabled=is_rank0, device=device) as profiler:
             for step in range(start_step, train.steps):
@@ -149,6 +150,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 if dist.is_initialized():
                     dist.all_reduce(loss_sum, group=strategy.loss_group())
                 loss = loss_sum.item() / num_target_tokens
+                figures = strategy.step_metrics()
                 bad_grad, stop_now = agree_on_step(model, stop, device)
                 if bad_grad or not math.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
@@ -168,6 +170,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                     elapsed = time.perf_counter() - started
                     losses.append(loss)
                     step_times.append(elapsed)
+                    step_figures.append(figures)
                     tokens_per_s = num_target_tokens / elapsed
                     reporter.step(
                         {
@@ -180,6 +183,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                             "mfu_seed": mfu(seed_flops_tok, tokens_per_s / world, peak),
                             "mem_gib": peak_memory_gib(device),
                             "warmup": step - start_step < train.warmup_steps,
+                            **figures,
                         }
                     )
                 profiler.step()
@@ -194,6 +198,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         reporter.close()
 
     timed = step_times[train.warmup_steps :] or step_times or [math.inf]  # a resume may have no steps left
+    timed_figures = step_figures[train.warmup_steps :] or step_figures
     median_time = statistics.median(timed)
     peak_mem = torch.tensor(peak_memory_gib(device), device=device)
     if dist.is_initialized():
@@ -215,6 +220,11 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         final_loss=losses[-1] if losses else float("nan"),
         losses=losses,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        strategy_metrics={
+            key: statistics.median(figures[key] for figures in timed_figures) for key in timed_figures[0]
+        }
+        if timed_figures
+        else {},
     )
     save_outputs(cfg, strategy, model, run_dir, summary, is_rank0)
     return summary
@@ -238,7 +248,9 @@ def save_outputs(
                 f"non-finite weights in {bad[0]} (and {len(bad) - 1} more); the model was not written"
             )
         save_hf_model(state, hf_config(cfg.model), run_dir / "model")
-    write_json_atomic(run_dir / "summary.json", asdict(summary))
+    record = asdict(summary)
+    record.update(record.pop("strategy_metrics"))
+    write_json_atomic(run_dir / "summary.json", record)
 
 
 __all__ = ["run_training", "Summary", "NonFiniteLoss"]

@@ -7,6 +7,7 @@ tensor and sliced, so every strategy starts from exactly the weights `single` st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 from collections.abc import Callable
@@ -188,14 +189,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return inner.model.layers
 
 
-def apply_layer_wrappers(model: nn.Module, train) -> None:
+CheckpointContexts = Callable[[], tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]]
+
+
+def apply_layer_wrappers(
+    model: nn.Module, train, checkpoint_contexts: CheckpointContexts | None = None
+) -> None:
     """Activation checkpointing, then torch.compile, per decoder layer (the fixed middle of the wrap order).
 
     Checkpointing goes through transformers' own switch (non-reentrant), which keeps parameter names
     unchanged; compile is per layer so that graph breaks stay local and FSDP can still wrap layers.
+    `checkpoint_contexts` is torch.utils.checkpoint's `context_fn`: contexts entered around a layer's
+    first forward and around its recompute (`ep` uses them to replay its exchanges instead of redoing them).
     """
     if train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if checkpoint_contexts is not None:
+            kwargs["context_fn"] = checkpoint_contexts
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if train.compile:
         for layer in decoder_layers(model):
             layer.compile()
