@@ -146,6 +146,29 @@ def test_expert_rows_compiles_once_for_changing_row_counts():
     assert counter.frame_count == 1, "a recompile for a new row count"
 
 
+def test_load_check_without_a_factor_compares_with_each_ranks_free_memory():
+    """No ep_max_rows_factor: a rank stops the run when the rows routed to it need more memory than it has
+    free (each rank's free bytes travel in the count exchange); -1 (the CPU) means no limit."""
+    _, hf_block = _tiny_hf_block()
+    block = _ep_block_on_one_process(hf_block)
+    limit = block.load_limit(torch.float32)
+    pairs, rows = [30, 10], [20, 8]  # one EP group of 2 ranks
+    need = [p * limit.bytes_per_pair + r * limit.bytes_per_row for p, r in zip(pairs, rows, strict=True)]
+    block._check_load(pairs, rows, [need[0], need[1]], [0, 1], num_groups=1)  # fits exactly
+    block._check_load(pairs, rows, [-1, -1], [0, 1], num_groups=1)  # no limit known
+    with pytest.raises(ExpertOverload, match=r"EP rank 1 \(rank 1\) would receive 10 .* 0.50× .* GiB"):
+        block._check_load(pairs, rows, [need[0], need[1] - 1], [0, 1], num_groups=1)
+
+
+def _ep_block_on_one_process(hf_block) -> ExpertParallelMoE:
+    experts = GroupedExperts(
+        hf_block.experts.gate_up_proj, hf_block.experts.down_proj, hf_block.experts.act_fn
+    )
+    block = ExpertParallelMoE(hf_block.gate, experts, hf_block.experts.num_experts, None, 1)
+    block.ep_size = 2  # as seen by the load check of a 2-rank EP group
+    return block
+
+
 # ---- the block on 2 gloo ranks against transformers' block ---------------------------------------------
 def _tiny_hf_block(num_layers_seed: int = 0):
     cfg = build_config("tiny").model
