@@ -25,6 +25,7 @@ from moectl.loss import TokenLoss, build_token_loss, token_loss_sum
 from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.model import build_meta_model, hf_config, materialize, random_init_source
 from moectl.outputs import write_json_atomic
+from moectl.plan import gpu_kind_for_device, layout_from_config, predict
 from moectl.report import StepProfiler, StepReporter
 from moectl.strategy import Strategy
 
@@ -48,6 +49,8 @@ class Summary:
     final_loss: float
     losses: list[float] = field(default_factory=list)
     device: str = "cpu"
+    #: what `moectl plan` predicted for this run (GPU kinds it has figures for), beside what it measured
+    predicted: dict[str, float] | None = None
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -213,9 +216,29 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         final_loss=losses[-1] if losses else float("nan"),
         losses=losses,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        predicted=plan_prediction(cfg, world) if device.type == "cuda" else None,
     )
     save_outputs(cfg, strategy, model, run_dir, summary, is_rank0)
     return summary
+
+
+def plan_prediction(cfg: RunConfig, world_size: int) -> dict[str, float] | None:
+    """`moectl plan`'s prediction for this run, so every GPU run checks the plan's model; None where the
+    plan has no figures (an unknown GPU, a plugin strategy, fp32 weights)."""
+    kind = gpu_kind_for_device(torch.cuda.get_device_name())
+    if kind is None or runtime.training_dtype(cfg.train, True) != torch.bfloat16:
+        return None
+    layout = layout_from_config(cfg.parallel, cfg.train, world_size)
+    try:
+        prediction = predict(cfg.model, cfg.train, layout, kind, world_size, cfg.parallel.nnodes)
+    except ValueError:
+        return None
+    return {
+        "gpu": kind,
+        "tokens_per_s_per_device": prediction.tokens_per_s_per_gpu,
+        "peak_mem_gib": prediction.peak_mem_gib,
+        "mfu": prediction.mfu,
+    }
 
 
 def save_outputs(
