@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -22,6 +21,7 @@ from moectl.config import RunConfig, TrainConfig
 from moectl.data import build_data, rank_slice
 from moectl.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_step
 from moectl.hf_io import HFCheckpoint, save_hf_model
+from moectl.loss import TokenLoss, build_token_loss, token_loss_sum
 from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.model import build_meta_model, hf_config, materialize, random_init_source
 from moectl.outputs import write_json_atomic
@@ -71,27 +71,25 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy, computed in fp32 (a bf16 log-softmax over 151,936 words loses
-    digits). Compiled (train.compile), the upcast and log-softmax fuse into a few kernels that keep
-    no fp32 copy of the logits (BENCHMARKS.md, "Changes, predicted and measured")."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-
-
-def train_step(model, strategy, micro_batches, num_target_tokens, loss_fn=token_loss_sum) -> torch.Tensor:
+def train_step(
+    model, strategy, micro_batches, num_target_tokens, loss_fn: TokenLoss | None = None
+) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
     Why the loss is divided by the token count of the *whole global batch* (not of the
     micro-batch): gradients then add up across micro-batches and data-parallel ranks to exactly the
     gradient of one big batch, so any accumulation or parallel layout trains the same model.
+    `loss_fn(model, tokens, grad_scale)` is `moectl.loss.build_token_loss`'s (default: the model's
+    logits and `token_loss_sum`); grad_scale is the factor the summed loss is multiplied by here.
     """
+    loss_fn = loss_fn or build_token_loss(model, chunk_tokens=0, compiled=False)
+    grad_scale = strategy.loss_scale / num_target_tokens
     loss_sum = torch.zeros((), device=micro_batches[0].device)
     for index, tokens in enumerate(micro_batches):
         is_last = index == len(micro_batches) - 1
         with strategy.no_sync(model, is_last):
-            logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
-            token_loss = loss_fn(logits, tokens[:, 1:])
-            (token_loss * (strategy.loss_scale / num_target_tokens)).backward()
+            token_loss = loss_fn(model, tokens, grad_scale)
+            (token_loss * grad_scale).backward()
         loss_sum += token_loss.detach()
     strategy.after_backward(model)
     return loss_sum
@@ -113,6 +111,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
     else:
         source = random_init_source(cfg.model, train.seed)
     model = build_meta_model(cfg.model, dtype)
+    loss_fn = build_token_loss(model, train.loss_chunk_tokens, train.compile)  # before any wrapper
     model = strategy.parallelize(model, lambda m: materialize(m, device, source, strategy.shard), train)
     model.train()
     optimizer = build_optimizer(model, train)
@@ -137,7 +136,6 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 run_dir, steps_done, model, optimizer, strategy, train.keep_checkpoints
             )
 
-    loss_fn = torch.compile(token_loss_sum) if train.compile else token_loss_sum
     step_times, step_figures = [], []
     try:
         with StopSignals() as stop, StepProfiler(run_dir, train, enabled=is_rank0, device=device) as profiler:
@@ -276,4 +274,4 @@ def save_outputs(
     write_json_atomic(run_dir / "summary.json", record)
 
 
-__all__ = ["run_training", "Summary", "NonFiniteLoss"]
+__all__ = ["run_training", "Summary", "NonFiniteLoss", "token_loss_sum"]

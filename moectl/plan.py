@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from moectl.config import ModelConfig, ParallelConfig, TrainConfig, build_config
+from moectl.config import ModelConfig, ParallelConfig, TrainConfig, build_config, checkpointing_mode
 from moectl.errors import UsageError
 from moectl.metrics import count_params, estimate_memory_gib, flops_per_token
 from moectl.plan_data import CALIBRATION, GPU_KINDS, Calibration, GpuKind, MeasuredRun
@@ -311,7 +311,8 @@ def layout_from_config(parallel: ParallelConfig, train: TrainConfig, world_size:
         ep_fsdp=parallel.strategy == "ep" and parallel.fsdp,
         mixed_dp=parallel.mixed_dp,
         micro_batch=train.micro_batch,
-        activation_checkpointing=train.activation_checkpointing,
+        # The plan has time figures for full checkpointing only; a selective run is planned as one without.
+        activation_checkpointing=checkpointing_mode(train.activation_checkpointing) == "full",
         compile=train.compile,
     )
 
@@ -323,10 +324,14 @@ def gpu_kind_for_device(device_name: str) -> str | None:
 
 
 def _train_for(train: TrainConfig, layout: Layout) -> TrainConfig:
+    selective = checkpointing_mode(train.activation_checkpointing) == "selective" and layout.compile
     return dataclasses.replace(
         train,
         micro_batch=layout.micro_batch,
-        activation_checkpointing=layout.activation_checkpointing,
+        # selective (compiled) changes memory, not the layout: the estimate sizes it
+        activation_checkpointing="full"
+        if layout.activation_checkpointing
+        else ("selective" if selective else "none"),
         compile=layout.compile,
     )
 
