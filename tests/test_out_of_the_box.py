@@ -359,3 +359,29 @@ def test_a_plain_transformers_checkpoint_still_trains(tmp_path):
     model = _hf_checkpoint(tmp_path / "hf")
     run = train_run(tmp_path / "run", "--model", str(model), *TINY_RUN)
     assert (run / "model" / "config.json").is_file()
+
+
+def test_the_plot_leaves_out_the_mfu_panel_where_no_device_peak_is_known(tmp_path):
+    """On the CPU every MFU is n/a: the panel would be empty, so bench.png has two panels, not three."""
+    import io
+    import struct
+
+    from rich.console import Console
+
+    from moectl.bench_report import write_plot
+
+    pytest.importorskip("matplotlib")
+    row = {
+        "name": "ddp",
+        "status": "ok",
+        "tokens_per_s_per_device": 100.0,
+        "mfu": None,
+        "mfu_seed": None,
+        "loss_curve": [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.5}],
+    }
+    widths = {}
+    for name, mfu in (("cpu", None), ("gpu", 0.4)):
+        payload = {"rows": [{**row, "mfu": mfu, "mfu_seed": mfu}], "verify": {"reference_run": None}}
+        assert write_plot(payload, tmp_path / f"{name}.png", Console(file=io.StringIO()))
+        widths[name] = struct.unpack(">I", (tmp_path / f"{name}.png").read_bytes()[16:20])[0]
+    assert widths["cpu"] < 0.75 * widths["gpu"], widths
