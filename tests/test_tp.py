@@ -70,7 +70,7 @@ def test_mixed_ddp_with_micro_batch_1_matches_single(tmp_path, single_reference)
             ],
             "--tp-size 2 does not divide model.num_heads = 3",
         ),
-        (["--strategy", "tp", "--tp-size", "4"], "--tp-size 4 does not divide model.num_kv_heads = 2"),
+        (["--strategy", "tp", "--tp-size", "8"], "--tp-size 8 does not divide model.num_kv_heads = 4"),
         (
             ["--strategy", "tp", "--tp-size", "2", "--set", "model.moe_intermediate_size=33"],
             "--tp-size 2 does not divide model.moe_intermediate_size = 33",
