@@ -6,14 +6,14 @@ CUT8="--config qwen3-30b-a3b --seq-len 4096 --set model.num_layers=8"
 FULL="--config qwen3-30b-a3b --seq-len 4096"
 
 recipe_one_gpu_8l() {  # single vs ep on one H200, 8-layer cut, eager; profiles; bf16 weight check
-  local q="$CUT8 --steps 8 --global-batch 8 --micro-batch 2 --set train.warmup_steps=3 --set train.profile_steps=2"
+  local q="$CUT8 --steps 8 --global-batch 8 --micro-batch 2 --set train.timing_warmup_steps=3 --set train.profile_steps=2"
   run single_8l 240 $q --strategy single
   run ep1_8l 240 $q --strategy ep --ep-size 1
   compare ep1_8l single_8l; profile single_8l; profile ep1_8l
 }
 
 recipe_one_gpu_compiled() {  # the compiled 8-layer cut: ep at micro-batch 2 and 4, with checkpointing, single
-  local q="$CUT8 --global-batch 8 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  local q="$CUT8 --global-batch 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
   run ep1_8l_compiled 240 $q --strategy ep --ep-size 1 --micro-batch 2 --steps 10 --set train.profile_steps=2
   profile ep1_8l_compiled
   run ep1_8l_compiled_mb4 200 $q --strategy ep --ep-size 1 --micro-batch 4 --steps 8
@@ -22,7 +22,7 @@ recipe_one_gpu_compiled() {  # the compiled 8-layer cut: ep at micro-batch 2 and
 }
 
 recipe_one_gpu_proxy() {  # per-GPU proxy of ep 4 on the whole model: 48 layers, 32 experts, one GPU
-  local p="$FULL --set model.num_experts=32 --global-batch 8 --steps 7 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true --strategy ep --ep-size 1"
+  local p="$FULL --set model.num_experts=32 --global-batch 8 --steps 7 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --strategy ep --ep-size 1"
   run proxy48_mb1 240 $p --micro-batch 1
   run proxy48_mb2 240 $p --micro-batch 2 --set train.profile_steps=2
   profile proxy48_mb2
@@ -35,7 +35,7 @@ recipe_one_gpu_bench() {  # moectl bench on one H200, 4-layer cut, verified agai
 }
 
 recipe_two_gpu_8l() {  # 8-layer cut on two H200s, 8 sequences per GPU per step: ep 2, fsdp 2, ddp 2, tp 2
-  local q="$CUT8 --micro-batch 2 --steps 8 --set train.warmup_steps=3 --set train.compile=true"
+  local q="$CUT8 --micro-batch 2 --steps 8 --set train.timing_warmup_steps=3 --set train.compile=true"
   run ep2_8l 200 $q --strategy ep --ep-size 2 --nproc 2 --global-batch 16
   run fsdp2_8l 200 $q --strategy fsdp --nproc 2 --global-batch 16
   compare ep2_8l fsdp2_8l
@@ -44,12 +44,12 @@ recipe_two_gpu_8l() {  # 8-layer cut on two H200s, 8 sequences per GPU per step:
 }
 
 recipe_two_gpu_full_model() {  # the whole model on two H200s: ep 2 vs fsdp 2 (weights compared), naive baseline
-  local f="$FULL --global-batch 8 --steps 6 --set train.warmup_steps=3 --set train.compile=true"
+  local f="$FULL --global-batch 8 --steps 6 --set train.timing_warmup_steps=3 --set train.compile=true"
   run ep2_full 200 $f --strategy ep --ep-size 2 --nproc 2 --micro-batch 2
   run fsdp2_full 200 $f --strategy fsdp --nproc 2 --micro-batch 1
   compare ep2_full fsdp2_full
   rm -rf "$RUNS"/*/model
-  local e="$FULL --global-batch 8 --steps 4 --set train.warmup_steps=2 --micro-batch 1 --set train.compile=false --set train.save_model=false"
+  local e="$FULL --global-batch 8 --steps 4 --set train.timing_warmup_steps=2 --micro-batch 1 --set train.compile=false --set train.save_model=false"
   run naive2_full 150 $e --strategy examples/naive_ep/naive_ep.py --ep-size 2 --nproc 2
   run ep2_full_eager 100 $e --strategy ep --ep-size 2 --nproc 2
 }
@@ -58,13 +58,13 @@ recipe_two_gpu_bench() {  # moectl bench on two H200s (4-layer cut), then a prof
   bench bench2 $FULL --set model.num_layers=4 --nproc 2 --strategies single,ddp,fsdp,tp,mixed,ep \
     --steps 7 --warmup 3 --global-batch 8 --micro-batch 2 --set train.compile=true \
     --verify --reference single --prune-models --run-timeout 150
-  run ep2_8l_prof 150 $CUT8 --micro-batch 2 --global-batch 16 --steps 7 --set train.warmup_steps=3 \
+  run ep2_8l_prof 150 $CUT8 --micro-batch 2 --global-batch 16 --steps 7 --set train.timing_warmup_steps=3 \
     --set train.save_model=false --set train.compile=true --strategy ep --ep-size 2 --nproc 2 --set train.profile_steps=2
   profile ep2_8l_prof
 }
 
 recipe_weak_scaling() {  # ep on 1, 2 and 4 GPUs with the same work per GPU (8-layer cut), 4-GPU profile
-  local q="$CUT8 --micro-batch 2 --steps 10 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  local q="$CUT8 --micro-batch 2 --steps 10 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
   CUDA_VISIBLE_DEVICES=0 run weak_ep1 200 $q --strategy ep --ep-size 1 --global-batch 8
   CUDA_VISIBLE_DEVICES=0,1 run weak_ep2 200 $q --strategy ep --ep-size 2 --nproc 2 --global-batch 16
   run weak_ep4 200 $q --strategy ep --ep-size 4 --nproc 4 --global-batch 32 --set train.profile_steps=2
@@ -73,12 +73,12 @@ recipe_weak_scaling() {  # ep on 1, 2 and 4 GPUs with the same work per GPU (8-l
 
 recipe_four_gpu_full_model() {  # the whole model on four H200s: ep 4 vs fsdp 4, naive baseline
   local q="$FULL --global-batch 16"
-  run ep4 330 $q --strategy ep --ep-size 4 --micro-batch 2 --steps 9 --set train.warmup_steps=3 --set train.compile=true --set train.profile_steps=2
+  run ep4 330 $q --strategy ep --ep-size 4 --micro-batch 2 --steps 9 --set train.timing_warmup_steps=3 --set train.compile=true --set train.profile_steps=2
   profile ep4
-  run fsdp4 330 $q --strategy fsdp --nproc 4 --micro-batch 1 --steps 9 --set train.warmup_steps=3
+  run fsdp4 330 $q --strategy fsdp --nproc 4 --micro-batch 1 --steps 9 --set train.timing_warmup_steps=3
   compare ep4 fsdp4
   rm -rf "$RUNS"/*/model
-  run naive4 300 $q --strategy examples/naive_ep/naive_ep.py --ep-size 4 --nproc 4 --micro-batch 1 --steps 3 --set train.warmup_steps=1 --set train.save_model=false
+  run naive4 300 $q --strategy examples/naive_ep/naive_ep.py --ep-size 4 --nproc 4 --micro-batch 1 --steps 3 --set train.timing_warmup_steps=1 --set train.save_model=false
 }
 
 recipe_four_gpu_bench() {  # moectl bench on four H200s, the whole model, verified against fsdp
@@ -88,9 +88,9 @@ recipe_four_gpu_bench() {  # moectl bench on four H200s, the whole model, verifi
 
 recipe_four_gpu_layouts() {  # fsdp, tp and mixed on the whole model on four H200s; ddp and fsdp on a 16-layer cut
   local q="$FULL --set train.save_model=false"
-  run fsdp_30b 200 $q --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
-  run tp_30b 200 $q --strategy tp --tp-size 4 --steps 5 --global-batch 2 --micro-batch 1 --set train.warmup_steps=2
-  run mixed_30b 200 $q --strategy mixed --dp-size 2 --tp-size 2 --steps 5 --global-batch 4 --micro-batch 1 --set train.warmup_steps=2
-  run ddp_16l 200 $q --set model.num_layers=16 --strategy ddp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
-  run fsdp_16l 200 $q --set model.num_layers=16 --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
+  run fsdp_30b 200 $q --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.timing_warmup_steps=3
+  run tp_30b 200 $q --strategy tp --tp-size 4 --steps 5 --global-batch 2 --micro-batch 1 --set train.timing_warmup_steps=2
+  run mixed_30b 200 $q --strategy mixed --dp-size 2 --tp-size 2 --steps 5 --global-batch 4 --micro-batch 1 --set train.timing_warmup_steps=2
+  run ddp_16l 200 $q --set model.num_layers=16 --strategy ddp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.timing_warmup_steps=3
+  run fsdp_16l 200 $q --set model.num_layers=16 --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.timing_warmup_steps=3
 }

@@ -77,7 +77,7 @@ class StepProfiler:
                 [tp.ProfilerActivity.CUDA] if device.type == "cuda" else []
             )
             schedule = tp.schedule(
-                wait=max(train.warmup_steps - 1, 0), warmup=1, active=train.profile_steps, repeat=1
+                wait=max(train.timing_warmup_steps - 1, 0), warmup=1, active=train.profile_steps, repeat=1
             )
             self.profiler = tp.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
             self.sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
