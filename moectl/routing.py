@@ -52,6 +52,8 @@ class Router(Qwen3MoeTopKRouter):
         super().__init__(config)
         self.recorder: RoutingRecorder | None = None
         self.uses_bias = False
+        #: this forward's (per-sequence expert counts, per-sequence summed probabilities or None)
+        self.records: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
@@ -68,7 +70,7 @@ class Router(Qwen3MoeTopKRouter):
         router_scores = router_top_value.to(router_logits.dtype)
         recorder = self.recorder
         if recorder is not None and recorder.recording:
-            recorder.record(router_probs, router_indices)
+            self.records.append(recorder.summarize(router_probs, router_indices))
         return router_logits, router_scores, router_indices
 
 
@@ -84,50 +86,61 @@ def install_routers(model: nn.Module) -> None:
 
 
 class RoutingRecorder:
-    """What the routers of one forward pass chose, shared by all routers of the model.
+    """Which routing the routers of a model keep, and how it becomes expert load and auxiliary loss.
 
-    Why a shared object that routers *append* to (not per-layer indices into one table): compiled
-    decoder layers share one compiled graph, and a Python integer that differs per layer would be a
-    guard that recompiles it for every layer. Layers run in order, so the i-th record is layer i.
+    Why each router keeps its own records (and this object only the settings): compiled decoder layers
+    share one compiled graph, and state that differs between layers at call time (a shared list's
+    length, a layer index) would be a guard that recompiles the graph for every layer. At each
+    router's call its own list is empty, the same for every layer.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, tokens_per_sequence: int, with_aux_loss: bool):
-        self.num_layers = num_layers
+    def __init__(
+        self, routers: list[Router], num_experts: int, tokens_per_sequence: int, with_aux_loss: bool
+    ):
+        self.routers = routers
         self.num_experts = num_experts
         self.tokens_per_sequence = tokens_per_sequence
         self.with_aux_loss = with_aux_loss
         self.recording = False
-        self.counts: list[torch.Tensor] = []  # per layer: [sequences, experts] token copies
-        self.prob_sums: list[torch.Tensor] = []  # per layer: [sequences, experts] summed probabilities
+        for router in routers:
+            router.recorder = self
 
-    def record(self, probs: torch.Tensor, indices: torch.Tensor) -> None:
+    def summarize(
+        self, probs: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer's routing as [sequences, experts] token-copy counts and, for the auxiliary loss,
+        summed probabilities. Counts come from a scatter-add on the device (exact in fp32 for any
+        micro-batch): no host sync per layer."""
         num_sequences = indices.shape[0] // self.tokens_per_sequence
         choices = indices.reshape(num_sequences, -1)
         counts = torch.zeros(num_sequences, self.num_experts, dtype=torch.float32, device=indices.device)
-        # Counts on the device (scatter-add, exact in fp32 for any micro-batch): no host sync per layer.
-        self.counts.append(counts.scatter_add_(1, choices, torch.ones_like(choices, dtype=torch.float32)))
+        counts.scatter_add_(1, choices, torch.ones_like(choices, dtype=torch.float32))
+        prob_sums = None
         if self.with_aux_loss:
-            self.prob_sums.append(probs.reshape(num_sequences, self.tokens_per_sequence, -1).sum(1))
+            prob_sums = probs.reshape(num_sequences, self.tokens_per_sequence, -1).sum(1)
+        return counts, prob_sums
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This forward's expert load [layers, experts] and its summed per-sequence auxiliary loss."""
-        if len(self.counts) != self.num_layers:
-            found = len(self.counts)
-            self.counts.clear()
-            self.prob_sums.clear()
-            raise RuntimeError(
-                f"the routers of {found} of {self.num_layers} MoE layers reported their routing; a "
-                "strategy's MoE block must route through the layer's `mlp.gate` module"
-            )
-        counts = torch.stack(self.counts)  # [layers, sequences, experts]
+        """The last forward's expert load [layers, experts] and its auxiliary loss summed over its
+        sequences (None when off); clears the routers' records."""
+        records = []
+        for layer, router in enumerate(self.routers):
+            if len(router.records) != 1:
+                found = len(router.records)
+                for other in self.routers:
+                    other.records.clear()
+                raise RuntimeError(
+                    f"the router of MoE layer {layer} recorded {found} routings in one forward, not 1; a "
+                    "strategy's MoE block must route each token once through the layer's `mlp.gate`"
+                )
+            records.append(router.records.pop())
+        counts = torch.stack([counts for counts, _ in records])  # [layers, sequences, experts]
         aux_sum = None
         if self.with_aux_loss:
-            rows = self.num_layers * self.tokens_per_sequence
+            rows = len(records) * self.tokens_per_sequence
             tokens_per_expert = counts.sum(0) / rows  # [sequences, experts]
-            prob_per_expert = torch.stack(self.prob_sums).sum(0) / rows
+            prob_per_expert = torch.stack([prob_sums for _, prob_sums in records]).sum(0) / rows
             aux_sum = self.num_experts * (tokens_per_expert * prob_per_expert).sum()
-        self.counts.clear()
-        self.prob_sums.clear()
         return counts.sum(1), aux_sum
 
 
@@ -136,11 +149,15 @@ def auxiliary_loss(
 ) -> torch.Tensor:
     """The auxiliary loss as `Routing` defines it, for router logits of all layers ([tokens, experts]
     each, sequences back to back): transformers' load_balancing_loss_func per sequence, averaged."""
-    recorder = RoutingRecorder(len(router_logits), num_experts, tokens_per_sequence, with_aux_loss=True)
+    recorder = RoutingRecorder([], num_experts, tokens_per_sequence, with_aux_loss=True)
+    records = []
     for logits in router_logits:
         probs = F.softmax(logits, dtype=torch.float, dim=-1)
-        recorder.record(probs, torch.topk(probs, top_k, dim=-1).indices)
-    _, aux_sum = recorder.take()
+        records.append(recorder.summarize(probs, torch.topk(probs, top_k, dim=-1).indices))
+    rows = len(records) * tokens_per_sequence
+    tokens_per_expert = torch.stack([counts for counts, _ in records]).sum(0) / rows
+    prob_per_expert = torch.stack([prob_sums for _, prob_sums in records]).sum(0) / rows
+    aux_sum = num_experts * (tokens_per_expert * prob_per_expert).sum()
     return aux_sum / (router_logits[0].shape[0] // tokens_per_sequence)
 
 
@@ -176,10 +193,9 @@ class Routing:
             )
         if self.tracks_load:
             self.recorder = RoutingRecorder(
-                model_config.num_layers, self.num_experts, train.seq_len, with_aux_loss=self.aux_loss_coef > 0
+                self.routers, self.num_experts, train.seq_len, with_aux_loss=self.aux_loss_coef > 0
             )
         for router in self.routers:
-            router.recorder = self.recorder
             if self.bias_rate > 0:
                 bias = torch.zeros(self.num_experts, dtype=torch.float32, device=device)
                 router.register_buffer(BIAS_BUFFER, bias, persistent=False)  # not an HF key
