@@ -94,3 +94,29 @@ recipe_four_gpu_layouts() {  # fsdp, tp and mixed on the whole model on four H20
   run ddp_16l 200 $q --set model.num_layers=16 --strategy ddp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.timing_warmup_steps=3
   run fsdp_16l 200 $q --set model.num_layers=16 --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.timing_warmup_steps=3
 }
+
+recipe_one_gpu_training_features() {  # clipping + aux loss + router bias + load statistics vs all off, 8-layer cut, compiled
+  # "off": no clipping, no balancing, no expert-load statistics (the gradient norm is always computed and
+  # logged, so it is in both). "on": clipping far below the norm (every step scaled), cosine with warm-up,
+  # Qwen3's aux_loss_coef, router bias updates. 3 warm-up + 12 timed steps each; ep 1 and single.
+  local q="$CUT8 --global-batch 8 --micro-batch 2 --steps 15 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  local off="--set train.aux_loss_coef=0 --set train.expert_load_stats=false"
+  local on="--set train.max_grad_norm=0.001 --set train.lr_schedule=cosine --set train.lr_warmup_steps=2 --set train.aux_loss_coef=0.001 --set train.router_bias_update=0.001"
+  run features_off_ep1 300 $q --strategy ep --ep-size 1 $off
+  run features_on_ep1 300 $q --strategy ep --ep-size 1 $on
+  run features_off_single 300 $q --strategy single $off
+  run features_on_single 300 $q --strategy single $on
+  $PY - "$RUNS" <<'PYEOF'
+import json, statistics, sys
+from pathlib import Path
+runs = Path(sys.argv[1])
+for strategy in ("ep1", "single"):
+    times = {}
+    for kind in ("off", "on"):
+        rows = [json.loads(l) for l in (runs / f"features_{kind}_{strategy}" / "metrics.jsonl").read_text().splitlines()]
+        times[kind] = statistics.median(r["step_time_s"] for r in rows if not r["warmup"])
+    last = rows[-1]
+    print(f"{strategy}: off {times['off']:.4f} s, on {times['on']:.4f} s, cost {100 * (times['on'] / times['off'] - 1):+.2f} %;"
+          f" on-run grad_norm {last['grad_norm']:.3g} clipped {last.get('grad_clipped')} load_imbalance {last.get('load_imbalance')} aux {last.get('aux_loss')}")
+PYEOF
+}
