@@ -120,3 +120,28 @@ for strategy in ("ep1", "single"):
           f" on-run grad_norm {last['grad_norm']:.3g} clipped {last.get('grad_clipped')} load_imbalance {last.get('load_imbalance')} aux {last.get('aux_loss')}")
 PYEOF
 }
+
+# Single-H200 speed levers (BENCHMARKS.md, "Single H200: levers toward the hardware limit"): one-gpu-speed
+# holds the goal runs and the weight check (~3 GPU-minutes); one-gpu-speed-levers isolates each lever.
+SPEED="--set train.timing_warmup_steps=3 --set train.compile=true"
+CHUNK="--set train.loss_chunk_tokens=4096"
+
+recipe_one_gpu_speed() {  # 8-layer cut at micro-batch 16 with the chunked loss, checked against single; proxy at mb 3
+  run speed_ep_8l_mb16_chunk 200 $CUT8 $SPEED $CHUNK --strategy ep --ep-size 1 --global-batch 16 --micro-batch 16 --steps 8
+  run speed_single_8l_ref 200 $CUT8 $SPEED --strategy single --global-batch 16 --micro-batch 4 --steps 8
+  compare speed_ep_8l_mb16_chunk speed_single_8l_ref
+  rm -rf "$RUNS"/speed_*/model
+  run speed_proxy48_mb3_chunk 240 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
+    --strategy ep --ep-size 1 --global-batch 6 --micro-batch 3 --steps 7
+}
+
+recipe_one_gpu_speed_levers() {  # each lever alone: micro-batch 8 with and without the chunked loss, single, selective
+  local q="$CUT8 $SPEED --set train.save_model=false --steps 7"
+  run speed_ep_8l_mb8 200 $q --strategy ep --ep-size 1 --global-batch 8 --micro-batch 8
+  run speed_ep_8l_mb8_chunk 200 $q $CHUNK --strategy ep --ep-size 1 --global-batch 8 --micro-batch 8
+  run speed_single_8l_mb16_chunk 200 $q $CHUNK --strategy single --global-batch 16 --micro-batch 16
+  run speed_single_8l_mb16_chunk_sel 200 $q $CHUNK --set train.activation_checkpointing=selective \
+    --strategy single --global-batch 16 --micro-batch 16
+  run speed_proxy48_single_mb4_sel 240 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
+    --set train.activation_checkpointing=selective --strategy single --global-batch 8 --micro-batch 4 --steps 7
+}

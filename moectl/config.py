@@ -76,8 +76,11 @@ class TrainConfig:
     tensorboard: bool = False  # rank 0 writes TensorBoard event files under RUN_DIR/tensorboard/
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     device: str = "auto"  # auto, cpu, cuda
-    activation_checkpointing: bool = False
+    # none, full (recompute every layer in backward) or selective (keep GEMM and attention outputs, recompute
+    # the cheap ops; compiled layers only); true / false mean full / none
+    activation_checkpointing: str = "none"
     compile: bool = False
+    loss_chunk_tokens: int = 0  # > 0: lm_head + loss chunk by chunk over this many tokens (never all logits)
     peak_tflops: float | None = None  # overrides the device table for MFU
     on_nonfinite: str = "stop"  # stop or skip a step whose loss or gradient is not finite
     checkpoint_every: int = 0  # 0 = no intermediate checkpoints
@@ -243,6 +246,19 @@ def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     return merged
 
 
+CHECKPOINTING_MODES = ("none", "full", "selective")
+_CHECKPOINTING_ALIASES = {"true": "full", "1": "full", "yes": "full", "on": "full",
+                          "false": "none", "0": "none", "no": "none", "off": "none"}  # fmt: skip
+
+
+def checkpointing_mode(value: str | bool) -> str:
+    """`train.activation_checkpointing` as one of CHECKPOINTING_MODES; the old booleans mean full / none."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    text = str(value).strip().lower()
+    return _CHECKPOINTING_ALIASES.get(text, text)
+
+
 def _require_positive(values: dict[str, int | float | None]) -> None:
     for name, value in values.items():
         if value is not None and value <= 0:
@@ -292,6 +308,7 @@ def validate(cfg: RunConfig) -> None:
         "train.router_bias_update": t.router_bias_update,
         "train.checkpoint_every": t.checkpoint_every,
         "train.profile_steps": t.profile_steps,
+        "train.loss_chunk_tokens": t.loss_chunk_tokens,
         "train.keep_checkpoints": t.keep_checkpoints,
         "data.noise": d.noise,
         "parallel.node_rank": p.node_rank,
@@ -309,6 +326,17 @@ def validate(cfg: RunConfig) -> None:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    t.activation_checkpointing = checkpointing_mode(t.activation_checkpointing)
+    if t.activation_checkpointing not in CHECKPOINTING_MODES:
+        raise UsageError(
+            f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING_MODES)} "
+            f"(or true / false), got {t.activation_checkpointing!r}"
+        )
+    if t.activation_checkpointing == "selective" and not t.compile:
+        raise UsageError(
+            "train.activation_checkpointing=selective is done by torch.compile's partitioner: add "
+            "--set train.compile=true, or use full"
+        )
     if not 0 <= d.noise <= 1:
         raise UsageError(f"data.noise must lie in [0, 1], got {d.noise}")
     if not 0 <= t.min_lr_ratio <= 1:

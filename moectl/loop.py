@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -26,10 +25,12 @@ from moectl.config import RunConfig, TrainConfig
 from moectl.data import build_data, rank_slice
 from moectl.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_step
 from moectl.hf_io import HFCheckpoint, save_hf_model
+from moectl.loss import TokenLoss, build_token_loss, token_loss_sum
 from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.model import build_meta_model, hf_config, materialize, random_init_source
 from moectl.outputs import write_json_atomic
 from moectl.parallel.gradients import clip_gradients_
+from moectl.plan import gpu_kind_for_device, layout_from_config, predict
 from moectl.report import StepProfiler, StepReporter
 from moectl.routing import Routing
 from moectl.schedule import lr_at, set_lr
@@ -70,6 +71,8 @@ class Summary:
     final_load_imbalance: float | None = None  # the last step's max over layers of max / mean expert load
     final_aux_loss: float | None = None
     router_bias: str | None = None  # where the router bias went, when train.router_bias_update is on
+    #: what `moectl plan` predicted for this run (GPU kinds it has figures for), beside what it measured
+    predicted: dict[str, float] | None = None
 
 
 @dataclass
@@ -102,15 +105,13 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy, computed in fp32 (a bf16 log-softmax over 151,936 words loses
-    digits). Compiled (train.compile), the upcast and log-softmax fuse into a few kernels that keep
-    no fp32 copy of the logits (BENCHMARKS.md, "Changes, predicted and measured")."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-
-
 def train_step(
-    model, strategy, micro_batches, num_target_tokens, loss_fn=token_loss_sum, routing: Routing | None = None
+    model,
+    strategy,
+    micro_batches,
+    num_target_tokens,
+    loss_fn: TokenLoss | None = None,
+    routing: Routing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss and
     summed auxiliary loss (None when train.aux_loss_coef is 0).
@@ -119,16 +120,19 @@ def train_step(
     micro-batch): gradients then add up across micro-batches and data-parallel ranks to exactly the
     gradient of one big batch, so any accumulation or parallel layout trains the same model. The
     auxiliary loss is normalised the same way, by the global number of sequences (moectl/routing.py).
+    `loss_fn(model, tokens, grad_scale)` is `moectl.loss.build_token_loss`'s (default: the model's
+    logits and `token_loss_sum`); grad_scale is the factor the summed loss is multiplied by here.
     """
+    loss_fn = loss_fn or build_token_loss(model, chunk_tokens=0, compiled=False)
+    grad_scale = strategy.loss_scale / num_target_tokens
     loss_sum = torch.zeros((), device=micro_batches[0].device)
     aux_total = None
     for index, tokens in enumerate(micro_batches):
         is_last = index == len(micro_batches) - 1
         with strategy.no_sync(model, is_last):
             with routing.recording() if routing is not None else contextlib.nullcontext():
-                logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
-            token_loss = loss_fn(logits, tokens[:, 1:])
-            objective = token_loss * (strategy.loss_scale / num_target_tokens)
+                token_loss = loss_fn(model, tokens, grad_scale)
+            objective = token_loss * grad_scale
             aux_sum = routing.take_forward() if routing is not None else None
             if aux_sum is not None:
                 objective = objective + routing.aux_loss_term(aux_sum) * strategy.loss_scale
@@ -155,6 +159,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
     else:
         source = random_init_source(cfg.model, train.seed)
     model = build_meta_model(cfg.model, dtype)
+    loss_fn = build_token_loss(model, train.loss_chunk_tokens, train.compile)  # before any wrapper
     model = strategy.parallelize(model, lambda m: materialize(m, device, source, strategy.shard), train)
     model.train()
     optimizer = build_optimizer(model, train)
@@ -193,7 +198,6 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 extra=routing.checkpoint_state(),
             )
 
-    loss_fn = torch.compile(token_loss_sum) if train.compile else token_loss_sum
     step_times = []
     try:
         with StopSignals() as stop, StepProfiler(run_dir, train, enabled=is_rank0, device=device) as profiler:
@@ -301,6 +305,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         losses=history.values("loss"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **_training_figures(train, history, routing),
+        predicted=plan_prediction(cfg, world) if device.type == "cuda" else None,
     )
     save_outputs(cfg, strategy, model, run_dir, summary, is_rank0, routing, history)
     return summary
@@ -332,6 +337,25 @@ def _resume_notes(saved: set[str], routing: Routing) -> list[str]:
     if routing.tracks_load and "expert_load" not in saved:
         notes.append("the checkpoint holds no expert load: expert_load.safetensors counts from this step on")
     return notes
+
+
+def plan_prediction(cfg: RunConfig, world_size: int) -> dict[str, float] | None:
+    """`moectl plan`'s prediction for this run, so every GPU run checks the plan's model; None where the
+    plan has no figures (an unknown GPU, a plugin strategy, fp32 weights)."""
+    kind = gpu_kind_for_device(torch.cuda.get_device_name())
+    if kind is None or runtime.training_dtype(cfg.train, True) != torch.bfloat16:
+        return None
+    layout = layout_from_config(cfg.parallel, cfg.train, world_size)
+    try:
+        prediction = predict(cfg.model, cfg.train, layout, kind, world_size, cfg.parallel.nnodes)
+    except ValueError:
+        return None
+    return {
+        "gpu": kind,
+        "tokens_per_s_per_device": prediction.tokens_per_s_per_gpu,
+        "peak_mem_gib": prediction.peak_mem_gib,
+        "mfu": prediction.mfu,
+    }
 
 
 def save_outputs(
@@ -382,4 +406,4 @@ def _write_plots(run_dir: Path, routing: Routing | None, history: History | None
         run_plots.write_expert_load_plot(run_dir / "expert_load.png", routing.total_load.cpu())
 
 
-__all__ = ["run_training", "Summary", "NonFiniteLoss"]
+__all__ = ["run_training", "Summary", "NonFiniteLoss", "token_loss_sum"]
