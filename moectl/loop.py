@@ -212,19 +212,14 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 )
                 loss_total, step_routing = routing.reduce_step(loss_sum, aux_sum, strategy.loss_group())
                 loss = loss_total / num_target_tokens
-                bad_grad, stop_now = agree_on_step(model, stop, device)
-                grad_norm = math.nan
-                if not bad_grad and math.isfinite(loss):
-                    grad_norm = strategy.grad_norm(model).item()  # the same on every rank
-                if bad_grad or not math.isfinite(loss) or not math.isfinite(grad_norm):
+                # The global gradient norm (logged, clipped by) is also the finiteness check: a
+                # non-finite gradient anywhere makes it non-finite, and it is the same on every rank.
+                grad_norm_tensor = strategy.grad_norm(model)
+                bad_grad, stop_now = agree_on_step(model, stop, device, grad_norm_tensor)
+                grad_norm = grad_norm_tensor.item()
+                if bad_grad or not math.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
-                    what = (
-                        f"loss is {loss}"
-                        if not math.isfinite(loss)
-                        else "a gradient is not finite"
-                        if bad_grad
-                        else f"the gradient norm is {grad_norm}"
-                    )
+                    what = f"loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
                     if train.on_nonfinite == "stop":
                         if train.checkpoint_every and step and not is_due(step, train):
                             save_checkpoint(step)  # the last good state, for a resume with a lower --lr
