@@ -121,6 +121,34 @@ for strategy in ("ep1", "single"):
 PYEOF
 }
 
+# ep at scale (once-per-rank dispatch, ep_chunks, checkpointing that replays its exchanges): the
+# predictions in BENCHMARKS.md, "ep at scale". Priority order: one-gpu-ep-scale, then two-gpu-ep-scale.
+
+TINY_GPU="--steps 6 --global-batch 8 --micro-batch 2 --set train.timing_warmup_steps=2 --set train.compile=true"
+
+recipe_one_gpu_ep_scale() {  # no regression on one H200 (8-layer cut, compiled, mb2: was 72,849 / 60,546 with AC); bf16 weights on the GPU kernels
+  local q="$CUT8 --strategy ep --ep-size 1 --micro-batch 2 --global-batch 8 --steps 7 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  run ep1_8l_scale 200 $q
+  run ep1_8l_scale_ac 200 $q --set train.activation_checkpointing=true
+  run tiny_single_gpu 90 $TINY_GPU --strategy single
+  run tiny_ep1_gpu_ac 90 $TINY_GPU --strategy ep --ep-size 1 --set train.activation_checkpointing=true
+  compare tiny_ep1_gpu_ac tiny_single_gpu
+}
+
+recipe_one_gpu_ep_chunks() {  # optional: ep_chunks on one GPU is ignored (nothing to exchange); this shows it costs nothing
+  run ep1_8l_chunks2 200 $CUT8 --strategy ep --ep-size 1 --micro-batch 2 --global-batch 8 --steps 7 \
+    --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set parallel.ep_chunks=2
+}
+
+recipe_two_gpu_ep_scale() {  # ep 2 weak scaling (was 79 %) with ep_chunks 1 and 2; bf16 weights of the NCCL pipeline with checkpointing
+  local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 7 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  run ep2_8l_chunks1 200 $q
+  run ep2_8l_chunks2 200 $q --set parallel.ep_chunks=2
+  run tiny_single_gpu 90 $TINY_GPU --strategy single
+  run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=true
+  compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+}
+
 # Single-H200 speed levers (BENCHMARKS.md, "Single H200: levers toward the hardware limit"): one-gpu-speed
 # holds the goal runs and the weight check (~3 GPU-minutes); one-gpu-speed-levers isolates each lever.
 SPEED="--set train.timing_warmup_steps=3 --set train.compile=true"

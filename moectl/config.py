@@ -101,6 +101,8 @@ class ParallelConfig:
     rdzv_endpoint: str | None = None  # host:port of the rendezvous; needed with --nnodes > 1
     timeout_s: int = 300  # collective timeout: a stuck or dead peer ends the job after this
     fsdp: bool = False  # ep: also shard dense parameters (and expert replicas) with FSDP2
+    ep_chunks: int = 1  # ep: token chunks whose exchanges overlap each other's expert compute
+    ep_max_rows_factor: float | None = None  # ep: stop when a rank gets more × its share (None: memory)
     mixed_dp: str = "fsdp"  # mixed: what runs over the dp axis, fsdp or ddp
 
 
@@ -290,6 +292,8 @@ def validate(cfg: RunConfig) -> None:
             "parallel.ep_size": p.ep_size,
             "parallel.nnodes": p.nnodes,
             "parallel.timeout_s": p.timeout_s,
+            "parallel.ep_chunks": p.ep_chunks,
+            "parallel.ep_max_rows_factor": p.ep_max_rows_factor,
         }
     )
     if m.top_k > m.num_experts:

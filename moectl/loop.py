@@ -73,6 +73,7 @@ class Summary:
     router_bias: str | None = None  # where the router bias went, when train.router_bias_update is on
     #: what `moectl plan` predicted for this run (GPU kinds it has figures for), beside what it measured
     predicted: dict[str, float] | None = None
+    strategy_metrics: dict[str, float] = field(default_factory=dict)  # Strategy.step_metrics, medians
 
 
 @dataclass
@@ -198,7 +199,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 extra=routing.checkpoint_state(),
             )
 
-    step_times = []
+    step_times, step_figures = [], []
     try:
         with StopSignals() as stop, StepProfiler(run_dir, train, enabled=is_rank0, device=device) as profiler:
             for step in range(start_step, train.steps):
@@ -217,6 +218,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 grad_norm_tensor = strategy.grad_norm(model)
                 bad_grad, stop_now = agree_on_step(model, stop, device, grad_norm_tensor)
                 grad_norm = grad_norm_tensor.item()
+                figures = strategy.step_metrics()
                 if bad_grad or not math.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
                     what = f"loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
@@ -240,6 +242,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                     runtime.synchronize(device)
                     elapsed = time.perf_counter() - started
                     step_times.append(elapsed)
+                    step_figures.append(figures)
                     tokens_per_s = num_target_tokens / elapsed
                     record = {
                         "step": step,
@@ -260,6 +263,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                         record["load_imbalance"] = step_routing.load_imbalance
                     if step_routing.aux_loss is not None:
                         record["aux_loss"] = step_routing.aux_loss
+                    record.update(figures)
                     history.records.append(record)
                     reporter.step(record)
                     tensorboard.step(record, step_routing.imbalance_per_layer)
@@ -275,9 +279,8 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         reporter.close()
         tensorboard.close()
 
-    timed = (
-        step_times[train.timing_warmup_steps :] or step_times or [math.inf]
-    )  # a resume may have no steps left
+    timed = step_times[train.timing_warmup_steps :] or step_times or [math.inf]  # a resume: maybe none
+    timed_figures = step_figures[train.timing_warmup_steps :] or step_figures
     median_time = statistics.median(timed)
     peak_mem = torch.tensor(peak_memory_gib(device), device=device)
     if dist.is_initialized():
@@ -301,6 +304,11 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **_training_figures(train, history, routing),
         predicted=plan_prediction(cfg, world) if device.type == "cuda" else None,
+        strategy_metrics={
+            key: statistics.median(figures[key] for figures in timed_figures) for key in timed_figures[0]
+        }
+        if timed_figures
+        else {},
     )
     save_outputs(cfg, strategy, model, run_dir, summary, is_rank0, routing, history)
     return summary
@@ -379,7 +387,9 @@ def save_outputs(
         load = routing.total_load.cpu().round().long()  # token copies: whole numbers
         _save_tensors_atomic({"expert_load": load}, run_dir / EXPERT_LOAD_FILE)
     _write_plots(run_dir, routing, history)
-    write_json_atomic(run_dir / "summary.json", asdict(summary))
+    record = asdict(summary)
+    record.update(record.pop("strategy_metrics"))
+    write_json_atomic(run_dir / "summary.json", record)
 
 
 def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -7,6 +7,7 @@ tensor and sliced, so every strategy starts from exactly the weights `single` st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 from collections.abc import Callable
@@ -216,17 +217,28 @@ def enable_selective_recompute() -> None:
             setattr(functorch_config, name, value)
 
 
-def apply_layer_wrappers(model: nn.Module, train) -> None:
+CheckpointContexts = Callable[[], tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]]
+
+
+def apply_layer_wrappers(
+    model: nn.Module, train, checkpoint_contexts: CheckpointContexts | None = None
+) -> None:
     """Activation checkpointing, then torch.compile, per decoder layer (the fixed middle of the wrap order).
 
     Full checkpointing goes through transformers' own switch (non-reentrant), which keeps parameter names
     unchanged; compile is per layer so that graph breaks stay local and FSDP can still wrap layers.
     Selective checkpointing is a setting of the compiler's partitioner (config validation insists on
     train.compile), so it adds no wrapper at all and never re-runs a GEMM, attention or a collective.
+    `checkpoint_contexts` is torch.utils.checkpoint's `context_fn` for full checkpointing: contexts entered
+    around a layer's first forward and around its recompute (`ep` uses them to replay its exchanges
+    instead of redoing them).
     """
     mode = checkpointing_mode(train.activation_checkpointing)
     if mode == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if checkpoint_contexts is not None:
+            kwargs["context_fn"] = checkpoint_contexts
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if mode == "selective":
         enable_selective_recompute()
     if train.compile:

@@ -115,6 +115,11 @@ class Strategy:
         (`moectl.parallel.gradients`); a strategy with plain local shards adds those over its group."""
         return grad_sum_of_squares(model.parameters()).sqrt()
 
+    def step_metrics(self) -> dict[str, float]:
+        """Figures of this rank's last optimizer step for metrics.jsonl (and, as medians after warm-up,
+        summary.json), counted on the host; called once per step. Default: none."""
+        return {}
+
     def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """How one model or optimizer-state tensor of parameter `param_name` (canonical HF name) goes
         into a resumable checkpoint (torch.distributed.checkpoint).
