@@ -135,13 +135,16 @@ class RoutingRecorder:
                 )
             records.append(router.records.pop())
         counts = torch.stack([counts for counts, _ in records])  # [layers, sequences, experts]
-        aux_sum = None
-        if self.with_aux_loss:
-            rows = len(records) * self.tokens_per_sequence
-            tokens_per_expert = counts.sum(0) / rows  # [sequences, experts]
-            prob_per_expert = torch.stack([prob_sums for _, prob_sums in records]).sum(0) / rows
-            aux_sum = self.num_experts * (tokens_per_expert * prob_per_expert).sum()
+        aux_sum = self.aux_loss_sum(records) if self.with_aux_loss else None
         return counts.sum(1), aux_sum
+
+    def aux_loss_sum(self, records: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """Σ over sequences of E · Σ_e f_e · P_e, with f_e and P_e over the sequence's rows of all layers
+        (transformers' load_balancing_loss_func, one sequence at a time)."""
+        rows = len(records) * self.tokens_per_sequence
+        tokens_per_expert = torch.stack([counts for counts, _ in records]).sum(0) / rows  # [sequences, E]
+        prob_per_expert = torch.stack([prob_sums for _, prob_sums in records]).sum(0) / rows
+        return self.num_experts * (tokens_per_expert * prob_per_expert).sum()
 
 
 def auxiliary_loss(
@@ -154,11 +157,7 @@ def auxiliary_loss(
     for logits in router_logits:
         probs = F.softmax(logits, dtype=torch.float, dim=-1)
         records.append(recorder.summarize(probs, torch.topk(probs, top_k, dim=-1).indices))
-    rows = len(records) * tokens_per_sequence
-    tokens_per_expert = torch.stack([counts for counts, _ in records]).sum(0) / rows
-    prob_per_expert = torch.stack([prob_sums for _, prob_sums in records]).sum(0) / rows
-    aux_sum = num_experts * (tokens_per_expert * prob_per_expert).sum()
-    return aux_sum / (router_logits[0].shape[0] // tokens_per_sequence)
+    return recorder.aux_loss_sum(records) / (router_logits[0].shape[0] // tokens_per_sequence)
 
 
 @dataclass
