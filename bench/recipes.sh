@@ -173,3 +173,29 @@ recipe_one_gpu_speed_levers() {  # each lever alone: micro-batch 8 with and with
   run speed_proxy48_single_mb4_sel 240 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
     --set train.activation_checkpointing=selective --strategy single --global-batch 8 --micro-batch 4 --steps 7
 }
+
+# The one-H200 figures of the 2026-11-29 evening lease in one pass, most important first (each line's
+# summary lands in $OUT/summaries.jsonl as it finishes): the dispatch's no-regression point and the
+# training features' cost (off/on, same flags), checkpointing, the speed goals and their weight check.
+recipe_one_gpu_headline() {
+  local q="$CUT8 --strategy ep --ep-size 1 --global-batch 8 --micro-batch 2 --steps 12 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  run head_ep1_off 200 $q --set train.aux_loss_coef=0 --set train.expert_load_stats=false
+  run head_ep1_on 200 $q --set train.max_grad_norm=0.001 --set train.lr_schedule=cosine --set train.lr_warmup_steps=2 \
+    --set train.aux_loss_coef=0.001 --set train.router_bias_update=0.001
+  run speed_ep_8l_mb16_chunk 200 $CUT8 $SPEED $CHUNK --strategy ep --ep-size 1 --global-batch 16 --micro-batch 16 --steps 8
+  run speed_single_8l_ref 200 $CUT8 $SPEED --strategy single --global-batch 16 --micro-batch 4 --steps 8
+  compare speed_ep_8l_mb16_chunk speed_single_8l_ref
+  rm -rf "$RUNS"/speed_*/model
+  run speed_proxy48_mb3_chunk 240 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
+    --strategy ep --ep-size 1 --global-batch 6 --micro-batch 3 --steps 7
+  run head_ep1_ac 200 $q --set train.aux_loss_coef=0 --set train.expert_load_stats=false --set train.activation_checkpointing=full
+}
+
+recipe_two_gpu_ep_chunks() {  # ep 2 weak scaling against head_ep1_off with ep_chunks 1 and 2; NCCL pipeline weights
+  local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set train.aux_loss_coef=0 --set train.expert_load_stats=false"
+  run ep2_8l_chunks1 200 $q
+  run ep2_8l_chunks2 200 $q --set parallel.ep_chunks=2
+  run tiny_single_gpu 90 $TINY_GPU --strategy single
+  run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=full
+  compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+}
