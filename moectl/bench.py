@@ -282,16 +282,16 @@ def _shared_config(options: BenchOptions) -> RunConfig:
         "micro_batch": options.micro_batch,
         "seq_len": options.seq_len,
         "lr": options.lr,
-        "warmup_steps": options.warmup,
+        "timing_warmup_steps": options.warmup,
     }
     overrides = merge_overrides(
         parse_set_option(options.sets), {"train": {k: v for k, v in flags.items() if v is not None}}
     )
     cfg = resolve(options.config, overrides)
-    if cfg.train.warmup_steps >= cfg.train.steps:
+    if cfg.train.timing_warmup_steps >= cfg.train.steps:
         raise UsageError(
-            f"--warmup {cfg.train.warmup_steps} leaves none of the {cfg.train.steps} steps timed; "
-            f"use --steps {cfg.train.warmup_steps + 3} or a smaller --warmup"
+            f"--warmup {cfg.train.timing_warmup_steps} leaves none of the {cfg.train.steps} steps timed; "
+            f"use --steps {cfg.train.timing_warmup_steps + 3} or a smaller --warmup"
         )
     return cfg
 
@@ -309,7 +309,7 @@ def _common_args(options: BenchOptions, cfg: RunConfig) -> list[str]:
             args += [flag, str(value)]
     for item in options.sets:
         args += ["--set", item]
-    args += ["--set", f"train.warmup_steps={cfg.train.warmup_steps}"]
+    args += ["--set", f"train.timing_warmup_steps={cfg.train.timing_warmup_steps}"]
     if not options.verify:
         args += ["--set", "train.save_model=false"]  # nothing compares the weights: skip writing them
     return args
@@ -607,7 +607,7 @@ class BenchResult:
                     "config": options.config,
                     "nproc": options.nproc,
                     "steps": train.steps,
-                    "warmup_steps": train.warmup_steps,
+                    "warmup_steps": train.timing_warmup_steps,
                     "global_batch": train.global_batch,
                     "micro_batch": train.micro_batch,
                     "seq_len": train.seq_len,

@@ -200,7 +200,9 @@ def bench(
         str | None, Opt("--config", "-c", help="Preset name (see configs/) or a YAML path. Default: tiny.")
     ] = None,
     steps: Annotated[int | None, Opt(help="Optimizer steps per run.")] = None,
-    warmup: Annotated[int | None, Opt(help="Steps left out of the timing (train.warmup_steps).")] = None,
+    warmup: Annotated[
+        int | None, Opt(help="Steps left out of the timing (train.timing_warmup_steps).")
+    ] = None,
     global_batch: Annotated[int | None, Opt(help="Sequences per optimizer step, the same for all.")] = None,
     micro_batch: Annotated[int | None, Opt(help="Sequences per forward/backward on one rank.")] = None,
     seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,

@@ -20,6 +20,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moectl.config import ModelConfig, checkpointing_mode
 from moectl.errors import UsageError
+from moectl.routing import install_routers
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
@@ -153,10 +154,13 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
 
 
 def build_meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Qwen3MoeForCausalLM:
-    """The HF module tree on the meta device: shapes only, no memory, no initialisation cost."""
+    """The HF module tree on the meta device: shapes only, no memory, no initialisation cost. Each
+    layer's router is moectl's `Router` (transformers' math; it can also balance and measure routing)."""
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(hf_config(cfg))
-    return model.to(dtype)
+    model = model.to(dtype)
+    install_routers(model)
+    return model
 
 
 def canonical_name(name: str) -> str:

@@ -22,7 +22,7 @@ from moectl.metrics import format_count, format_mfu
 
 _console_stream: TextIO | None = None
 
-#: how a step left out of the timing is labelled (the first `train.warmup_steps` of every session,
+#: how a step left out of the timing is labelled (the first `train.timing_warmup_steps` of every session,
 #: a resumed one included: allocator, caches and compilation warm up again after a restart)
 WARMUP_LABEL = "warm-up (not timed)"
 
@@ -144,7 +144,7 @@ def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
         ("device", summary.get("device", "cpu")),
         (
             "steps",
-            f"{summary['steps']}; the first {summary['warmup_steps']} of each session not timed (warm-up)",
+            f"{summary['steps']}; the first {summary['timing_warmup_steps']} of each session not timed (warm-up)",
         ),
         ("speed", speed),
         ("MFU", mfu),
@@ -189,7 +189,7 @@ class StepProfiler:
                 [tp.ProfilerActivity.CUDA] if device.type == "cuda" else []
             )
             schedule = tp.schedule(
-                wait=max(train.warmup_steps - 1, 0), warmup=1, active=train.profile_steps, repeat=1
+                wait=max(train.timing_warmup_steps - 1, 0), warmup=1, active=train.profile_steps, repeat=1
             )
             self.profiler = tp.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
             self.sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

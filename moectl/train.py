@@ -43,6 +43,7 @@ from moectl.outputs import (
 from moectl.preflight import check_disk_space, verify_checkpoint
 from moectl.registry import get_strategy
 from moectl.strategy import Strategy
+from moectl.tensorboard_log import check_available as check_tensorboard_available
 
 
 @dataclass
@@ -201,6 +202,8 @@ def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> RunPlan:
         check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
         HFCheckpoint(Path(cfg.model.path)).check_fits(cfg.model)
+    if train.tensorboard:
+        check_tensorboard_available()
     return RunPlan(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step, resume_from)
 
 

@@ -39,7 +39,7 @@ def test_default_train_runs_and_loss_falls(tmp_path):
 
 def test_accumulation_equals_one_big_micro_batch(tmp_path):
     """micro-batch 1 × 4 accumulation steps trains the same weights as micro-batch 4 × 1."""
-    common = ["--steps", "3", "--global-batch", "4", "--set", "train.warmup_steps=0"]
+    common = ["--steps", "3", "--global-batch", "4", "--set", "train.timing_warmup_steps=0"]
     accumulated = train_run(tmp_path / "mb1", *common, "--micro-batch", "1")
     one_shot = train_run(tmp_path / "mb4", *common, "--micro-batch", "4")
     assert weight_rel_error(accumulated, one_shot) <= 1e-6

@@ -13,7 +13,10 @@ from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parent.parent
 # Small, fast settings every numerics test shares (fp32 on the CPU, several SGD steps).
-NUMERICS_ARGS = ["--steps", "3", "--global-batch", "8", "--micro-batch", "2", "--set", "train.warmup_steps=0"]
+NUMERICS_ARGS = [
+    *("--steps", "3", "--global-batch", "8", "--micro-batch", "2"),
+    *("--set", "train.timing_warmup_steps=0"),
+]
 
 
 def run_moectl(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
