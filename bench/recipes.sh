@@ -239,3 +239,11 @@ recipe_four_gpu_batch() {
   run ep4_full_mb2 200 $FULL --strategy ep --ep-size 4 --nproc 4 --micro-batch 2 --global-batch 16 --steps 6 \
     --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true
 }
+
+recipe_two_gpu_ep_alone() {  # ep 2 weak scaling with nothing else on the host: ep_chunks 1 and 2, then a profile of 1
+  local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set train.aux_loss_coef=0 --set train.expert_load_stats=false"
+  run ep2_alone_chunks1 120 $q
+  run ep2_alone_chunks2 120 $q --set parallel.ep_chunks=2
+  run ep2_alone_prof 120 $q --set train.profile_steps=2
+  profile ep2_alone_prof
+}
