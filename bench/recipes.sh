@@ -199,3 +199,51 @@ recipe_two_gpu_ep_chunks() {  # ep 2 weak scaling against head_ep1_off with ep_c
   run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=full
   compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
 }
+
+# A four-GPU lease in one pass: three lanes on disjoint GPUs at once (no lane shares a GPU or NVLink
+# traffic with another), then the runs that need all four. Lane A: ep 2 on GPUs 0-1 (weak scaling,
+# ep_chunks 1 and 2, NCCL pipeline weights); lane B: one-GPU headline on GPU 2 (dispatch no-regression,
+# training features off/on, the chunked-loss micro-batch 16 goal, the 48-layer proxy); lane C: single's
+# reference for the goal run's weight check on GPU 3. Then ep 4 on the 8-layer cut (chunks 1, 2) and on
+# the whole model.
+recipe_four_gpu_batch() {
+  local ep8="$CUT8 --micro-batch 2 --steps 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set train.aux_loss_coef=0 --set train.expert_load_stats=false"
+  local one="$CUT8 --strategy ep --ep-size 1 --global-batch 8 --micro-batch 2 --steps 12 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  (
+    export CUDA_VISIBLE_DEVICES=0,1
+    run ep2_8l_chunks1 150 $ep8 --strategy ep --ep-size 2 --nproc 2 --global-batch 16
+    run ep2_8l_chunks2 150 $ep8 --strategy ep --ep-size 2 --nproc 2 --global-batch 16 --set parallel.ep_chunks=2
+    run tiny_single_gpu 90 $TINY_GPU --strategy single
+    run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=full
+    compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+  ) > "$RUNS/laneA.txt" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=2
+    run head_ep1_off 150 $one --set train.aux_loss_coef=0 --set train.expert_load_stats=false
+    run head_ep1_on 150 $one --set train.max_grad_norm=0.001 --set train.lr_schedule=cosine --set train.lr_warmup_steps=2 \
+      --set train.aux_loss_coef=0.001 --set train.router_bias_update=0.001
+    run speed_ep_8l_mb16_chunk 170 $CUT8 $SPEED $CHUNK --strategy ep --ep-size 1 --global-batch 16 --micro-batch 16 --steps 8
+    run speed_proxy48_mb3_chunk 200 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
+      --strategy ep --ep-size 1 --global-batch 6 --micro-batch 3 --steps 7
+  ) > "$RUNS/laneB.txt" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=3
+    run speed_single_8l_ref 170 $CUT8 $SPEED --strategy single --global-batch 16 --micro-batch 4 --steps 8
+  ) > "$RUNS/laneC.txt" 2>&1 &
+  wait
+  cat "$RUNS"/lane[ABC].txt
+  compare speed_ep_8l_mb16_chunk speed_single_8l_ref
+  rm -rf "$RUNS"/*/model
+  run ep4_8l_chunks1 120 $ep8 --strategy ep --ep-size 4 --nproc 4 --global-batch 32
+  run ep4_8l_chunks2 120 $ep8 --strategy ep --ep-size 4 --nproc 4 --global-batch 32 --set parallel.ep_chunks=2
+  run ep4_full_mb2 200 $FULL --strategy ep --ep-size 4 --nproc 4 --micro-batch 2 --global-batch 16 --steps 6 \
+    --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true
+}
+
+recipe_two_gpu_ep_alone() {  # ep 2 weak scaling with nothing else on the host: ep_chunks 1 and 2, then a profile of 1
+  local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set train.aux_loss_coef=0 --set train.expert_load_stats=false"
+  run ep2_alone_chunks1 120 $q
+  run ep2_alone_chunks2 120 $q --set parallel.ep_chunks=2
+  run ep2_alone_prof 120 $q --set train.profile_steps=2
+  profile ep2_alone_prof
+}
