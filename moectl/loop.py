@@ -30,7 +30,7 @@ from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_
 from moectl.model import build_meta_model, hf_config, materialize, random_init_source
 from moectl.outputs import write_json_atomic
 from moectl.parallel.gradients import clip_gradients_
-from moectl.plan import gpu_kind_for_device, layout_from_config, predict
+from moectl.plan import SMALLEST_CALIBRATED_HIDDEN, gpu_kind_for_device, layout_from_config, predict
 from moectl.report import StepProfiler, StepReporter
 from moectl.routing import Routing
 from moectl.schedule import lr_at, set_lr
@@ -350,9 +350,12 @@ def _resume_notes(saved: set[str], routing: Routing) -> list[str]:
 
 def plan_prediction(cfg: RunConfig, world_size: int) -> dict[str, float] | None:
     """`moectl plan`'s prediction for this run, so every GPU run checks the plan's model; None where the
-    plan has no figures (an unknown GPU, a plugin strategy, fp32 weights)."""
+    plan has no figures (an unknown GPU, a plugin strategy, fp32 weights, layers far smaller than the
+    calibrated ones, which are launch-bound)."""
     kind = gpu_kind_for_device(torch.cuda.get_device_name())
     if kind is None or runtime.training_dtype(cfg.train, True) != torch.bfloat16:
+        return None
+    if cfg.model.hidden_size < SMALLEST_CALIBRATED_HIDDEN:
         return None
     layout = layout_from_config(cfg.parallel, cfg.train, world_size)
     try:
