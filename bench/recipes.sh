@@ -247,3 +247,52 @@ recipe_two_gpu_ep_alone() {  # ep 2 weak scaling with nothing else on the host: 
   run ep2_alone_prof 120 $q --set train.profile_steps=2
   profile ep2_alone_prof
 }
+
+# The dispatch's slot sums as one elementwise kernel (a gather per slot) and its send-order scan as one
+# flat scan, against the same runs on the code before (side by side on the same GPUs, nothing else
+# running). BEFORE: a source tree of the commit before (a `git worktree add`); without one, only "after".
+DISPATCH8="$CUT8 --micro-batch 2 --steps 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set train.aux_loss_coef=0 --set train.expert_load_stats=false --strategy ep"
+
+both() {  # both NAME TIMEOUT ARGS...: NAME_after on this tree, then NAME_before on $BEFORE
+  local name=$1; shift
+  run "${name}_after" "$@"
+  # From inside $BEFORE: `python -m` puts the working directory first on the path.
+  [ -n "${BEFORE:-}" ] && (cd "$BEFORE" && PYTHONPATH="$BEFORE" run "${name}_before" "$@")
+}
+
+recipe_four_gpu_dispatch_pairs() {  # ep 1, 2 and 4 with the same work per GPU, before and after, side by side
+  CUDA_VISIBLE_DEVICES=0 both disp_ep1 150 $DISPATCH8 --ep-size 1 --global-batch 8 --steps 12
+  CUDA_VISIBLE_DEVICES=0,1 both disp_ep2 150 $DISPATCH8 --ep-size 2 --nproc 2 --global-batch 16
+  both disp_ep4 150 $DISPATCH8 --ep-size 4 --nproc 4 --global-batch 32
+}
+
+recipe_four_gpu_dispatch() {  # the pairs, whole-model ep 4, NCCL weights with chunks and checkpointing, an ep 2 profile
+  recipe_four_gpu_dispatch_pairs
+  run disp_ep4_full 240 $FULL --strategy ep --ep-size 4 --nproc 4 --micro-batch 2 --global-batch 16 --steps 6 \
+    --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true
+  CUDA_VISIBLE_DEVICES=2 run tiny_single_gpu 90 $TINY_GPU --strategy single &
+  CUDA_VISIBLE_DEVICES=0,1 run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 \
+    --set parallel.ep_chunks=2 --set train.activation_checkpointing=full
+  wait
+  compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+  CUDA_VISIBLE_DEVICES=0,1 run disp_ep2_prof 120 $DISPATCH8 --ep-size 2 --nproc 2 --global-batch 16 --set train.profile_steps=2
+  profile disp_ep2_prof
+}
+
+recipe_one_gpu_dispatch() {  # the single-GPU speed goals after, their weight check
+  CUDA_VISIBLE_DEVICES=1 run speed_single_8l_ref 170 $CUT8 $SPEED --strategy single --global-batch 16 --micro-batch 4 --steps 8 &
+  CUDA_VISIBLE_DEVICES=0 run speed_ep_8l_mb16_chunk 170 $CUT8 $SPEED $CHUNK --strategy ep --ep-size 1 --global-batch 16 --micro-batch 16 --steps 8
+  wait
+  compare speed_ep_8l_mb16_chunk speed_single_8l_ref
+  rm -rf "$RUNS"/speed_*/model
+  CUDA_VISIBLE_DEVICES=0 run speed_proxy48_mb3_chunk 200 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
+    --strategy ep --ep-size 1 --global-batch 6 --micro-batch 3 --steps 7
+}
+
+recipe_four_gpu_dispatch_more() {  # the ep 2 pair again, the whole model before and after, ep_chunks 2 after
+  CUDA_VISIBLE_DEVICES=0,1 both disp_ep2_again 150 $DISPATCH8 --ep-size 2 --nproc 2 --global-batch 16
+  both disp_ep4_full 240 $FULL --strategy ep --ep-size 4 --nproc 4 --micro-batch 2 --global-batch 16 --steps 6 \
+    --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true
+  CUDA_VISIBLE_DEVICES=0,1 run disp_ep2_chunks2_after 150 $DISPATCH8 --ep-size 2 --nproc 2 --global-batch 16 --set parallel.ep_chunks=2
+  run disp_ep4_chunks2_after 150 $DISPATCH8 --ep-size 4 --nproc 4 --global-batch 32 --set parallel.ep_chunks=2
+}
