@@ -1,9 +1,11 @@
 """Predicted bytes and step time of `ep` with the once-per-rank dispatch and `parallel.ep_chunks`, written
 before any run on 4 or 8 GPUs (BENCHMARKS.md, "ep at scale: predictions"). Run: `python3 bench/predict_ep_scale.py`.
 
-What it rests on: moectl.plan's compute model and fitted figures (moectl/plan_data.py: grouped-GEMM
-efficiency by rows per expert, the all-to-all's 125 GB/s per GPU and direction on NVLink, the per-layer
-idle time), uniform routing (each token's top-k experts a uniformly random k-subset: real routing is
+What it rests on: moectl.plan's compute model with the figures fitted before any once-per-rank run
+(`WRITTEN_WITH`, the fit of the morning of 2026-11-29: grouped-GEMM efficiency by rows per expert, the
+all-to-all's 125 GB/s per GPU and direction on NVLink, the per-layer idle time, no dispatch work; the
+refitted model is `moectl plan`'s, BENCHMARKS.md "`moectl plan`: predicted against measured"), the
+exchange's bytes of moectl.plan (`exchange_bytes`), uniform routing (each token's top-k experts a uniformly random k-subset: real routing is
 less even, so more ranks per token or hotter ranks), and three assumptions of this script, each named:
 a small collective (counts, choices, weight gradients) costs LATENCY_S; a transfer that overlaps compute
 slows that compute by INTERFERENCE of the transfer's time (NCCL's kernels take SMs); with C chunks what is
@@ -14,27 +16,38 @@ backward twins), plus whatever of the rest the expert compute of the other chunk
 from __future__ import annotations
 
 import dataclasses
-from math import comb
 
 from moectl.config import build_config
-from moectl.plan import BYTES_PER_PARAM, GPU_KINDS, Layout, comm_seconds, compute_seconds
-from moectl.plan_data import CALIBRATION
+from moectl.plan import (
+    BYTES_PER_PARAM,
+    GPU_KINDS,
+    Layout,
+    comm_seconds,
+    compute_seconds,
+    exchange_bytes,
+    ranks_per_token,
+)
+from moectl.plan_data import Calibration
 
 LATENCY_S = 30e-6  # one small NCCL collective within a node (assumed)
 INTERFERENCE = 0.10  # share of an overlapped transfer's time added to the compute it overlaps (assumed)
-
-
-def ranks_per_token(num_experts: int, top_k: int, ep: int) -> float:
-    """Expected distinct ranks among a token's top_k experts, experts chosen uniformly without repeats."""
-    local = num_experts // ep
-    return ep * (1 - comb(num_experts - local, top_k) / comb(num_experts, top_k))
+#: The figures these predictions were written with, before the once-per-rank dispatch ran anywhere.
+WRITTEN_WITH = Calibration(
+    seconds_per_token_layer_compiled=2.35e-7,
+    seconds_per_token_layer_eager=9.54e-7,
+    seconds_per_layer_sync=9.1e-4,
+    ep_dispatch_seconds_per_pair=0.0,
+    all_to_all_bytes_per_s=125e9,
+    ddp_overlap=0.045,
+    fsdp_exposure=1.14,
+)
 
 
 def grouped_efficiency(rows_per_expert: float) -> float:
     return (
-        CALIBRATION.grouped_gemm_max
+        WRITTEN_WITH.grouped_gemm_max
         * rows_per_expert
-        / (rows_per_expert + CALIBRATION.grouped_gemm_half_rows)
+        / (rows_per_expert + WRITTEN_WITH.grouped_gemm_half_rows)
     )
 
 
@@ -66,20 +79,19 @@ def predict(
     hidden, top_k, layers = model.hidden_size, model.top_k, model.num_layers
     others = (ep - 1) / ep
 
-    compute = compute_seconds(model, train, layout, gpu, CALIBRATION)
-    comm_old = comm_seconds(model, train, layout, gpu, 1, CALIBRATION)
-    a2a_old = comm_old.get("all-to-all", 0.0)
-    rest = sum(seconds for name, seconds in comm_old.items() if name != "all-to-all")
+    compute = compute_seconds(model, train, layout, gpu, WRITTEN_WITH)
+    comm = comm_seconds(model, train, layout, gpu, 1, WRITTEN_WITH)
+    rest = sum(seconds for name, seconds in comm.items() if name != "all-to-all")
 
-    # Bytes per layer and micro-batch leaving this rank: r rows to other ranks (and as many back).
+    # Bytes per layer and micro-batch leaving this rank: before, one row per chosen expert on another rank,
+    # 4 exchanges; now once per rank (moectl.plan.exchange_bytes: rows with their choices, rows back, and
+    # the gradients of both).
     per_rank = ranks_per_token(model.num_experts, top_k, ep)
-    rows = tokens * per_rank * others
-    row = hidden * BYTES_PER_PARAM
-    # dispatch: row + ids and fp32 weight bits; return: row; backward: row + bf16 weight grads; row
-    new_layer = rows * (row + 8 * top_k) + rows * row + rows * (row + 2 * top_k) + rows * row
-    old_layer = 4 * tokens * top_k * others * row
-    bytes_new, bytes_old = num_micro * layers * new_layer, num_micro * layers * old_layer
-    transfer_new = bytes_new / CALIBRATION.all_to_all_bytes_per_s
+    old_layer = 4 * tokens * top_k * others * hidden * BYTES_PER_PARAM
+    bytes_new = num_micro * layers * exchange_bytes(model, tokens, ep)
+    bytes_old = num_micro * layers * old_layer
+    a2a_old = bytes_old / WRITTEN_WITH.all_to_all_bytes_per_s
+    transfer_new = bytes_new / WRITTEN_WITH.all_to_all_bytes_per_s
 
     # Expert compute per step at the rows a chunk's grouped GEMM gets, and what chunking costs there.
     rows_per_expert = tokens * top_k * ep / model.num_experts

@@ -1,19 +1,21 @@
 """`moectl plan`: predict every parallel layout's speed and memory before running any, from a small model.
 
 Memory is the dry-run's estimate (`moectl.metrics.estimate_memory_gib`, fitted to H200 peaks) with the
-parameters each rank holds, plus the buffers a strategy adds: ep's all-to-all send and receive
-buffers, DDP's gradient buckets, FSDP's unsharded gradients under accumulation and its gathered layers.
+parameters each rank holds and the gradients alive at the peak, plus the buffers a strategy adds: ep's
+exchange buffers (and under checkpointing the rows each layer records for its recompute), DDP's gradient
+buckets, FSDP's unsharded gradients under accumulation and its gathered layers.
 
 Time per optimizer step on one GPU is compute plus the communication the step waits for:
 
 - compute: the step's FLOPs per kernel class (dense GEMMs, flash attention, the experts' grouped GEMM)
   over an achieved efficiency measured on H200s, plus memory-bound work per token and layer, the loss
-  per token, the GPU's idle time per layer and micro-batch, and the passes over the parameters
-  (gradient accumulation, optimizer step) at the achieved HBM bandwidth;
-- communication: all-to-all bytes per MoE layer (ep), gathers and reduce-scatters (fsdp), activation
-  all-reduces (tp), gradient reductions (ddp, ep's replicated part), each over NVLink within a node and
-  the network between nodes, times the share each strategy leaves exposed (moectl/plan_data.py says
-  what was measured and what was fitted).
+  per token, the GPU's idle time per layer and micro-batch, ep's dispatch work per (token, expert) pair
+  when tokens cross ranks, and the passes over the parameters (gradient accumulation, optimizer step) at
+  the achieved HBM bandwidth;
+- communication: the bytes ep's exchanges send (each token once to every other rank that holds one of
+  its experts), gathers and reduce-scatters (fsdp), activation all-reduces (tp), gradient reductions
+  (ddp, ep's replicated part), each over NVLink within a node and the network between nodes, times the
+  share each strategy leaves exposed (moectl/plan_data.py says what was measured and what was fitted).
 
 Nothing here starts a process group or needs a GPU.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from math import comb
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig, build_config, checkpointing_mode
 from moectl.errors import UsageError
@@ -83,6 +86,7 @@ class Prediction:
     exposed_comm_s: float
     memory: MemoryParts
     comm_s: dict[str, float]  # exposed seconds per step by collective
+    ep_dispatch_s: float = 0.0  # of compute_s: ep's dispatch work when tokens cross ranks
 
 
 # ---- the rules a layout must satisfy --------------------------------------------------------------
@@ -124,6 +128,44 @@ def layout_problem(model: ModelConfig, global_batch: int, layout: Layout, num_gp
     return None
 
 
+# ---- ep's exchange ------------------------------------------------------------------------------------
+#: Bytes that travel with each of a row's top-k choices: its local expert id (int32) and router weight
+#: (the fp32 bits), one int32 tensor; in backward each weight's gradient (bf16).
+CHOICE_BYTES, CHOICE_GRAD_BYTES = 8, BYTES_PER_PARAM
+
+
+def ranks_per_token(num_experts: int, top_k: int, ep: int) -> float:
+    """Expected distinct ranks among a token's top_k experts, experts chosen uniformly without repeats
+    (1.99 / 3.63 / 5.34 of 2 / 4 / 8 ranks for Qwen3-30B-A3B's 8 of 128)."""
+    local = num_experts // ep
+    return ep * (1 - comb(num_experts - local, top_k) / comb(num_experts, top_k))
+
+
+def exchange_rows(model: ModelConfig, tokens: int, ep: int) -> float:
+    """Rows one rank sends to other ranks per MoE layer and micro-batch: each token goes once to every rank
+    holding one of its experts, its own rank among them with probability ranks / ep."""
+    if ep == 1:
+        return 0.0
+    return tokens * ranks_per_token(model.num_experts, model.top_k, ep) * (ep - 1) / ep
+
+
+def exchange_bytes(model: ModelConfig, tokens: int, ep: int) -> float:
+    """Bytes one rank sends to other ranks per MoE layer and micro-batch, forward and backward, as
+    summary.json's `a2a_bytes_per_step` counts them: the rows with their choices, the rows back, and in
+    backward the returned rows' gradients and the rows' and weights' gradients."""
+    row = model.hidden_size * BYTES_PER_PARAM
+    per_row = (row + model.top_k * CHOICE_BYTES) + row + row + (row + model.top_k * CHOICE_GRAD_BYTES)
+    return exchange_rows(model, tokens, ep) * per_row
+
+
+def a2a_bytes_per_step(model: ModelConfig, train: TrainConfig, layout: Layout) -> float:
+    """Bytes one rank sends in ep's exchanges per optimizer step: summary.json's `a2a_bytes_per_step`."""
+    if layout.strategy != "ep":
+        return 0.0
+    num_micro = train.global_batch // (layout.micro_batch * layout.dp)
+    return num_micro * model.num_layers * exchange_bytes(model, layout.micro_batch * train.seq_len, layout.ep)
+
+
 # ---- memory -----------------------------------------------------------------------------------------
 def _params(model: ModelConfig, layout: Layout) -> tuple[float, float, float]:
     """(parameters each rank holds sharded, parameters whose gradients it holds whole when it accumulates
@@ -151,24 +193,50 @@ def _params(model: ModelConfig, layout: Layout) -> tuple[float, float, float]:
 def predict_memory(model: ModelConfig, train: TrainConfig, layout: Layout) -> MemoryParts:
     """Peak GiB per GPU, split into what the dry-run's estimate sizes and what the strategy adds."""
     train = _train_for(train, layout)
+    counts = count_params(model)
     sharded, whole_grads, gathered_unit = _params(model, layout)
     num_micro = train.global_batch // (layout.micro_batch * layout.dp)
-    static = estimate_memory_gib(model, dataclasses.replace(train, micro_batch=0), sharded, BYTES_PER_PARAM)
+    grads = sharded
+    if num_micro == 1:
+        # Gradients are freed after every step (zero_grad(set_to_none=True)), so with one micro-batch none
+        # exists at the end of the forward, where activations peak, but the head's: made in forward by the
+        # chunked loss (whose term in the estimate counts it), or in the loss's backward while the logits'
+        # gradient is alive. (Accumulating, the earlier micro-batches' gradients are all alive.)
+        head = counts.embedding * sharded / counts.total if gathered_unit else counts.embedding
+        grads = 0.0 if train.loss_chunk_tokens > 0 else head
+    no_batch = dataclasses.replace(train, micro_batch=0)
+    static = estimate_memory_gib(model, no_batch, sharded, BYTES_PER_PARAM, grads)
     no_layers = dataclasses.replace(model, num_layers=0)
     logits = estimate_memory_gib(no_layers, train, 0, BYTES_PER_PARAM)
-    activations = estimate_memory_gib(model, train, sharded, BYTES_PER_PARAM) - static - logits
+    activations = estimate_memory_gib(model, train, sharded, BYTES_PER_PARAM, grads) - static - logits
     extra_params = 0.0
     if layout.strategy == "ddp" and layout.world > 1:
         extra_params = whole_grads  # DDP's gradient buckets are a second copy of the gradients
     if gathered_unit and layout.dp > 1:
-        embedding = count_params(model).embedding / layout.tp
+        embedding = counts.embedding / layout.tp
         # Two layers gathered (the current one and the prefetched one), the root (embeddings, lm_head)
         # stays gathered, and accumulation keeps whole gradients until the last micro-batch.
         extra_params = 2 * gathered_unit + embedding + (whole_grads - sharded if num_micro > 1 else 0)
     buffers = 0.0
     if layout.strategy == "ep" and layout.ep > 1:
-        buffers = 2 * layout.micro_batch * train.seq_len * model.top_k * model.hidden_size * BYTES_PER_PARAM
-    return MemoryParts(static + extra_params * BYTES_PER_PARAM / 2**30, activations, logits, buffers / 2**30)
+        tokens = layout.micro_batch * train.seq_len
+        rows = tokens * ranks_per_token(model.num_experts, model.top_k, layout.ep)
+        # One layer's exchange buffers at their fullest, when the expert rank starts the return trip: the
+        # rows sent (with their choices) and received (with theirs), the expert rank's results for them,
+        # and the buffer the returned rows land in.
+        row = model.hidden_size * BYTES_PER_PARAM
+        buffers = 4 * rows * row + 2 * rows * model.top_k * CHOICE_BYTES
+        if layout.activation_checkpointing:
+            # Each layer records what it received (rows, weights, expert ids) for its recompute to replay.
+            recorded = model.hidden_size * BYTES_PER_PARAM + model.top_k * (BYTES_PER_PARAM + 4)
+            activations += model.num_layers * rows * recorded / 2**30
+    parts = MemoryParts(static + extra_params * BYTES_PER_PARAM / 2**30, activations, logits, buffers / 2**30)
+    if num_micro == 1:  # the other candidate peak: every gradient made, the activations freed
+        after_backward = estimate_memory_gib(model, no_batch, sharded, BYTES_PER_PARAM)
+        after_backward += extra_params * BYTES_PER_PARAM / 2**30
+        if after_backward > parts.total:
+            return MemoryParts(after_backward, 0.0, 0.0, 0.0)
+    return parts
 
 
 # ---- time ------------------------------------------------------------------------------------------
@@ -211,7 +279,22 @@ def compute_seconds(
     # Optimizer: read weights and gradients, write weights, read and write each state; one more read of
     # the gradients for the norm and finiteness check. Accumulation: read, add, write the gradients.
     streamed = sharded * (4 + 2 * states) + (num_micro - 1) * whole_grads * 3
-    return num_micro * per_micro_batch + streamed * BYTES_PER_PARAM / gpu.hbm_bytes_per_s
+    dispatch = ep_dispatch_seconds(model, train, layout, cal)
+    return num_micro * per_micro_batch + streamed * BYTES_PER_PARAM / gpu.hbm_bytes_per_s + dispatch
+
+
+def ep_dispatch_seconds(model: ModelConfig, train: TrainConfig, layout: Layout, cal: Calibration) -> float:
+    """ep > 1: the dispatch's GPU time per step beyond one GPU's (index building, gathers, the gather-reduce
+    of a row's pairs, the combine, the host sync), at the fitted `ep_dispatch_seconds_per_pair` for every
+    (token, chosen expert) pair of every layer and micro-batch; recomputed with the layer under full
+    checkpointing like the other per-token work. Part of compute_seconds."""
+    if layout.strategy != "ep" or layout.ep == 1:
+        return 0.0
+    train = _train_for(train, layout)
+    num_micro = train.global_batch // (layout.micro_batch * layout.dp)
+    pairs = layout.micro_batch * train.seq_len * model.top_k
+    recompute = 4 / 3 if layout.activation_checkpointing else 1.0
+    return num_micro * model.num_layers * pairs * cal.ep_dispatch_seconds_per_pair * recompute
 
 
 def comm_seconds(
@@ -256,13 +339,13 @@ def comm_seconds(
     if layout.strategy == "ep" and world > 1:
         ep_spans = ep > gpus_per_node
         if ep > 1:
-            # Dispatch and combine, forward and backward: 4 exchanges per MoE layer and micro-batch, each
-            # row (token, chosen expert) of H values sent unless its expert is on this rank.
-            sent = num_micro * model.num_layers * 4 * tokens * model.top_k * model.hidden_size * nbytes
+            # Dispatch and return, forward and backward: each token once to every other rank that holds one
+            # of its experts (with its choices), one row back per (token, rank); nothing overlaps.
+            sent = a2a_bytes_per_step(model, train, layout)
             a2a = cal.all_to_all_bytes_per_s
             if ep_spans:  # the network at the share of its bandwidth the exchange reaches on NVLink
                 a2a *= gpu.network_bytes_per_s / gpu.allreduce_bytes_per_s
-            out["all-to-all"] = sent * (ep - 1) / ep / a2a
+            out["all-to-all"] = sent / a2a
         replicas = world // ep
         if layout.ep_fsdp:
             out["fsdp gather/scatter"] = gather_and_scatter(counts.dense, world, across_nodes)
@@ -299,7 +382,9 @@ def predict(
     tokens_per_s = train.global_batch * train.seq_len / step / num_gpus
     memory = predict_memory(model, train, layout)
     mfu = flops_per_token(model, train.seq_len) * tokens_per_s / kind.peak_flops
-    return Prediction(tokens_per_s, memory.total, mfu, step, compute, sum(comm.values()), memory, comm)
+    dispatch = ep_dispatch_seconds(model, train, layout, cal)
+    exposed = sum(comm.values())
+    return Prediction(tokens_per_s, memory.total, mfu, step, compute, exposed, memory, comm, dispatch)
 
 
 def layout_from_config(parallel: ParallelConfig, train: TrainConfig, world_size: int) -> Layout:
@@ -340,7 +425,7 @@ def _train_for(train: TrainConfig, layout: Layout) -> TrainConfig:
 
 def run_config(run: MeasuredRun) -> tuple[ModelConfig, TrainConfig, Layout]:
     """The model, training settings and layout of one measured run (moectl/plan_data.py)."""
-    train = {"seq_len": run.seq_len, "global_batch": run.global_batch}
+    train = {**run.train, "seq_len": run.seq_len, "global_batch": run.global_batch}
     cfg = build_config("qwen3-30b-a3b", {"model": dict(run.model), "train": train})
     layout = Layout(
         run.strategy, run.world // run.tp, run.tp, run.ep, micro_batch=run.micro_batch,

@@ -8,7 +8,7 @@ fit that produced the figures of `CALIBRATION` is `bench/fit_plan.py`, which re-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,10 @@ GPU_KINDS: dict[str, GpuKind] = {
 
 @dataclass(frozen=True)
 class Calibration:
-    """Achieved efficiencies per kernel class and the exposed share of each strategy's communication."""
+    """Achieved efficiencies per kernel class and the exposed share of each strategy's communication.
+
+    The figures marked "fitted" are written by `python3 bench/fit_plan.py --fit` (it rewrites their values
+    below); the others come from profiles and are set by hand with the profile named."""
 
     # From the kernel times of two profiles (profile_ep1_8l_compiled.txt, profile_proxy48_mb2.txt), as a
     # fraction of peak: dense GEMMs (attention projections, router, lm_head) ran at 802 and 762 TFLOP/s;
@@ -51,25 +54,36 @@ class Calibration:
     # 586 at 1024 rows, where profile_ep2_8l.txt measured 588 (a held-out check).
     grouped_gemm_max: float = 0.68
     grouped_gemm_half_rows: float = 150.0
-    # Memory-bound work per token and layer (norms, rotary, SiLU·up, the dispatch's gathers) and per token
-    # for the loss, compiled and eager; and the GPU idle time per layer and micro-batch (host syncs of
-    # the dispatch, launch gaps). Fitted by bench/fit_plan.py on the one-GPU step times (role "fit").
-    seconds_per_token_layer_compiled: float = 2.35e-7
-    seconds_per_token_layer_eager: float = 9.54e-7
+    # Memory-bound work per token and layer (norms, rotary, SiLU·up, the one-GPU dispatch's gathers and
+    # weighted sums) and per token for the loss, compiled and eager; and the GPU idle time per layer and
+    # micro-batch (launch gaps). Fitted on the one-GPU step times (role "fit").
+    seconds_per_token_layer_compiled: float = 2.31e-7
+    seconds_per_token_layer_eager: float = 9.53e-7
     # Loss kernels per token: compiled 12.6 ms per 32,768 tokens (profile_ep1_8l_compiled.txt), eager
     # log-softmax forward + backward 39 ms per 32,768 tokens plus its fp32 copies (profile_ep1_8l.txt).
     seconds_per_token_loss_compiled: float = 3.85e-7
     seconds_per_token_loss_eager: float = 1.5e-6
-    seconds_per_layer_sync: float = 9.1e-4
+    seconds_per_layer_sync: float = 9.21e-4
+    # ep > 1, the once-per-rank dispatch's own GPU time beyond what one GPU runs: building the exchange's
+    # index tensors (an int64 cumsum over [tokens, ranks], the send order, the pairs' sort), the gather of
+    # the rows to send, the expert rank's gather-reduce of a row's pairs (forward and backward), the
+    # combine of the returned rows, and the layer's host sync before the exchange. Charged per (token,
+    # chosen expert) pair a rank computes, per layer and micro-batch: pairs do not grow with ep, and the
+    # runs say the cost does not either (charged per received row, which grows 1.8× from ep 2 to ep 4,
+    # the fit needs a negative bandwidth). Fitted on the ep > 1 step times with all_to_all_bytes_per_s
+    # (profile_ep2_alone_prof.txt: about 80 ms per step of gather-reduce and index kernels at ep 2 on the
+    # 8-layer cut; the figure also holds the idle time around them). Refit when the kernels change.
+    ep_dispatch_seconds_per_pair: float = 7.6e-8
     # Communication, as the fraction of its transfer time (bytes / link bandwidth) that the step waits
-    # for. ep's all-to-all: the exchange runs on NCCL's stream while the compute stream waits for it
-    # (c10d's all-to-all), and a host sync per layer sizes the receive buffers, so nothing overlaps;
-    # what is fitted is the bandwidth the exchange reaches (sent once per chosen expert, uneven splits
-    # under real routing included). ddp: the share of the gradient all-reduce hidden behind backward.
-    # fsdp: gathers and reduce-scatters cost more than their transfers (copy-in/out, no overlap seen).
-    all_to_all_bytes_per_s: float = 125e9
-    ddp_overlap: float = 0.045
-    fsdp_exposure: float = 1.14
+    # for. ep's all-to-all: every exchange is waited for before the compute that needs it (ep_chunks 1,
+    # the default), so nothing overlaps; what is fitted is the bandwidth the exchange reaches in step
+    # time (the bytes `a2a_bytes_per_step` counts, uneven splits under real routing and the small
+    # exchange of each row's choices included). ddp: the share of the gradient all-reduce hidden behind
+    # backward. fsdp: gathers and reduce-scatters cost more than their transfers (copy-in/out, no
+    # overlap seen).
+    all_to_all_bytes_per_s: float = 1e11
+    ddp_overlap: float = 0.022
+    fsdp_exposure: float = 1.15
     tp_overlap: float = 0.0  # tp's all-reduces sit on the forward and backward critical path
 
 
@@ -79,11 +93,12 @@ CALIBRATION = Calibration()
 @dataclass(frozen=True)
 class MeasuredRun:
     """One measured GPU run of the qwen3-30b-a3b preset (seq 4096, bf16, SGD, synthetic data) with `model`
-    overriding its dimensions. `role`: "fit" (sets a figure above), "holdout" (checked, never fitted),
-    "profiled" (torch.profiler ran on 2 of the 4 timed steps, so the median includes one: checked, not
-    fitted; runs that profiled 2 of 5 or more timed steps have an unprofiled median), "superseded" (the code
-    that ran has since changed: shown, not held to the bounds), "out of scope" (see the note), "pending"
-    (scripted in bench/, not run yet: its prediction is written down in BENCHMARKS.md before the run)."""
+    and `train` overriding its settings. `role`: "fit" (sets a fitted figure above), "holdout" (checked,
+    never fitted), "profiled" (torch.profiler ran on some of its timed steps: checked, not fitted),
+    "superseded" (the code that ran has since changed: shown, not held to the bounds), "out of scope" (see
+    the note), "pending" (scripted in bench/, not run yet: its prediction is written down in BENCHMARKS.md
+    before the run). `predicted_before`: (tokens/s per GPU, peak GiB) written down before the run was
+    made; `a2a_bytes_per_step`: what ep's exchanges sent per rank and step (summary.json)."""
 
     name: str
     date: str
@@ -103,6 +118,9 @@ class MeasuredRun:
     role: str
     note: str = ""
     seq_len: int = 4096
+    train: dict = field(default_factory=dict)
+    a2a_bytes_per_step: float | None = None
+    predicted_before: tuple[float, float] | None = None
 
     @property
     def script(self) -> str:
@@ -117,7 +135,15 @@ class MeasuredRun:
 
 L16, L8, L4, FULL = {"num_layers": 16}, {"num_layers": 8}, {"num_layers": 4}, {}
 PROXY = {"num_experts": 32}  # one GPU's share of ep 4: 48 layers of 32 experts
+CHUNKED = {"loss_chunk_tokens": 4096}  # lm_head and loss chunk by chunk
 SUPERSEDED = "code since changed: "
+ONE_ROW_PER_CHOICE = SUPERSEDED + "one row per chosen expert in each exchange (before once-per-rank)"
+#: One-GPU ep runs of the dispatch before once-per-rank. Nothing is exchanged on one GPU; there the current
+#: dispatch differs by no host sync and a fused weighted sum, and measured +1.4 % on the same layout
+#: ("ep1 8l mb2 features off" against 72,849): within the model's error, so these stay bound.
+OLD_DISPATCH = "one GPU, the dispatch before once-per-rank (+1.4 % since on the same layout)"
+LANE = "ran on one GPU of the four-GPU host beside the other lanes (shared CPUs)"
+FEATURES_ON = "Qwen3's balancing (aux loss 0.001) and load statistics on, which the model does not count"
 
 #: recipe key -> (the script that ran it, its raw result with {run} the run name)
 RECIPES = {
@@ -130,44 +156,47 @@ RECIPES = {
     "b2p": ("recipe two-gpu-bench", "bench/results/2026-11-29-h200x2-b/{run}_summary.json"),
     "1": ("recipe one-gpu-8l", "bench/results/2026-11-28-h200x1/{run}.log"),
     "1b": ("recipe one-gpu-8l (with the levers, 2026-11-28)", "bench/results/2026-11-28-h200x1-b/{run}.log"),
-    "4": ("recipe four-gpu-full-model", "not run yet: {run}"),
+    "4b": ("recipe four-gpu-batch", "bench/results/2026-11-29-h200x4/summaries.jsonl#{run}"),
+    "2e": ("recipe two-gpu-ep-alone", "bench/results/2026-11-29-h200x2-c/summaries.jsonl#{run}"),
     "b4": ("recipe four-gpu-bench", "not run yet: {run}"),
+    "4": ("recipe four-gpu-full-model", "not run yet: {run}"),
     "c1": ("recipe four-gpu-layouts", "not run yet: {run}"),
-    "w": ("recipe weak-scaling", "not run yet: {run}"),
 }
 # fmt: off
 MEASURED_RUNS: list[MeasuredRun] = [
     # name                      date          machine   recipe                   strategy  W ep tp mb  gb model  compile AC     tok/s/GPU GiB     role
-    MeasuredRun("ep1 8l mb2",           "2026-11-29", "h200x1", "c ep1_8l_closs",        "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 72849, 35.31, "fit"),
-    MeasuredRun("ep1 8l mb4",           "2026-11-29", "h200x1", "c ep1_8l_closs_mb4",    "ep",     1, 1, 1, 4, 8,  L8,    True,  False, 82986, 49.09, "fit"),
-    MeasuredRun("ep1 8l mb2 AC",        "2026-11-29", "h200x1", "c ep1_8l_closs_ac",     "ep",     1, 1, 1, 2, 8,  L8,    True,  True,  60546, 26.58, "holdout"),
+    MeasuredRun("ep1 8l mb2",           "2026-11-29", "h200x1", "c ep1_8l_closs",        "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 72849, 35.31, "superseded",
+                SUPERSEDED + "the dispatch before once-per-rank; the same layout on the current code: ep1 8l mb2 features off"),
+    MeasuredRun("ep1 8l mb4",           "2026-11-29", "h200x1", "c ep1_8l_closs_mb4",    "ep",     1, 1, 1, 4, 8,  L8,    True,  False, 82986, 49.09, "fit", OLD_DISPATCH),
+    MeasuredRun("ep1 8l mb2 AC",        "2026-11-29", "h200x1", "c ep1_8l_closs_ac",     "ep",     1, 1, 1, 2, 8,  L8,    True,  True,  60546, 26.58, "holdout", OLD_DISPATCH),
     MeasuredRun("single 8l mb2",        "2026-11-29", "h200x1", "c single_8l_closs",     "single", 1, 1, 1, 2, 8,  L8,    True,  False, 74736, 35.32, "fit"),
-    MeasuredRun("proxy48 mb1",          "2026-11-29", "h200x1", "p proxy48_mb1",         "ep",     1, 1, 1, 1, 8,  PROXY, True,  False, 15144, 62.67, "fit"),
-    MeasuredRun("proxy48 mb2",          "2026-11-29", "h200x1", "p proxy48_mb2",         "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 17776, 91.99, "fit"),
-    MeasuredRun("proxy48 mb2 profiled", "2026-11-29", "h200x1", "p proxy48_mb2_prof",    "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 15989, 91.99, "profiled"),
+    MeasuredRun("proxy48 mb1",          "2026-11-29", "h200x1", "p proxy48_mb1",         "ep",     1, 1, 1, 1, 8,  PROXY, True,  False, 15144, 62.67, "fit", OLD_DISPATCH),
+    MeasuredRun("proxy48 mb2",          "2026-11-29", "h200x1", "p proxy48_mb2",         "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 17776, 91.99, "fit", OLD_DISPATCH),
+    MeasuredRun("proxy48 mb2 profiled", "2026-11-29", "h200x1", "p proxy48_mb2_prof",    "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 15989, 91.99, "profiled",
+                OLD_DISPATCH + "; torch.profiler on 2 of its 4 timed steps"),
     MeasuredRun("bench1 single 4l",     "2026-11-29", "h200x1", "b1 single",             "single", 1, 1, 1, 2, 8,  L4,    True,  False, 118965, 21.54, "fit"),
     MeasuredRun("bench1 ddp 4l",        "2026-11-29", "h200x1", "b1 ddp",                "single", 1, 1, 1, 2, 8,  L4,    True,  False, 118743, 21.54, "holdout",
                 "ddp on one process trains the unwrapped model: single's code"),
     MeasuredRun("bench1 fsdp 4l",       "2026-11-29", "h200x1", "b1 fsdp",               "single", 1, 1, 1, 2, 8,  L4,    True,  False, 118510, 21.54, "holdout",
                 "fsdp on one process trains the unwrapped model: single's code"),
-    MeasuredRun("bench1 ep 4l",         "2026-11-29", "h200x1", "b1 ep",                 "ep",     1, 1, 1, 2, 8,  L4,    True,  False, 119137, 21.54, "holdout"),
+    MeasuredRun("bench1 ep 4l",         "2026-11-29", "h200x1", "b1 ep",                 "ep",     1, 1, 1, 2, 8,  L4,    True,  False, 119137, 21.54, "holdout", OLD_DISPATCH),
     MeasuredRun("bench2 single 4l",     "2026-11-29", "h200x2", "b2 single",             "single", 1, 1, 1, 2, 8,  L4,    True,  False, 119966, 21.54, "holdout"),
-    MeasuredRun("ep2 8l",               "2026-11-29", "h200x2", "a ep2_8l",              "ep",     2, 2, 1, 2, 16, L8,    True,  False, 57850, 26.68, "fit"),
+    MeasuredRun("ep2 8l",               "2026-11-29", "h200x2", "a ep2_8l",              "ep",     2, 2, 1, 2, 16, L8,    True,  False, 57850, 26.68, "superseded", ONE_ROW_PER_CHOICE),
     MeasuredRun("fsdp2 8l",             "2026-11-29", "h200x2", "a fsdp2_8l",            "fsdp",   2, 1, 1, 2, 16, L8,    True,  False, 53312, 32.41, "fit"),
     MeasuredRun("ddp2 8l",              "2026-11-29", "h200x2", "a ddp2_8l",             "ddp",    2, 1, 1, 2, 16, L8,    True,  False, 68880, 45.76, "fit"),
-    MeasuredRun("ep2 full mb2",         "2026-11-29", "h200x2", "f ep2_full_mb2",        "ep",     2, 2, 1, 2, 8,  FULL,  True,  False, 12797, 120.06, "holdout"),
+    MeasuredRun("ep2 full mb2",         "2026-11-29", "h200x2", "f ep2_full_mb2",        "ep",     2, 2, 1, 2, 8,  FULL,  True,  False, 12797, 120.06, "superseded", ONE_ROW_PER_CHOICE),
     MeasuredRun("fsdp2 full mb1",       "2026-11-29", "h200x2", "f fsdp2_full",          "fsdp",   2, 1, 1, 1, 8,  FULL,  True,  False, 6910, 117.85, "holdout"),
-    MeasuredRun("ep2 full eager mb1",   "2026-11-29", "h200x2", "f ep2_full_eager",      "ep",     2, 2, 1, 1, 8,  FULL,  False, False, 7288, 104.57, "holdout"),
+    MeasuredRun("ep2 full eager mb1",   "2026-11-29", "h200x2", "f ep2_full_eager",      "ep",     2, 2, 1, 1, 8,  FULL,  False, False, 7288, 104.57, "superseded", ONE_ROW_PER_CHOICE),
     MeasuredRun("naive ep2 full eager", "2026-11-29", "h200x2", "f naive2_full",         "naive_ep", 2, 2, 1, 1, 8, FULL, False, False, 1098, 97.32, "out of scope",
                 "examples/naive_ep/naive_ep.py loops over its 64 local experts in Python in every layer: a layout plan "
                 "does not offer, and a kernel class the model has no figure for"),
     MeasuredRun("bench2 ddp 4l",        "2026-11-29", "h200x2", "b2 ddp",                "ddp",    2, 1, 1, 2, 8,  L4,    True,  False, 106751, 27.34, "holdout"),
     MeasuredRun("bench2 fsdp 4l",       "2026-11-29", "h200x2", "b2 fsdp",               "fsdp",   2, 1, 1, 2, 8,  L4,    True,  False, 85304, 20.96, "fit"),
     MeasuredRun("bench2 tp 4l",         "2026-11-29", "h200x2", "b2 tp",                 "tp",     2, 1, 2, 2, 8,  L4,    True,  False, 70289, 15.91, "holdout"),
-    MeasuredRun("bench2 ep 4l",         "2026-11-29", "h200x2", "b2 ep",                 "ep",     2, 2, 1, 2, 8,  L4,    True,  False, 101462, 17.28, "fit"),
-    MeasuredRun("ep2 8l profiled",      "2026-11-29", "h200x2", "b2p ep2_8l_prof",       "ep",     2, 2, 1, 2, 16, L8,    True,  False, 63175, 26.67, "profiled"),
-    MeasuredRun("ep1 8l eager mb2",     "2026-11-28", "h200x1", "1b ep1_8l_gather",      "ep",     1, 1, 1, 2, 8,  L8,    False, False, 49169, 49.18, "fit"),
-    MeasuredRun("ep1 8l eager mb4",     "2026-11-28", "h200x1", "1b ep1_8l_mb4",         "ep",     1, 1, 1, 4, 8,  L8,    False, False, 52943, 77.41, "fit"),
+    MeasuredRun("bench2 ep 4l",         "2026-11-29", "h200x2", "b2 ep",                 "ep",     2, 2, 1, 2, 8,  L4,    True,  False, 101462, 17.28, "superseded", ONE_ROW_PER_CHOICE),
+    MeasuredRun("ep2 8l profiled",      "2026-11-29", "h200x2", "b2p ep2_8l_prof",       "ep",     2, 2, 1, 2, 16, L8,    True,  False, 63175, 26.67, "superseded", ONE_ROW_PER_CHOICE),
+    MeasuredRun("ep1 8l eager mb2",     "2026-11-28", "h200x1", "1b ep1_8l_gather",      "ep",     1, 1, 1, 2, 8,  L8,    False, False, 49169, 49.18, "fit", OLD_DISPATCH),
+    MeasuredRun("ep1 8l eager mb4",     "2026-11-28", "h200x1", "1b ep1_8l_mb4",         "ep",     1, 1, 1, 4, 8,  L8,    False, False, 52943, 77.41, "fit", OLD_DISPATCH),
     MeasuredRun("single 8l eager mb2",  "2026-11-28", "h200x1", "1 single_8l",           "single", 1, 1, 1, 2, 8,  L8,    False, False, 42459, 49.19, "superseded",
                 SUPERSEDED + "foreach SGD before the fused one"),
     MeasuredRun("ep1 8l eager, call 1", "2026-11-28", "h200x1", "1 ep1_8l",              "ep",     1, 1, 1, 2, 8,  L8,    False, False, 44385, 49.18, "superseded",
@@ -176,9 +205,40 @@ MEASURED_RUNS: list[MeasuredRun] = [
                 SUPERSEDED + "the loss ran eager in fp32 (compile now covers it)"),
     MeasuredRun("single 8l compiled layers", "2026-11-28", "h200x1", "1b single_8l_compile", "single", 1, 1, 1, 2, 8, L8, True, False, 66977, 46.30, "superseded",
                 SUPERSEDED + "the loss ran eager in fp32 (compile now covers it)"),
-    # ---- four H200s: scripted, not run yet (the 4-GPU kind has not been lent) ----
-    MeasuredRun("ep4 full mb2",         "pending",    "h200x4", "4 ep4",                 "ep",     4, 4, 1, 2, 16, FULL,  True,  False, None, None, "pending",
-                "profiled on 2 of its 6 timed steps"),
+    # ---- 2026-11-29 evening, the once-per-rank dispatch: four H200s (three lanes at once, then ep 4 alone), two H200s (alone)
+    MeasuredRun("ep1 8l mb2 features off", "2026-11-29", "h200x4", "4b head_ep1_off",    "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 73860, 34.72, "fit",
+                LANE + "; balancing and load statistics off, as in the runs before them"),
+    MeasuredRun("ep1 8l mb2 features on", "2026-11-29", "h200x4", "4b head_ep1_on",      "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 71875, 34.72, "holdout",
+                LANE + "; clipping every step, cosine schedule, aux loss, router bias and load statistics on "
+                "(+2.8 % step time, which the model does not count)"),
+    MeasuredRun("ep1 8l mb16 chunked",  "2026-11-29", "h200x4", "4b speed_ep_8l_mb16_chunk", "ep", 1, 1, 1, 16, 16, L8,    True,  False, 87505, 87.86, "holdout",
+                LANE + "; one micro-batch per step; " + FEATURES_ON, train=CHUNKED),
+    MeasuredRun("proxy48 mb3 chunked",  "2026-11-29", "h200x4", "4b speed_proxy48_mb3_chunk", "ep", 1, 1, 1, 3, 6, PROXY, True,  False, 17768, 117.92, "holdout",
+                LANE + "; " + FEATURES_ON, train=CHUNKED),
+    MeasuredRun("single 8l mb4",        "2026-11-29", "h200x4", "4b speed_single_8l_ref", "single", 1, 1, 1, 4, 16, L8,    True,  False, 81562, 48.46, "holdout",
+                LANE + "; " + FEATURES_ON),
+    MeasuredRun("ep2 8l lane A",        "2026-11-29", "h200x4", "4b ep2_8l_chunks1",     "ep",     2, 2, 1, 2, 16, L8,    True,  False, 51817, 26.27, "holdout",
+                "ran on two GPUs of the four-GPU host beside the other lanes (shared CPUs): 2.5 % below the same run alone",
+                a2a_bytes_per_step=4309833312),
+    MeasuredRun("ep2 8l lane A chunks2", "2026-11-29", "h200x4", "4b ep2_8l_chunks2",    "ep",     2, 2, 1, 2, 16, L8,    True,  False, 53990, 26.28, "out of scope",
+                "parallel.ep_chunks 2, which plan does not model (off by default; alone it measured 11 % slower than 1); "
+                "beside the other lanes", a2a_bytes_per_step=4309743264),
+    MeasuredRun("ep4 8l",               "2026-11-29", "h200x4", "4b ep4_8l_chunks1",     "ep",     4, 4, 1, 2, 32, L8,    True,  False, 48317, 22.28, "fit",
+                "alone on the four-GPU host; the layout of recipe weak-scaling's weak_ep4, predicted before",
+                a2a_bytes_per_step=11794024848, predicted_before=(53817, 21.5)),
+    MeasuredRun("ep4 8l chunks2",       "2026-11-29", "h200x4", "4b ep4_8l_chunks2",     "ep",     4, 4, 1, 2, 32, L8,    True,  False, 45830, 22.27, "out of scope",
+                "parallel.ep_chunks 2, which plan does not model (off by default; 5 % slower than 1 here)",
+                a2a_bytes_per_step=11795369328),
+    MeasuredRun("ep4 full mb2",         "2026-11-29", "h200x4", "4b ep4_full_mb2",       "ep",     4, 4, 1, 2, 16, FULL,  True,  False, 9518, 93.95, "holdout",
+                "alone on the four-GPU host; " + FEATURES_ON, a2a_bytes_per_step=35165583984, predicted_before=(10351, 91.9)),
+    MeasuredRun("ep2 8l alone",         "2026-11-29", "h200x2", "2e ep2_alone_chunks1",  "ep",     2, 2, 1, 2, 16, L8,    True,  False, 53133, 26.27, "fit",
+                "alone on the two-GPU host", a2a_bytes_per_step=4309940208),
+    MeasuredRun("ep2 8l alone chunks2", "2026-11-29", "h200x2", "2e ep2_alone_chunks2",  "ep",     2, 2, 1, 2, 16, L8,    True,  False, 47215, 26.28, "out of scope",
+                "parallel.ep_chunks 2, which plan does not model (off by default; 11 % slower than 1 here)",
+                a2a_bytes_per_step=4309849776),
+    MeasuredRun("ep2 8l alone profiled", "2026-11-29", "h200x2", "2e ep2_alone_prof",    "ep",     2, 2, 1, 2, 16, L8,    True,  False, 53505, 26.27, "profiled",
+                "torch.profiler on 2 of its 5 timed steps (profile_ep2_alone_prof.txt)", a2a_bytes_per_step=4309923648),
+    # ---- four H200s: scripted, not run yet ----
     MeasuredRun("fsdp4 full eager mb1", "pending",    "h200x4", "4 fsdp4",               "fsdp",   4, 1, 1, 1, 16, FULL,  False, False, None, None, "pending"),
     MeasuredRun("bench4 fsdp",          "pending",    "h200x4", "b4 fsdp",               "fsdp",   4, 1, 1, 1, 16, FULL,  True,  False, None, None, "pending"),
     MeasuredRun("bench4 tp",            "pending",    "h200x4", "b4 tp",                 "tp",     4, 1, 4, 1, 16, FULL,  True,  False, None, None, "pending"),
@@ -189,10 +249,8 @@ MEASURED_RUNS: list[MeasuredRun] = [
     MeasuredRun("mixed 2x2 gb4",        "pending",    "h200x4", "c1 mixed_30b",          "mixed",  4, 1, 2, 1, 4,  FULL,  True,  False, None, None, "pending"),
     MeasuredRun("ddp4 16l",             "pending",    "h200x4", "c1 ddp_16l",            "ddp",    4, 1, 1, 1, 8,  L16,   True,  False, None, None, "pending"),
     MeasuredRun("fsdp4 16l",            "pending",    "h200x4", "c1 fsdp_16l",           "fsdp",   4, 1, 1, 1, 8,  L16,   True,  False, None, None, "pending"),
-    MeasuredRun("ep4 8l (weak scaling)", "pending",   "h200x4", "w weak_ep4",            "ep",     4, 4, 1, 2, 32, L8,    True,  False, None, None, "pending",
-                "profiled on 2 of its 7 timed steps"),
 ]
 # fmt: on
 
-#: The tiny preset's GPU runs (tiny_*.log: 17-24k tokens/s at 0.07 GiB, MFU 0.0 %) are launch-bound at
-#: hidden size 64, a regime the model has no term for; plan never proposes such a run.
+#: The tiny preset's GPU runs (tiny_*.log and tiny_*_gpu*: 5-24k tokens/s at 0.1 GiB, MFU 0.0 %) are
+#: launch-bound at hidden size 64, a regime the model has no term for; plan never proposes such a run.

@@ -13,7 +13,7 @@ from rich.table import Table
 from moectl.config import ModelConfig, TrainConfig, build_config, merge_overrides, parse_set_option
 from moectl.errors import UsageError
 from moectl.plan import HEADROOM_GIB, SMALLEST_CALIBRATED_HIDDEN, Layout, Prediction, layout_problem, predict
-from moectl.plan_data import GPU_KINDS
+from moectl.plan_data import CALIBRATION, GPU_KINDS, Calibration
 
 MICRO_BATCHES = (1, 2, 4, 8)
 
@@ -52,6 +52,7 @@ def make_plan(
     nodes: int,
     gpu_mem_gib: float,
     sets: tuple[str, ...] = (),
+    cal: Calibration = CALIBRATION,
 ) -> Plan:
     """Every allowed layout (micro-batch, checkpointing and compile variants of each degree set) predicted."""
     num_gpus, usable = gpus_per_node * nodes, gpu_mem_gib - HEADROOM_GIB
@@ -67,7 +68,7 @@ def make_plan(
         if not allowed:
             forbidden.append((base, layout_problem(model, train.global_batch, base, num_gpus) or ""))
         for layout in allowed:
-            p = predict(model, train, layout, gpu, num_gpus, nodes)
+            p = predict(model, train, layout, gpu, num_gpus, nodes, cal)
             m, why = p.memory, None
             if p.peak_mem_gib > usable:
                 why = (
