@@ -43,6 +43,10 @@ GROUPS = [
 ]
 INVERSE = {"all_to_all_bytes_per_s"}  # enters as 1 / figure
 COMPLEMENT = {"ddp_overlap"}  # enters as 1 - figure
+#: Figures that are shares: a fit outside [0, 1] (more than the whole transfer exposed, or more than all of it
+#: hidden) is clamped to the bound, and the fit says so. Each sits alone in its group, so the clamped value is
+#: the constrained least-squares solution.
+SHARES = {"ddp_overlap"}
 #: How each fitted figure reads in the docs: (unit, scale).
 UNITS = {
     "seconds_per_token_layer_compiled": ("ns per token and layer", 1e9),
@@ -91,9 +95,12 @@ def fit(cal: Calibration, verbose: bool = True) -> Calibration:
             raise SystemExit(
                 f"{', '.join(names)}: the fit runs ({', '.join(r.name for r in runs)}) cannot tell them apart"
             )
-        cal = dataclasses.replace(
-            cal, **{n: _from_linear(n, float(x)) for n, x in zip(names, solution, strict=True)}
-        )
+        figures = {n: _from_linear(n, float(x)) for n, x in zip(names, solution, strict=True)}
+        for name in SHARES & set(names):
+            if not 0 <= figures[name] <= 1:
+                print(f"{name}: the fit gives {figures[name]:.3g}, clamped to [0, 1]")
+                figures[name] = min(max(figures[name], 0.0), 1.0)
+        cal = dataclasses.replace(cal, **figures)
         if verbose:
             print(", ".join(f"{n} = {getattr(cal, n):.4g}" for n in names), f"(from {len(runs)} runs)")
     return cal

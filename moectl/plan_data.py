@@ -57,13 +57,13 @@ class Calibration:
     # Memory-bound work per token and layer (norms, rotary, SiLU·up, the one-GPU dispatch's gathers and
     # weighted sums) and per token for the loss, compiled and eager; and the GPU idle time per layer and
     # micro-batch (launch gaps). Fitted on the one-GPU step times (role "fit").
-    seconds_per_token_layer_compiled: float = 2.31e-7
-    seconds_per_token_layer_eager: float = 9.53e-7
+    seconds_per_token_layer_compiled: float = 2.09e-7
+    seconds_per_token_layer_eager: float = 9.57e-7
     # Loss kernels per token: compiled 12.6 ms per 32,768 tokens (profile_ep1_8l_compiled.txt), eager
     # log-softmax forward + backward 39 ms per 32,768 tokens plus its fp32 copies (profile_ep1_8l.txt).
     seconds_per_token_loss_compiled: float = 3.85e-7
     seconds_per_token_loss_eager: float = 1.5e-6
-    seconds_per_layer_sync: float = 9.21e-4
+    seconds_per_layer_sync: float = 8.75e-4
     # ep > 1, the once-per-rank dispatch's own GPU time beyond what one GPU runs: building the exchange's
     # index tensors (an int64 cumsum over [tokens, ranks], the send order, the pairs' sort), the gather of
     # the rows to send, the expert rank's gather-reduce of a row's pairs (forward and backward), the
@@ -73,7 +73,7 @@ class Calibration:
     # the fit needs a negative bandwidth). Fitted on the ep > 1 step times with all_to_all_bytes_per_s
     # (profile_ep2_alone_prof.txt: about 80 ms per step of gather-reduce and index kernels at ep 2 on the
     # 8-layer cut; the figure also holds the idle time around them). Refit when the kernels change.
-    ep_dispatch_seconds_per_pair: float = 7.6e-8
+    ep_dispatch_seconds_per_pair: float = 5.12e-8
     # Communication, as the fraction of its transfer time (bytes / link bandwidth) that the step waits
     # for. ep's all-to-all: every exchange is waited for before the compute that needs it (ep_chunks 1,
     # the default), so nothing overlaps; what is fitted is the bandwidth the exchange reaches in step
@@ -81,9 +81,9 @@ class Calibration:
     # exchange of each row's choices included). ddp: the share of the gradient all-reduce hidden behind
     # backward. fsdp: gathers and reduce-scatters cost more than their transfers (copy-in/out, no
     # overlap seen).
-    all_to_all_bytes_per_s: float = 1e11
-    ddp_overlap: float = 0.022
-    fsdp_exposure: float = 1.15
+    all_to_all_bytes_per_s: float = 1.37e11
+    ddp_overlap: float = 0
+    fsdp_exposure: float = 1.19
     tp_overlap: float = 0.0  # tp's all-reduces sit on the forward and backward critical path
 
 
@@ -138,11 +138,20 @@ PROXY = {"num_experts": 32}  # one GPU's share of ep 4: 48 layers of 32 experts
 CHUNKED = {"loss_chunk_tokens": 4096}  # lm_head and loss chunk by chunk
 SUPERSEDED = "code since changed: "
 ONE_ROW_PER_CHOICE = SUPERSEDED + "one row per chosen expert in each exchange (before once-per-rank)"
-#: One-GPU ep runs of the dispatch before once-per-rank. Nothing is exchanged on one GPU; there the current
-#: dispatch differs by no host sync and a fused weighted sum, and measured +1.4 % on the same layout
-#: ("ep1 8l mb2 features off" against 72,849): within the model's error, so these stay bound.
-OLD_DISPATCH = "one GPU, the dispatch before once-per-rank (+1.4 % since on the same layout)"
+#: One-GPU ep runs of the dispatch before once-per-rank and before the slot-sum kernels. Nothing is exchanged
+#: on one GPU; the once-per-rank dispatch measured +1.4 % on the same layout ("ep1 8l mb2 features off"
+#: against 72,849), the slot-sum kernels +7.2 % side by side ("ep1 8l mb2 slot sums"). Held out, not fitted
+#: (except the eager runs, the only eager figures there are): within the model's error, so they stay bound.
+OLD_DISPATCH = (
+    "one GPU, code before once-per-rank and the slot-sum kernels (+1.4 % and +7.2 % since on ep1 8l mb2)"
+)
 LANE = "ran on one GPU of the four-GPU host beside the other lanes (shared CPUs)"
+BEFORE_SLOT_SUMS = SUPERSEDED + "the dispatch's slot sums as reductions over the slot dim (commit 01ec5c3)"
+SIDE_BY_SIDE = "the same layout on the code before the slot-sum kernels, right after on the same GPUs: "
+FIRST_HOST = (
+    "the first host of the lease (another machine): the same code ran 10-15 % slower there than on the "
+    "host of the side-by-side pairs, a difference between hosts the model has no term for"
+)
 FEATURES_ON = "Qwen3's balancing (aux loss 0.001) and load statistics on, which the model does not count"
 
 #: recipe key -> (the script that ran it, its raw result with {run} the run name)
@@ -158,6 +167,10 @@ RECIPES = {
     "1b": ("recipe one-gpu-8l (with the levers, 2026-11-28)", "bench/results/2026-11-28-h200x1-b/{run}.log"),
     "4b": ("recipe four-gpu-batch", "bench/results/2026-11-29-h200x4/summaries.jsonl#{run}"),
     "2e": ("recipe two-gpu-ep-alone", "bench/results/2026-11-29-h200x2-c/summaries.jsonl#{run}"),
+    "4d": ("recipe four-gpu-dispatch", "bench/results/2026-11-29-h200x4-d/summaries.jsonl#{run}"),
+    "4e": ("recipe one-gpu-dispatch", "bench/results/2026-11-29-h200x4-e/summaries.jsonl#{run}"),
+    "4f": ("recipe four-gpu-dispatch-pairs", "bench/results/2026-11-29-h200x4-f/summaries.jsonl#{run}"),
+    "4g": ("recipe four-gpu-dispatch-more", "bench/results/2026-11-29-h200x4-g/summaries.jsonl#{run}"),
     "b4": ("recipe four-gpu-bench", "not run yet: {run}"),
     "4": ("recipe four-gpu-full-model", "not run yet: {run}"),
     "c1": ("recipe four-gpu-layouts", "not run yet: {run}"),
@@ -167,11 +180,11 @@ MEASURED_RUNS: list[MeasuredRun] = [
     # name                      date          machine   recipe                   strategy  W ep tp mb  gb model  compile AC     tok/s/GPU GiB     role
     MeasuredRun("ep1 8l mb2",           "2026-11-29", "h200x1", "c ep1_8l_closs",        "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 72849, 35.31, "superseded",
                 SUPERSEDED + "the dispatch before once-per-rank; the same layout on the current code: ep1 8l mb2 features off"),
-    MeasuredRun("ep1 8l mb4",           "2026-11-29", "h200x1", "c ep1_8l_closs_mb4",    "ep",     1, 1, 1, 4, 8,  L8,    True,  False, 82986, 49.09, "fit", OLD_DISPATCH),
+    MeasuredRun("ep1 8l mb4",           "2026-11-29", "h200x1", "c ep1_8l_closs_mb4",    "ep",     1, 1, 1, 4, 8,  L8,    True,  False, 82986, 49.09, "holdout", OLD_DISPATCH),
     MeasuredRun("ep1 8l mb2 AC",        "2026-11-29", "h200x1", "c ep1_8l_closs_ac",     "ep",     1, 1, 1, 2, 8,  L8,    True,  True,  60546, 26.58, "holdout", OLD_DISPATCH),
     MeasuredRun("single 8l mb2",        "2026-11-29", "h200x1", "c single_8l_closs",     "single", 1, 1, 1, 2, 8,  L8,    True,  False, 74736, 35.32, "fit"),
-    MeasuredRun("proxy48 mb1",          "2026-11-29", "h200x1", "p proxy48_mb1",         "ep",     1, 1, 1, 1, 8,  PROXY, True,  False, 15144, 62.67, "fit", OLD_DISPATCH),
-    MeasuredRun("proxy48 mb2",          "2026-11-29", "h200x1", "p proxy48_mb2",         "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 17776, 91.99, "fit", OLD_DISPATCH),
+    MeasuredRun("proxy48 mb1",          "2026-11-29", "h200x1", "p proxy48_mb1",         "ep",     1, 1, 1, 1, 8,  PROXY, True,  False, 15144, 62.67, "holdout", OLD_DISPATCH),
+    MeasuredRun("proxy48 mb2",          "2026-11-29", "h200x1", "p proxy48_mb2",         "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 17776, 91.99, "holdout", OLD_DISPATCH),
     MeasuredRun("proxy48 mb2 profiled", "2026-11-29", "h200x1", "p proxy48_mb2_prof",    "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 15989, 91.99, "profiled",
                 OLD_DISPATCH + "; torch.profiler on 2 of its 4 timed steps"),
     MeasuredRun("bench1 single 4l",     "2026-11-29", "h200x1", "b1 single",             "single", 1, 1, 1, 2, 8,  L4,    True,  False, 118965, 21.54, "fit"),
@@ -206,7 +219,7 @@ MEASURED_RUNS: list[MeasuredRun] = [
     MeasuredRun("single 8l compiled layers", "2026-11-28", "h200x1", "1b single_8l_compile", "single", 1, 1, 1, 2, 8, L8, True, False, 66977, 46.30, "superseded",
                 SUPERSEDED + "the loss ran eager in fp32 (compile now covers it)"),
     # ---- 2026-11-29 evening, the once-per-rank dispatch: four H200s (three lanes at once, then ep 4 alone), two H200s (alone)
-    MeasuredRun("ep1 8l mb2 features off", "2026-11-29", "h200x4", "4b head_ep1_off",    "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 73860, 34.72, "fit",
+    MeasuredRun("ep1 8l mb2 features off", "2026-11-29", "h200x4", "4b head_ep1_off",    "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 73860, 34.72, "holdout",
                 LANE + "; balancing and load statistics off, as in the runs before them"),
     MeasuredRun("ep1 8l mb2 features on", "2026-11-29", "h200x4", "4b head_ep1_on",      "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 71875, 34.72, "holdout",
                 LANE + "; clipping every step, cosine schedule, aux loss, router bias and load statistics on "
@@ -217,27 +230,64 @@ MEASURED_RUNS: list[MeasuredRun] = [
                 LANE + "; " + FEATURES_ON, train=CHUNKED),
     MeasuredRun("single 8l mb4",        "2026-11-29", "h200x4", "4b speed_single_8l_ref", "single", 1, 1, 1, 4, 16, L8,    True,  False, 81562, 48.46, "holdout",
                 LANE + "; " + FEATURES_ON),
-    MeasuredRun("ep2 8l lane A",        "2026-11-29", "h200x4", "4b ep2_8l_chunks1",     "ep",     2, 2, 1, 2, 16, L8,    True,  False, 51817, 26.27, "holdout",
-                "ran on two GPUs of the four-GPU host beside the other lanes (shared CPUs): 2.5 % below the same run alone",
+    MeasuredRun("ep2 8l lane A",        "2026-11-29", "h200x4", "4b ep2_8l_chunks1",     "ep",     2, 2, 1, 2, 16, L8,    True,  False, 51817, 26.27, "superseded",
+                BEFORE_SLOT_SUMS + "; " + "ran on two GPUs of the four-GPU host beside the other lanes (shared CPUs): 2.5 % below the same run alone",
                 a2a_bytes_per_step=4309833312),
     MeasuredRun("ep2 8l lane A chunks2", "2026-11-29", "h200x4", "4b ep2_8l_chunks2",    "ep",     2, 2, 1, 2, 16, L8,    True,  False, 53990, 26.28, "out of scope",
                 "parallel.ep_chunks 2, which plan does not model (off by default; alone it measured 11 % slower than 1); "
                 "beside the other lanes", a2a_bytes_per_step=4309743264),
-    MeasuredRun("ep4 8l",               "2026-11-29", "h200x4", "4b ep4_8l_chunks1",     "ep",     4, 4, 1, 2, 32, L8,    True,  False, 48317, 22.28, "fit",
-                "alone on the four-GPU host; the layout of recipe weak-scaling's weak_ep4, predicted before",
+    MeasuredRun("ep4 8l",               "2026-11-29", "h200x4", "4b ep4_8l_chunks1",     "ep",     4, 4, 1, 2, 32, L8,    True,  False, 48317, 22.28, "superseded",
+                BEFORE_SLOT_SUMS + "; " + "alone on the four-GPU host; the layout of recipe weak-scaling's weak_ep4, predicted before",
                 a2a_bytes_per_step=11794024848, predicted_before=(53817, 21.5)),
     MeasuredRun("ep4 8l chunks2",       "2026-11-29", "h200x4", "4b ep4_8l_chunks2",     "ep",     4, 4, 1, 2, 32, L8,    True,  False, 45830, 22.27, "out of scope",
                 "parallel.ep_chunks 2, which plan does not model (off by default; 5 % slower than 1 here)",
                 a2a_bytes_per_step=11795369328),
-    MeasuredRun("ep4 full mb2",         "2026-11-29", "h200x4", "4b ep4_full_mb2",       "ep",     4, 4, 1, 2, 16, FULL,  True,  False, 9518, 93.95, "holdout",
-                "alone on the four-GPU host; " + FEATURES_ON, a2a_bytes_per_step=35165583984, predicted_before=(10351, 91.9)),
-    MeasuredRun("ep2 8l alone",         "2026-11-29", "h200x2", "2e ep2_alone_chunks1",  "ep",     2, 2, 1, 2, 16, L8,    True,  False, 53133, 26.27, "fit",
-                "alone on the two-GPU host", a2a_bytes_per_step=4309940208),
+    MeasuredRun("ep4 full mb2",         "2026-11-29", "h200x4", "4b ep4_full_mb2",       "ep",     4, 4, 1, 2, 16, FULL,  True,  False, 9518, 93.95, "superseded",
+                BEFORE_SLOT_SUMS + "; " + "alone on the four-GPU host; " + FEATURES_ON, a2a_bytes_per_step=35165583984, predicted_before=(10351, 91.9)),
+    MeasuredRun("ep2 8l alone",         "2026-11-29", "h200x2", "2e ep2_alone_chunks1",  "ep",     2, 2, 1, 2, 16, L8,    True,  False, 53133, 26.27, "superseded",
+                BEFORE_SLOT_SUMS + "; " + "alone on the two-GPU host", a2a_bytes_per_step=4309940208),
     MeasuredRun("ep2 8l alone chunks2", "2026-11-29", "h200x2", "2e ep2_alone_chunks2",  "ep",     2, 2, 1, 2, 16, L8,    True,  False, 47215, 26.28, "out of scope",
                 "parallel.ep_chunks 2, which plan does not model (off by default; 11 % slower than 1 here)",
                 a2a_bytes_per_step=4309849776),
-    MeasuredRun("ep2 8l alone profiled", "2026-11-29", "h200x2", "2e ep2_alone_prof",    "ep",     2, 2, 1, 2, 16, L8,    True,  False, 53505, 26.27, "profiled",
-                "torch.profiler on 2 of its 5 timed steps (profile_ep2_alone_prof.txt)", a2a_bytes_per_step=4309923648),
+    MeasuredRun("ep2 8l alone profiled", "2026-11-29", "h200x2", "2e ep2_alone_prof",    "ep",     2, 2, 1, 2, 16, L8,    True,  False, 53505, 26.27, "superseded",
+                BEFORE_SLOT_SUMS + "; " + "torch.profiler on 2 of its 5 timed steps (profile_ep2_alone_prof.txt)", a2a_bytes_per_step=4309923648),
+    # ---- 2026-11-29 night, the slot sums as one gather per slot (one elementwise kernel), four H200s ----
+    MeasuredRun("ep1 8l mb2 slot sums", "2026-11-29", "h200x4", "4e disp_ep1_after",     "ep",     1, 1, 1, 2, 8,  L8,    True,  False, 77697, 34.72, "fit",
+                "alone; " + SIDE_BY_SIDE + "72,485 (ep1 8l mb2 before slot sums)"),
+    MeasuredRun("ep1 8l mb2 before slot sums", "2026-11-29", "h200x4", "4f disp_ep1_before", "ep",  1, 1, 1, 2, 8,  L8,    True,  False, 72485, 34.72, "superseded",
+                BEFORE_SLOT_SUMS + "; alone, beside its twin ep1 8l mb2 slot sums"),
+    MeasuredRun("ep1 8l mb16 chunked slot sums", "2026-11-29", "h200x4", "4e speed_ep_8l_mb16_chunk", "ep", 1, 1, 1, 16, 16, L8, True, False, 92397, 87.86, "fit",
+                "one micro-batch per step; single 8l mb4 slot-sums night ran on another GPU at once; " + FEATURES_ON, train=CHUNKED),
+    MeasuredRun("single 8l mb4 night",  "2026-11-29", "h200x4", "4e speed_single_8l_ref", "single", 1, 1, 1, 4, 16, L8,    True,  False, 80365, 48.46, "holdout",
+                "beside ep1 8l mb16 chunked slot sums on another GPU; " + FEATURES_ON),
+    MeasuredRun("proxy48 mb3 chunked slot sums", "2026-11-29", "h200x4", "4e speed_proxy48_mb3_chunk", "ep", 1, 1, 1, 3, 6, PROXY, True, False, 19027, 117.92, "fit",
+                "alone; " + FEATURES_ON, train=CHUNKED),
+    MeasuredRun("ep2 8l slot sums",     "2026-11-29", "h200x4", "4f disp_ep2_after",     "ep",     2, 2, 1, 2, 16, L8,    True,  False, 60005, 26.27, "fit",
+                "alone on two GPUs of the four; " + SIDE_BY_SIDE + "50,053", a2a_bytes_per_step=4309775712),
+    MeasuredRun("ep2 8l slot sums again", "2026-11-29", "h200x4", "4g disp_ep2_again_after", "ep",  2, 2, 1, 2, 16, L8,    True,  False, 58694, 26.27, "holdout",
+                "the pair repeated: " + SIDE_BY_SIDE + "54,230", a2a_bytes_per_step=4309711440),
+    MeasuredRun("ep2 8l slot sums, first host", "2026-11-29", "h200x4", "4d disp_ep2_after", "ep",  2, 2, 1, 2, 16, L8,    True,  False, 52940, 26.27, "out of scope",
+                FIRST_HOST, a2a_bytes_per_step=4309767936),
+    MeasuredRun("ep2 8l before slot sums", "2026-11-29", "h200x4", "4f disp_ep2_before", "ep",      2, 2, 1, 2, 16, L8,    True,  False, 50053, 26.27, "superseded",
+                BEFORE_SLOT_SUMS, a2a_bytes_per_step=4309767360),
+    MeasuredRun("ep2 8l before slot sums again", "2026-11-29", "h200x4", "4g disp_ep2_again_before", "ep", 2, 2, 1, 2, 16, L8, True, False, 54230, 26.27, "superseded",
+                BEFORE_SLOT_SUMS, a2a_bytes_per_step=4309800432),
+    MeasuredRun("ep4 8l slot sums",     "2026-11-29", "h200x4", "4f disp_ep4_after",     "ep",     4, 4, 1, 2, 32, L8,    True,  False, 55756, 22.27, "fit",
+                "alone; " + SIDE_BY_SIDE + "43,895", a2a_bytes_per_step=11794469088),
+    MeasuredRun("ep4 8l slot sums, first host", "2026-11-29", "h200x4", "4d disp_ep4_after", "ep",  4, 4, 1, 2, 32, L8,    True,  False, 47606, 22.27, "out of scope",
+                FIRST_HOST, a2a_bytes_per_step=11794717248),
+    MeasuredRun("ep4 8l before slot sums", "2026-11-29", "h200x4", "4f disp_ep4_before", "ep",      4, 4, 1, 2, 32, L8,    True,  False, 43895, 22.28, "superseded",
+                BEFORE_SLOT_SUMS, a2a_bytes_per_step=11795198064),
+    MeasuredRun("ep4 full mb2 slot sums", "2026-11-29", "h200x4", "4g disp_ep4_full_after", "ep",  4, 4, 1, 2, 16, FULL,  True,  False, 10801, 93.95, "holdout",
+                "alone; " + SIDE_BY_SIDE + "9,478; " + FEATURES_ON, a2a_bytes_per_step=35170409520),
+    MeasuredRun("ep4 full mb2 slot sums, first host", "2026-11-29", "h200x4", "4d disp_ep4_full", "ep", 4, 4, 1, 2, 16, FULL, True, False, 9687, 93.95, "out of scope",
+                FIRST_HOST + "; " + FEATURES_ON, a2a_bytes_per_step=35164033632),
+    MeasuredRun("ep4 full mb2 before slot sums", "2026-11-29", "h200x4", "4g disp_ep4_full_before", "ep", 4, 4, 1, 2, 16, FULL, True, False, 9478, 93.95, "superseded",
+                BEFORE_SLOT_SUMS + "; " + FEATURES_ON, a2a_bytes_per_step=35167964784),
+    MeasuredRun("ep2 8l chunks2 slot sums", "2026-11-29", "h200x4", "4g disp_ep2_chunks2_after", "ep", 2, 2, 1, 2, 16, L8, True, False, 55588, 26.27, "out of scope",
+                "parallel.ep_chunks 2, which plan does not model (off by default; 5 % slower than 1 here)", a2a_bytes_per_step=4309843392),
+    MeasuredRun("ep4 8l chunks2 slot sums", "2026-11-29", "h200x4", "4g disp_ep4_chunks2_after", "ep", 4, 4, 1, 2, 32, L8, True, False, 49911, 22.27, "out of scope",
+                "parallel.ep_chunks 2, which plan does not model (off by default; 10 % slower than 1 here)", a2a_bytes_per_step=11795137632),
     # ---- four H200s: scripted, not run yet ----
     MeasuredRun("fsdp4 full eager mb1", "pending",    "h200x4", "4 fsdp4",               "fsdp",   4, 1, 1, 1, 16, FULL,  False, False, None, None, "pending"),
     MeasuredRun("bench4 fsdp",          "pending",    "h200x4", "b4 fsdp",               "fsdp",   4, 1, 1, 1, 16, FULL,  True,  False, None, None, "pending"),

@@ -122,8 +122,9 @@ def test_measured_figures_match_the_raw_results():
             assert (config["train"]["activation_checkpointing"] != "none") == layout.activation_checkpointing
             for key in ("num_layers", "num_experts"):
                 assert config["model"][key] == getattr(model, key), (run.name, key)
-            # plan models ep_chunks 1 (the default) only
-            assert (config["parallel"]["ep_chunks"] == 1) == (run.role != "out of scope"), run.name
+            # plan models ep_chunks 1 (the default) only: a chunked run is never held to the bounds
+            if config["parallel"]["ep_chunks"] != 1:
+                assert run.role == "out of scope", run.name
 
 
 def test_exchange_bytes_are_what_the_runs_sent():
