@@ -65,21 +65,22 @@ class Calibration:
     seconds_per_token_loss_eager: float = 1.5e-6
     seconds_per_layer_sync: float = 8.75e-4
     # ep > 1, the once-per-rank dispatch's own GPU time beyond what one GPU runs: building the exchange's
-    # index tensors (an int64 cumsum over [tokens, ranks], the send order, the pairs' sort), the gather of
-    # the rows to send, the expert rank's gather-reduce of a row's pairs (forward and backward), the
-    # combine of the returned rows, and the layer's host sync before the exchange. Charged per (token,
+    # index tensors (the send order's scan, the pairs' sort), the gather of the rows to send, the expert
+    # rank's weighted sum of a row's pairs (forward and backward), the combine of the returned rows, and
+    # the layer's host sync before the exchange. Charged per (token,
     # chosen expert) pair a rank computes, per layer and micro-batch: pairs do not grow with ep, and the
     # runs say the cost does not either (charged per received row, which grows 1.8× from ep 2 to ep 4,
     # the fit needs a negative bandwidth). Fitted on the ep > 1 step times with all_to_all_bytes_per_s
-    # (profile_ep2_alone_prof.txt: about 80 ms per step of gather-reduce and index kernels at ep 2 on the
-    # 8-layer cut; the figure also holds the idle time around them). Refit when the kernels change.
+    # (76 ns per pair before the slot-sum kernels, when profile_ep2_alone_prof.txt counted about 80 ms per
+    # step of gather-reduce and index kernels at ep 2 on the 8-layer cut; the figure also holds the idle
+    # time around them). Refit when the kernels change.
     ep_dispatch_seconds_per_pair: float = 5.12e-8
     # Communication, as the fraction of its transfer time (bytes / link bandwidth) that the step waits
     # for. ep's all-to-all: every exchange is waited for before the compute that needs it (ep_chunks 1,
     # the default), so nothing overlaps; what is fitted is the bandwidth the exchange reaches in step
     # time (the bytes `a2a_bytes_per_step` counts, uneven splits under real routing and the small
     # exchange of each row's choices included). ddp: the share of the gradient all-reduce hidden behind
-    # backward. fsdp: gathers and reduce-scatters cost more than their transfers (copy-in/out, no
+    # backward (a share: the fit is clamped to [0, 1]; the one ddp 2 run waits for all of it). fsdp: gathers and reduce-scatters cost more than their transfers (copy-in/out, no
     # overlap seen).
     all_to_all_bytes_per_s: float = 1.37e11
     ddp_overlap: float = 0
