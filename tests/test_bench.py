@@ -16,6 +16,7 @@ from moectl.bench import (
     RunSpec,
     bench_command,
     choose_reference,
+    default_strategies,
     degrees_for,
     plan_bench,
     row_name,
@@ -25,10 +26,12 @@ from moectl.bench_report import PLOT_SKIPPED, write_plot
 from moectl.config import build_config
 from moectl.errors import UsageError
 from moectl.faults import last_error_line
-from moectl.registry import available_strategies, get_strategy
+from moectl.registry import get_strategy
 from tests.util import REPO, losses, run_moectl
 
 SMALL = ["--steps", "3", "--warmup", "1", "--global-batch", "8", "--micro-batch", "2"]
+#: written out here, not discovered: the test of discovery must not take its answer from discovery
+BUILTINS = ["single", "ddp", "fsdp", "tp", "mixed", "ep"]
 
 BROKEN_PLUGIN = """
 from strategies.ddp import DDP
@@ -39,6 +42,21 @@ class Broken(DDP):
 
     def parallelize(self, model, materialize, train):
         raise RuntimeError("broken plugin: parallelize refused on purpose")
+"""
+
+# Trains a different model: every gradient scaled by 0.97 (one process, like the single it derives from).
+DRIFT_PLUGIN = """
+from strategies.single import Single
+
+
+class Drift(Single):
+    name = "drift"
+
+    def after_backward(self, model):
+        super().after_backward(model)
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(0.97)
 """
 
 SLEEPY_PLUGIN = """
@@ -150,11 +168,11 @@ def check_bench_json(payload: dict) -> None:
 
 @pytest.fixture(scope="module")
 def full_bench(tmp_path_factory):
-    """One bench of every strategy in strategies/ plus a plugin that fails, with --verify."""
+    """One bench of every built-in strategy plus a plugin that fails, with --verify."""
     root = tmp_path_factory.mktemp("bench")
     plugin = root / "broken_plugin.py"
     plugin.write_text(BROKEN_PLUGIN)
-    builtins = available_strategies()
+    builtins = BUILTINS
     out = root / "out"
     result = run_moectl(
         "bench",
@@ -226,18 +244,38 @@ def test_failing_strategy_shows_its_reason_and_others_still_run(full_bench):
 def test_bench_json_matches_the_documented_schema(full_bench):
     _, _, payload, _ = full_bench
     check_bench_json(payload)
-    documented = (REPO / "README.md").read_text() + sys.modules["moectl.bench"].__doc__
-    for key in {*TOP_LEVEL, *SETTINGS, *VERIFY, *RUN, *RUN_VERIFY} - {"verify"}:
-        assert key in documented, f"bench.json key {key} is not documented"
+    # Each key must appear as a key: in backticks in the README's bench.json section, and at the start
+    # of a line, or in a field list ("object a (type), b ...") of the module docstring (a common word
+    # anywhere would not do).
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("`bench.json`, `schema_version` 1") :]
+    section = section[: section.index("\n## ")]
+    docstring = sys.modules["moectl.bench"].__doc__
+    for key in {*TOP_LEVEL, *SETTINGS, *VERIFY, *RUN, *RUN_VERIFY}:
+        assert f"`{key}`" in section, f"bench.json key {key} is not in the README's bench.json tables"
+        assert re.search(rf"(^\s*|[(,] ?|object ){key}\b", docstring, re.MULTILINE), (
+            f"{key} is not in moectl.bench's docstring"
+        )
 
 
-def test_separate_reference_and_pruned_models(tmp_path):
-    """ddp alone with --verify: the reference runs on its own, first; --prune-models deletes weights."""
+def test_the_default_strategies_are_the_builtins_single_first():
+    found = default_strategies()  # (and any installed plugin's)
+    assert found[0] == "single" and set(BUILTINS) <= set(found), found
+
+
+def test_separate_reference_a_model_that_trains_differently_and_pruned_models(tmp_path):
+    """ddp and a plugin that trains another model, with --verify: the reference runs on its own,
+    first; ddp passes, the plugin's row is FAIL with its error and the bench exits 1;
+    --prune-models deletes the weights."""
+    plugin = tmp_path / "drift.py"
+    plugin.write_text(DRIFT_PLUGIN)
     out = tmp_path / "out"
     result = run_moectl(
         "bench",
         "--strategies",
-        "ddp",
+        f"ddp,{plugin}",
+        "--strategy-args",
+        "drift:--nproc 1",
         "--nproc",
         "2",
         *SMALL,
@@ -246,17 +284,51 @@ def test_separate_reference_and_pruned_models(tmp_path):
         "--out",
         str(out),
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     payload = json.loads((out / "bench.json").read_text())
     check_bench_json(payload)
-    reference, (ddp,) = payload["verify"]["reference_run"], payload["rows"]
+    assert payload["exit_code"] == 1
+    reference, (ddp, drift) = payload["verify"]["reference_run"], payload["rows"]
     assert reference["name"] == "reference-single" and reference["status"] == "ok"
     assert reference["nproc"] == 1 and reference["verify"]["status"] == "reference"
     assert ddp["verify"]["status"] == "pass" and ddp["verify"]["rel_err"] <= 1e-5
-    assert "[1/2] reference-single (reference)" in result.stdout
-    assert not (out / "runs" / "ddp" / "model").exists()
-    assert not (out / "runs" / "reference-single" / "model").exists()
+    assert drift["status"] == "ok" and drift["world_size"] == 1  # it ran; it trained something else
+    assert drift["verify"]["status"] == "fail" and drift["verify"]["rel_err"] > 1e-4, drift["verify"]
+    assert re.search(r"drift .* FAIL", result.stdout), result.stdout[-3000:]
+    assert "[1/3] reference-single (reference)" in result.stdout
+    for name in ("ddp", "drift", "reference-single"):
+        assert not (out / "runs" / name / "model").exists(), name
     assert (out / "runs" / "ddp" / "summary.json").is_file()
+
+
+def test_a_failed_reference_fails_the_bench(tmp_path, monkeypatch):
+    """In-process: the reference diverges (a learning rate of 1e6, exit 3); the row that trained
+    cannot be verified, says why, and the bench exits 1."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.chdir(REPO)
+    console = Console(record=True, width=200)
+    out = tmp_path / "out"
+    options = BenchOptions(
+        strategies=["ddp"],
+        nproc=1,
+        out=out,
+        steps=4,
+        warmup=1,
+        global_batch=8,
+        micro_batch=2,
+        sets=["train.lr=1e6"],
+        strategy_args="ddp:--lr 0.2",  # a flag beats --set: only the reference diverges
+        verify=True,
+    )
+    assert bench_command(options, console) == 1
+    payload = json.loads((out / "bench.json").read_text())
+    check_bench_json(payload)
+    reference, (ddp,) = payload["verify"]["reference_run"], payload["rows"]
+    assert reference["status"] == "failed" and reference["exit_code"] == 3, reference
+    assert "not finite" in reference["reason"] or "loss is" in reference["reason"], reference["reason"]
+    assert ddp["status"] == "ok" and ddp["verify"]["status"] == "error"
+    assert ddp["verify"]["reason"].startswith("the reference failed: "), ddp["verify"]
+    assert payload["exit_code"] == 1
 
 
 def test_skip_without_verify_and_the_plot_skipped_without_matplotlib(tmp_path, monkeypatch):

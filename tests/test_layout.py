@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moectl.registry import get_strategy
 from moectl.strategy import Strategy
-from tests.util import REPO, load_weights, run_moectl
+from tests.util import REPO, assert_same_training, load_weights, run_moectl, train_run
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -54,6 +54,9 @@ def test_every_builtin_file_is_an_entry_point_naming_its_strategy():
     assert sorted(declared) == ["ddp", "ep", "fsdp", "mixed", "single", "tp"]
 
 
+LAYOUT_FLAGS = ("--strategy", "--ep-size", "--nproc")
+
+
 def _readme_commands(section: str) -> list[str]:
     text = (REPO / "README.md").read_text()
     body = text[text.index(section) :]
@@ -86,3 +89,10 @@ def test_the_strategy_writing_section_works_as_printed(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = load_weights(by_file / "model"), load_weights(by_entry_point / "model")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # and the naive baseline trains what `single` trains with the same flags
+    flags = dict(zip(args[2::2], args[3::2], strict=True))
+    same_training = [
+        item for flag, value in flags.items() if flag not in LAYOUT_FLAGS for item in (flag, value)
+    ]
+    single = train_run(tmp_path / "single", "--strategy", "single", *same_training, in_process=True)
+    assert_same_training(by_file, single)
