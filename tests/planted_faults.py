@@ -211,10 +211,12 @@ def run_fault(fault: Fault, scratch: Path) -> tuple[bool, str]:
         text=True,
     )
     elapsed = time.monotonic() - started
-    failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    lines = result.stdout.splitlines()
+    failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED", "ERROR"))]
+    why = next((line[1:].strip() for line in lines if line.startswith("E ") and line[1:].strip()), "")
     shutil.rmtree(tree, ignore_errors=True)
     if result.returncode == 1 and failed:
-        return True, f"{failed[0][:300]} ({elapsed:.0f} s)"
+        return True, f"{failed[0]} ({elapsed:.0f} s)\n    {why[:300]}"
     if result.returncode == 0:
         return False, f"the tests passed ({elapsed:.0f} s)"
     return False, f"pytest exited {result.returncode}: {result.stdout[-1500:]}{result.stderr[-1500:]}"
