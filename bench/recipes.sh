@@ -94,3 +94,56 @@ recipe_four_gpu_layouts() {  # fsdp, tp and mixed on the whole model on four H20
   run ddp_16l 200 $q --set model.num_layers=16 --strategy ddp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
   run fsdp_16l 200 $q --set model.num_layers=16 --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
 }
+
+# ep at scale (once-per-rank dispatch, ep_chunks, checkpointing that replays its exchanges): the
+# predictions in BENCHMARKS.md, "ep at scale". Priority order: one-gpu-ep-scale, then two-gpu-ep-scale.
+
+TINY_GPU="--steps 6 --global-batch 8 --micro-batch 2 --set train.warmup_steps=2 --set train.compile=true"
+
+recipe_one_gpu_ep_scale() {  # no regression on one H200 (8-layer cut, compiled, mb2: was 72,849 / 60,546 with AC); bf16 weights on the GPU kernels
+  local q="$CUT8 --strategy ep --ep-size 1 --micro-batch 2 --global-batch 8 --steps 7 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  run ep1_8l_scale 200 $q
+  run ep1_8l_scale_ac 200 $q --set train.activation_checkpointing=true
+  run tiny_single_gpu 90 $TINY_GPU --strategy single
+  run tiny_ep1_gpu_ac 90 $TINY_GPU --strategy ep --ep-size 1 --set train.activation_checkpointing=true
+  compare tiny_ep1_gpu_ac tiny_single_gpu
+}
+
+recipe_one_gpu_ep_chunks() {  # optional: ep_chunks on one GPU is ignored (nothing to exchange); this shows it costs nothing
+  run ep1_8l_chunks2 200 $CUT8 --strategy ep --ep-size 1 --micro-batch 2 --global-batch 8 --steps 7 \
+    --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true --set parallel.ep_chunks=2
+}
+
+recipe_two_gpu_ep_scale() {  # ep 2 weak scaling (was 79 %) with ep_chunks 1 and 2; bf16 weights of the NCCL pipeline with checkpointing
+  local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 7 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  run ep2_8l_chunks1 200 $q
+  run ep2_8l_chunks2 200 $q --set parallel.ep_chunks=2
+  run tiny_single_gpu 90 $TINY_GPU --strategy single
+  run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=true
+  compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+}
+
+# Single-H200 speed levers (BENCHMARKS.md, "Single H200: levers toward the hardware limit"): one-gpu-speed
+# holds the goal runs and the weight check (~3 GPU-minutes); one-gpu-speed-levers isolates each lever.
+SPEED="--set train.warmup_steps=3 --set train.compile=true"
+CHUNK="--set train.loss_chunk_tokens=4096"
+
+recipe_one_gpu_speed() {  # 8-layer cut at micro-batch 16 with the chunked loss, checked against single; proxy at mb 3
+  run speed_ep_8l_mb16_chunk 200 $CUT8 $SPEED $CHUNK --strategy ep --ep-size 1 --global-batch 16 --micro-batch 16 --steps 8
+  run speed_single_8l_ref 200 $CUT8 $SPEED --strategy single --global-batch 16 --micro-batch 4 --steps 8
+  compare speed_ep_8l_mb16_chunk speed_single_8l_ref
+  rm -rf "$RUNS"/speed_*/model
+  run speed_proxy48_mb3_chunk 240 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
+    --strategy ep --ep-size 1 --global-batch 6 --micro-batch 3 --steps 7
+}
+
+recipe_one_gpu_speed_levers() {  # each lever alone: micro-batch 8 with and without the chunked loss, single, selective
+  local q="$CUT8 $SPEED --set train.save_model=false --steps 7"
+  run speed_ep_8l_mb8 200 $q --strategy ep --ep-size 1 --global-batch 8 --micro-batch 8
+  run speed_ep_8l_mb8_chunk 200 $q $CHUNK --strategy ep --ep-size 1 --global-batch 8 --micro-batch 8
+  run speed_single_8l_mb16_chunk 200 $q $CHUNK --strategy single --global-batch 16 --micro-batch 16
+  run speed_single_8l_mb16_chunk_sel 200 $q $CHUNK --set train.activation_checkpointing=selective \
+    --strategy single --global-batch 16 --micro-batch 16
+  run speed_proxy48_single_mb4_sel 240 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
+    --set train.activation_checkpointing=selective --strategy single --global-batch 8 --micro-batch 4 --steps 7
+}

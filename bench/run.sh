@@ -17,7 +17,7 @@ run() {  # run NAME TIMEOUT_S TRAIN_ARGS...: one `moectl train`, its log under $
   timeout "$limit" $MOECTL train "$@" --run-dir "$RUNS/$name" >"$RUNS/$name.log" 2>&1
   echo "exit $? after $((SECONDS - started)) s"
   grep -E "step [0-9]+:" "$RUNS/$name.log" | tail -2; grep -E "error|Error" "$RUNS/$name.log" | tail -3
-  [ -f "$RUNS/$name/summary.json" ] && $PY -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s.get(k) for k in ('strategy','world_size','median_step_time_s','tokens_per_s_per_device','mfu','peak_mem_gib','final_loss')})" "$RUNS/$name/summary.json"
+  [ -f "$RUNS/$name/summary.json" ] && $PY -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s.get(k) for k in ('strategy','world_size','median_step_time_s','tokens_per_s_per_device','mfu','peak_mem_gib','final_loss','a2a_bytes_per_step')})" "$RUNS/$name/summary.json"
 }
 compare() {  # compare RUN_A RUN_B: bf16 weights of two runs' models, the report kept as JSON
   $MOECTL compare-weights "$RUNS/$1/model" "$RUNS/$2/model" --top 5 --json "$RUNS/compare_$1_$2.json" | tail -9

@@ -66,8 +66,11 @@ class TrainConfig:
     warmup_steps: int = 2  # steps left out of the timing summary
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     device: str = "auto"  # auto, cpu, cuda
-    activation_checkpointing: bool = False
+    # none, full (recompute every layer in backward) or selective (keep GEMM and attention outputs, recompute
+    # the cheap ops; compiled layers only); true / false mean full / none
+    activation_checkpointing: str = "none"
     compile: bool = False
+    loss_chunk_tokens: int = 0  # > 0: lm_head + loss chunk by chunk over this many tokens (never all logits)
     peak_tflops: float | None = None  # overrides the device table for MFU
     on_nonfinite: str = "stop"  # stop or skip a step whose loss or gradient is not finite
     checkpoint_every: int = 0  # 0 = no intermediate checkpoints
@@ -88,6 +91,8 @@ class ParallelConfig:
     rdzv_endpoint: str | None = None  # host:port of the rendezvous; needed with --nnodes > 1
     timeout_s: int = 300  # collective timeout: a stuck or dead peer ends the job after this
     fsdp: bool = False  # ep: also shard dense parameters (and expert replicas) with FSDP2
+    ep_chunks: int = 1  # ep: token chunks whose exchanges overlap each other's expert compute
+    ep_max_rows_factor: float | None = None  # ep: stop when a rank gets more × its share (None: memory)
     mixed_dp: str = "fsdp"  # mixed: what runs over the dp axis, fsdp or ddp
 
 
@@ -223,6 +228,19 @@ def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     return merged
 
 
+CHECKPOINTING_MODES = ("none", "full", "selective")
+_CHECKPOINTING_ALIASES = {"true": "full", "1": "full", "yes": "full", "on": "full",
+                          "false": "none", "0": "none", "no": "none", "off": "none"}  # fmt: skip
+
+
+def checkpointing_mode(value: str | bool) -> str:
+    """`train.activation_checkpointing` as one of CHECKPOINTING_MODES; the old booleans mean full / none."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    text = str(value).strip().lower()
+    return _CHECKPOINTING_ALIASES.get(text, text)
+
+
 def _require_positive(values: dict[str, int | float | None]) -> None:
     for name, value in values.items():
         if value is not None and value <= 0:
@@ -254,6 +272,8 @@ def validate(cfg: RunConfig) -> None:
             "parallel.ep_size": p.ep_size,
             "parallel.nnodes": p.nnodes,
             "parallel.timeout_s": p.timeout_s,
+            "parallel.ep_chunks": p.ep_chunks,
+            "parallel.ep_max_rows_factor": p.ep_max_rows_factor,
         }
     )
     if m.top_k > m.num_experts:
@@ -268,6 +288,7 @@ def validate(cfg: RunConfig) -> None:
         "train.warmup_steps": t.warmup_steps,
         "train.checkpoint_every": t.checkpoint_every,
         "train.profile_steps": t.profile_steps,
+        "train.loss_chunk_tokens": t.loss_chunk_tokens,
         "train.keep_checkpoints": t.keep_checkpoints,
         "data.noise": d.noise,
         "parallel.node_rank": p.node_rank,
@@ -284,6 +305,17 @@ def validate(cfg: RunConfig) -> None:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    t.activation_checkpointing = checkpointing_mode(t.activation_checkpointing)
+    if t.activation_checkpointing not in CHECKPOINTING_MODES:
+        raise UsageError(
+            f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING_MODES)} "
+            f"(or true / false), got {t.activation_checkpointing!r}"
+        )
+    if t.activation_checkpointing == "selective" and not t.compile:
+        raise UsageError(
+            "train.activation_checkpointing=selective is done by torch.compile's partitioner: add "
+            "--set train.compile=true, or use full"
+        )
     if not 0 <= d.noise <= 1:
         raise UsageError(f"data.noise must lie in [0, 1], got {d.noise}")
     if p.node_rank >= p.nnodes:

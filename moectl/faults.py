@@ -31,6 +31,17 @@ class NonFiniteLoss(TrainingStopped):
     exit_code = 3
 
 
+#: label of stops every rank agrees on although their exit code (1) is also a crash's
+AGREED_STOP_LABEL = "stopped"
+
+
+class ExpertOverload(TrainingStopped):
+    """One rank would receive more expert rows than it may take. Every rank sees every rank's load
+    (the dispatch's count exchange), so all of them raise this at the same layer: nobody hangs."""
+
+    label = AGREED_STOP_LABEL
+
+
 class Interrupted(TrainingStopped):
     label = "interrupted"
 

@@ -20,7 +20,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from moectl.checkpoint import resume_hint
 from moectl.config import ParallelConfig
-from moectl.faults import last_error_line
+from moectl.faults import AGREED_STOP_LABEL, last_error_line
 
 # Never let NCCL use NVLink multicast (NVLS): on shared hosts it can take the GPUs out of service.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -103,6 +103,8 @@ def _describe_failure(failures: dict[int, ProcessFailure], run_dir: Path, run_id
     agreed = all(f.exitcode in (failure.exitcode, -signal.SIGTERM) for f in failures.values())
     if failure.exitcode in CLEAN_STOP_CODES and agreed and detail:
         return WorkerFailed(f"{detail.partition(': ')[2] or detail} (rank {rank})", failure.exitcode)
+    if agreed and detail.startswith(f"{AGREED_STOP_LABEL}: "):  # the message names the rank at fault
+        return WorkerFailed(f"{detail.partition(': ')[2]}; {resume_hint(run_dir)}", failure.exitcode)
     how = (
         f"was killed by signal {failure.signal_name()}"
         if failure.exitcode < 0

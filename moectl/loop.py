@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -22,9 +21,11 @@ from moectl.config import RunConfig, TrainConfig
 from moectl.data import build_data, rank_slice
 from moectl.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_step
 from moectl.hf_io import HFCheckpoint, save_hf_model
+from moectl.loss import TokenLoss, build_token_loss, token_loss_sum
 from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.model import build_meta_model, hf_config, materialize, random_init_source
 from moectl.outputs import write_json_atomic
+from moectl.plan import gpu_kind_for_device, layout_from_config, predict
 from moectl.report import StepProfiler, StepReporter
 from moectl.strategy import Strategy
 
@@ -48,6 +49,9 @@ class Summary:
     final_loss: float
     losses: list[float] = field(default_factory=list)
     device: str = "cpu"
+    #: what `moectl plan` predicted for this run (GPU kinds it has figures for), beside what it measured
+    predicted: dict[str, float] | None = None
+    strategy_metrics: dict[str, float] = field(default_factory=dict)  # Strategy.step_metrics, medians
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -67,27 +71,25 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy, computed in fp32 (a bf16 log-softmax over 151,936 words loses
-    digits). Compiled (train.compile), the upcast and log-softmax fuse into a few kernels that keep
-    no fp32 copy of the logits (BENCHMARKS.md, "Changes, predicted and measured")."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-
-
-def train_step(model, strategy, micro_batches, num_target_tokens, loss_fn=token_loss_sum) -> torch.Tensor:
+def train_step(
+    model, strategy, micro_batches, num_target_tokens, loss_fn: TokenLoss | None = None
+) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
     Why the loss is divided by the token count of the *whole global batch* (not of the
     micro-batch): gradients then add up across micro-batches and data-parallel ranks to exactly the
     gradient of one big batch, so any accumulation or parallel layout trains the same model.
+    `loss_fn(model, tokens, grad_scale)` is `moectl.loss.build_token_loss`'s (default: the model's
+    logits and `token_loss_sum`); grad_scale is the factor the summed loss is multiplied by here.
     """
+    loss_fn = loss_fn or build_token_loss(model, chunk_tokens=0, compiled=False)
+    grad_scale = strategy.loss_scale / num_target_tokens
     loss_sum = torch.zeros((), device=micro_batches[0].device)
     for index, tokens in enumerate(micro_batches):
         is_last = index == len(micro_batches) - 1
         with strategy.no_sync(model, is_last):
-            logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
-            token_loss = loss_fn(logits, tokens[:, 1:])
-            (token_loss * (strategy.loss_scale / num_target_tokens)).backward()
+            token_loss = loss_fn(model, tokens, grad_scale)
+            (token_loss * grad_scale).backward()
         loss_sum += token_loss.detach()
     strategy.after_backward(model)
     return loss_sum
@@ -109,6 +111,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
     else:
         source = random_init_source(cfg.model, train.seed)
     model = build_meta_model(cfg.model, dtype)
+    loss_fn = build_token_loss(model, train.loss_chunk_tokens, train.compile)  # before any wrapper
     model = strategy.parallelize(model, lambda m: materialize(m, device, source, strategy.shard), train)
     model.train()
     optimizer = build_optimizer(model, train)
@@ -133,8 +136,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 run_dir, steps_done, model, optimizer, strategy, train.keep_checkpoints
             )
 
-    loss_fn = torch.compile(token_loss_sum) if train.compile else token_loss_sum
-    step_times = []
+    step_times, step_figures = [], []
     try:
         with StopSignals() as stop, StepProfiler(run_dir, train, enabled=is_rank0, device=device) as profiler:
             for step in range(start_step, train.steps):
@@ -149,6 +151,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                 if dist.is_initialized():
                     dist.all_reduce(loss_sum, group=strategy.loss_group())
                 loss = loss_sum.item() / num_target_tokens
+                figures = strategy.step_metrics()
                 bad_grad, stop_now = agree_on_step(model, stop, device)
                 if bad_grad or not math.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
@@ -168,6 +171,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                     elapsed = time.perf_counter() - started
                     losses.append(loss)
                     step_times.append(elapsed)
+                    step_figures.append(figures)
                     tokens_per_s = num_target_tokens / elapsed
                     reporter.step(
                         {
@@ -180,6 +184,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                             "mfu_seed": mfu(seed_flops_tok, tokens_per_s / world, peak),
                             "mem_gib": peak_memory_gib(device),
                             "warmup": step - start_step < train.warmup_steps,
+                            **figures,
                         }
                     )
                 profiler.step()
@@ -194,6 +199,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         reporter.close()
 
     timed = step_times[train.warmup_steps :] or step_times or [math.inf]  # a resume may have no steps left
+    timed_figures = step_figures[train.warmup_steps :] or step_figures
     median_time = statistics.median(timed)
     peak_mem = torch.tensor(peak_memory_gib(device), device=device)
     if dist.is_initialized():
@@ -215,9 +221,34 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         final_loss=losses[-1] if losses else float("nan"),
         losses=losses,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        predicted=plan_prediction(cfg, world) if device.type == "cuda" else None,
+        strategy_metrics={
+            key: statistics.median(figures[key] for figures in timed_figures) for key in timed_figures[0]
+        }
+        if timed_figures
+        else {},
     )
     save_outputs(cfg, strategy, model, run_dir, summary, is_rank0)
     return summary
+
+
+def plan_prediction(cfg: RunConfig, world_size: int) -> dict[str, float] | None:
+    """`moectl plan`'s prediction for this run, so every GPU run checks the plan's model; None where the
+    plan has no figures (an unknown GPU, a plugin strategy, fp32 weights)."""
+    kind = gpu_kind_for_device(torch.cuda.get_device_name())
+    if kind is None or runtime.training_dtype(cfg.train, True) != torch.bfloat16:
+        return None
+    layout = layout_from_config(cfg.parallel, cfg.train, world_size)
+    try:
+        prediction = predict(cfg.model, cfg.train, layout, kind, world_size, cfg.parallel.nnodes)
+    except ValueError:
+        return None
+    return {
+        "gpu": kind,
+        "tokens_per_s_per_device": prediction.tokens_per_s_per_gpu,
+        "peak_mem_gib": prediction.peak_mem_gib,
+        "mfu": prediction.mfu,
+    }
 
 
 def save_outputs(
@@ -238,7 +269,9 @@ def save_outputs(
                 f"non-finite weights in {bad[0]} (and {len(bad) - 1} more); the model was not written"
             )
         save_hf_model(state, hf_config(cfg.model), run_dir / "model")
-    write_json_atomic(run_dir / "summary.json", asdict(summary))
+    record = asdict(summary)
+    record.update(record.pop("strategy_metrics"))
+    write_json_atomic(run_dir / "summary.json", record)
 
 
-__all__ = ["run_training", "Summary", "NonFiniteLoss"]
+__all__ = ["run_training", "Summary", "NonFiniteLoss", "token_loss_sum"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moectl.config import ModelConfig, TrainConfig
+from moectl.config import ModelConfig, TrainConfig, checkpointing_mode
 
 # Dense bf16 peak FLOP/s per device (SXM parts, no sparsity). Longer names first: "H200" contains "H20".
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -135,23 +135,35 @@ def estimate_memory_gib(
 
     The per-token coefficients were fitted to peaks measured on an H200 (BENCHMARKS.md, "memory
     estimate"): compiled layers keep about 10·H + 4·heads·head_dim + 6·k·I values per token and layer,
-    eager ones 18·H + 4·heads·head_dim + 10·k·I; the loss keeps the logits and their gradient (plus
-    fp32 copies when eager). Optimizer state is kept in the parameters' dtype. `grad_params_per_rank`
+    eager ones 18·H + 4·heads·head_dim + 10·k·I; selective checkpointing (compiled) recomputes k·(H + I)
+    + 2·H of them (measured on one layer on the CPU: 143 → 90 KB per token, BENCHMARKS.md; under `ep`, whose
+    dispatch splits a layer into several graphs, the k·H expert-input copies stay); the loss keeps
+    the logits and their gradient (plus fp32 copies when eager), of one chunk of tokens when
+    train.loss_chunk_tokens chunks it (then also the head's weight and input gradients). Optimizer state is kept in the parameters' dtype. `grad_params_per_rank`
     (default: `params_per_rank`) counts the gradients a rank holds at its peak, which FSDP keeps
     unsharded while it defers their reduction to the last micro-batch.
     """
     weights_and_state = params_per_rank * param_bytes * (1 + optimizer_states_per_param(train))
     tokens = train.micro_batch * train.seq_len
+    checkpointing = checkpointing_mode(train.activation_checkpointing)
     attention = 4 * cfg.num_heads * cfg.head_dim
     if train.compile:
         per_token_layer = 10 * cfg.hidden_size + attention + 6 * cfg.top_k * cfg.moe_intermediate_size
+        if checkpointing == "selective":  # recomputed: expert-input copies, SiLU·up, the two norm outputs
+            per_token_layer -= cfg.top_k * (cfg.hidden_size + cfg.moe_intermediate_size) + 2 * cfg.hidden_size
     else:
         per_token_layer = 18 * cfg.hidden_size + attention + 10 * cfg.top_k * cfg.moe_intermediate_size
-    layers_kept = 1 if train.activation_checkpointing else cfg.num_layers
+    layers_kept = 1 if checkpointing == "full" else cfg.num_layers
     activations = tokens * per_token_layer * param_bytes * layers_kept
-    if train.activation_checkpointing:  # each layer's input is kept for the recomputation
+    if checkpointing == "full":  # each layer's input is kept for the recomputation
         activations += tokens * cfg.hidden_size * param_bytes * cfg.num_layers
     logits_bytes = 2 * param_bytes + (0 if train.compile else 8)
-    logits = tokens * cfg.vocab_size * logits_bytes
+    if train.loss_chunk_tokens > 0:  # one chunk's logits, plus the head's gradients made in forward
+        chunk = min(train.loss_chunk_tokens, tokens)
+        logits = (
+            chunk * cfg.vocab_size * logits_bytes + (cfg.vocab_size + tokens) * cfg.hidden_size * param_bytes
+        )
+    else:
+        logits = tokens * cfg.vocab_size * logits_bytes
     grads = (params_per_rank if grad_params_per_rank is None else grad_params_per_rank) * param_bytes
     return (weights_and_state + grads + activations + logits) / 2**30

@@ -7,6 +7,7 @@ tensor and sliced, so every strategy starts from exactly the weights `single` st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from moectl.config import ModelConfig
+from moectl.config import ModelConfig, checkpointing_mode
 from moectl.errors import UsageError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -188,14 +189,54 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return inner.model.layers
 
 
-def apply_layer_wrappers(model: nn.Module, train) -> None:
+#: torch.compile partitioner settings behind `activation_checkpointing=selective`. By default the partitioner
+#: already recomputes cheap ops, but refuses to when their inputs were made far from their use in backward,
+#: when they would form long fused chains, or when backward needs their output materialised; lifting those
+#: three bans (the allowlist of cheap, memory-bound ops and the ban on reductions stay) lets it drop the
+#: MoE block's [tokens·top_k, hidden] expert-input copies, the SiLU·up product and the norm outputs and
+#: recompute them, while GEMM and attention outputs are kept. On one Qwen3-30B-A3B layer (CPU, bf16) the
+#: saved activations fall from 143 to 90 KB per token (BENCHMARKS.md, "levers toward the hardware limit").
+SELECTIVE_RECOMPUTE_FLAGS = {
+    "ban_recompute_used_far_apart": False,
+    "ban_recompute_long_fusible_chains": False,
+    "ban_recompute_materialized_backward": False,
+}
+
+
+def enable_selective_recompute() -> None:
+    """Set SELECTIVE_RECOMPUTE_FLAGS process-wide: the partitioner runs lazily, at each compiled graph's
+    first backward, so a scoped patch around `compile()` would not reach it."""
+    import torch._functorch.config as functorch_config
+
+    for name, value in SELECTIVE_RECOMPUTE_FLAGS.items():
+        if hasattr(functorch_config, name):  # a torch without a flag keeps its default for it
+            setattr(functorch_config, name, value)
+
+
+CheckpointContexts = Callable[[], tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]]
+
+
+def apply_layer_wrappers(
+    model: nn.Module, train, checkpoint_contexts: CheckpointContexts | None = None
+) -> None:
     """Activation checkpointing, then torch.compile, per decoder layer (the fixed middle of the wrap order).
 
-    Checkpointing goes through transformers' own switch (non-reentrant), which keeps parameter names
+    Full checkpointing goes through transformers' own switch (non-reentrant), which keeps parameter names
     unchanged; compile is per layer so that graph breaks stay local and FSDP can still wrap layers.
+    Selective checkpointing is a setting of the compiler's partitioner (config validation insists on
+    train.compile), so it adds no wrapper at all and never re-runs a GEMM, attention or a collective.
+    `checkpoint_contexts` is torch.utils.checkpoint's `context_fn` for full checkpointing: contexts entered
+    around a layer's first forward and around its recompute (`ep` uses them to replay its exchanges
+    instead of redoing them).
     """
-    if train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mode = checkpointing_mode(train.activation_checkpointing)
+    if mode == "full":
+        kwargs = {"use_reentrant": False}
+        if checkpoint_contexts is not None:
+            kwargs["context_fn"] = checkpoint_contexts
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if mode == "selective":
+        enable_selective_recompute()
     if train.compile:
         for layer in decoder_layers(model):
             layer.compile()

@@ -23,9 +23,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from moectl.config import ModelConfig, ParallelConfig, TrainConfig, build_config
+from moectl.config import ModelConfig, ParallelConfig, TrainConfig, build_config, checkpointing_mode
+from moectl.errors import UsageError
 from moectl.metrics import count_params, estimate_memory_gib, flops_per_token
 from moectl.plan_data import CALIBRATION, GPU_KINDS, Calibration, GpuKind, MeasuredRun
+from moectl.registry import get_strategy
 
 STRATEGIES = ("single", "ddp", "fsdp", "tp", "mixed", "ep")
 #: Left free on each GPU beyond the predicted peak: CUDA context, NCCL buffers, allocator fragmentation
@@ -82,29 +84,41 @@ class Prediction:
 
 
 # ---- the rules a layout must satisfy --------------------------------------------------------------
+def parallel_config(layout: Layout) -> ParallelConfig:
+    """The `parallel` section of the `moectl train` config that runs `layout`."""
+    return ParallelConfig(
+        strategy=layout.strategy,
+        nproc=layout.world,
+        dp_size=layout.dp if layout.strategy == "mixed" else None,
+        tp_size=layout.tp,
+        ep_size=layout.ep,
+        fsdp=layout.ep_fsdp,
+        mixed_dp=layout.mixed_dp,
+    )
+
+
 def layout_problem(model: ModelConfig, global_batch: int, layout: Layout, num_gpus: int) -> str | None:
-    """The first rule the layout breaks, naming the numbers; None when it is allowed."""
-    dp, tp, ep = layout.dp, layout.tp, layout.ep
+    """The first rule the layout breaks, naming the numbers; None when it is allowed.
+
+    The degree rules are the ones `moectl train` applies (each strategy's `parallel_dims`, then
+    `ParallelDims.check`); plan adds only what it will not offer (mixed with dp 1 is `tp`)."""
     if layout.strategy not in STRATEGIES:
         return f"unknown strategy {layout.strategy!r}; one of {', '.join(STRATEGIES)}"
-    if dp * tp != num_gpus:
-        return f"dp {dp} × tp {tp} = {dp * tp} must equal the {num_gpus} GPUs"
-    if layout.strategy == "single" and num_gpus != 1:
-        return f"single runs on one GPU, not {num_gpus}"
-    if layout.strategy == "mixed" and (dp < 2 or tp < 2):
-        return f"mixed needs dp ≥ 2 and tp ≥ 2 (got dp {dp}, tp {tp}); use tp or fsdp"
-    if layout.strategy in ("tp", "mixed"):
-        for key in ("num_heads", "num_kv_heads", "moe_intermediate_size"):
-            if getattr(model, key) % tp:
-                return f"tp {tp} must divide {key} {getattr(model, key)}"
-    if layout.strategy == "ep":
-        if model.num_experts % ep:
-            return f"ep {ep} must divide num_experts {model.num_experts}"
-        if num_gpus % ep:
-            return f"ep {ep} must divide the world size {num_gpus}"
-    per_step = layout.micro_batch * dp
+    if layout.world != num_gpus:
+        return f"dp {layout.dp} × tp {layout.tp} = {layout.world} must equal the {num_gpus} GPUs"
+    if layout.strategy == "mixed" and layout.dp < 2:
+        return f"mixed needs dp ≥ 2 and tp ≥ 2 (got dp {layout.dp}, tp {layout.tp}); use tp or fsdp"
+    strategy_cls = get_strategy(layout.strategy)
+    try:
+        dims = strategy_cls.parallel_dims(parallel_config(layout), num_gpus)
+        dims.check(model, layout.strategy)
+    except UsageError as exc:
+        return str(exc)
+    if (dims.dp, dims.tp, dims.ep) != (layout.dp, layout.tp, layout.ep):
+        return f"{layout.strategy} runs dp {dims.dp} × tp {dims.tp}, ep {dims.ep} on {num_gpus} GPUs, not this layout"
+    per_step = layout.micro_batch * layout.dp
     if global_batch % per_step:
-        return f"global batch {global_batch} must be divisible by micro-batch {layout.micro_batch} × dp {dp} = {per_step}"
+        return f"global batch {global_batch} must be divisible by micro-batch {layout.micro_batch} × dp {layout.dp} = {per_step}"
     return None
 
 
@@ -297,7 +311,8 @@ def layout_from_config(parallel: ParallelConfig, train: TrainConfig, world_size:
         ep_fsdp=parallel.strategy == "ep" and parallel.fsdp,
         mixed_dp=parallel.mixed_dp,
         micro_batch=train.micro_batch,
-        activation_checkpointing=train.activation_checkpointing,
+        # The plan has time figures for full checkpointing only; a selective run is planned as one without.
+        activation_checkpointing=checkpointing_mode(train.activation_checkpointing) == "full",
         compile=train.compile,
     )
 
@@ -309,10 +324,14 @@ def gpu_kind_for_device(device_name: str) -> str | None:
 
 
 def _train_for(train: TrainConfig, layout: Layout) -> TrainConfig:
+    selective = checkpointing_mode(train.activation_checkpointing) == "selective" and layout.compile
     return dataclasses.replace(
         train,
         micro_batch=layout.micro_batch,
-        activation_checkpointing=layout.activation_checkpointing,
+        # selective (compiled) changes memory, not the layout: the estimate sizes it
+        activation_checkpointing="full"
+        if layout.activation_checkpointing
+        else ("selective" if selective else "none"),
         compile=layout.compile,
     )
 

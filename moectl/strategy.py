@@ -107,6 +107,11 @@ class Strategy:
     def after_backward(self, model: nn.Module) -> None:
         """Gradient reductions the wrappers do not do (default: none)."""
 
+    def step_metrics(self) -> dict[str, float]:
+        """Figures of this rank's last optimizer step for metrics.jsonl (and, as medians after warm-up,
+        summary.json), counted on the host; called once per step. Default: none."""
+        return {}
+
     def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """How one model or optimizer-state tensor of parameter `param_name` (canonical HF name) goes
         into a resumable checkpoint (torch.distributed.checkpoint).

@@ -75,6 +75,8 @@ LAYOUT_KEYS = (
     "rdzv_endpoint",
     "fsdp",
     "mixed_dp",
+    "ep_chunks",
+    "ep_max_rows_factor",
 )
 FIXED_ON_RESUME = {
     "model": None,  # every key

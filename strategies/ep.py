@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
@@ -27,7 +27,8 @@ from moectl.metrics import ParamCounts
 from moectl.model import apply_layer_wrappers, decoder_layers
 from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers
 from moectl.parallel.dims import ParallelDims
-from moectl.parallel.ep_dispatch import ExpertParallelMoE, GroupedExperts
+from moectl.parallel.ep_checkpoint import checkpoint_contexts
+from moectl.parallel.ep_dispatch import DispatchStats, ExpertParallelMoE, GroupedExperts
 from moectl.parallel.expert_parallel import gather_full_state, is_expert_key, localize, shard_on_meta
 from moectl.strategy import Materialize, Strategy
 
@@ -75,32 +76,70 @@ class ExpertParallel(Strategy):
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         ep_mesh = self._ep_mesh
         ep_group = None if ep_mesh is None else ep_mesh.get_group()
-        for layer in decoder_layers(model):
+        # With expert replicas, the count exchange spans the world: every rank sees every rank's load and
+        # an overload stops all of them at the same layer (the other EP groups would hang otherwise).
+        count_group = self.dims.group("dp") if self.dims.ep_replicate > 1 and ep_group is not None else None
+        self.dispatch_stats = DispatchStats()
+        for index, layer in enumerate(decoder_layers(model)):
             block = layer.mlp
             experts = GroupedExperts(
                 block.experts.gate_up_proj, block.experts.down_proj, block.experts.act_fn
             )
             shard_on_meta(experts, ep_mesh)
             layer.mlp = ExpertParallelMoE(
-                block.gate, experts, block.experts.num_experts, ep_group, self.dims.ep
+                block.gate,
+                experts,
+                block.experts.num_experts,
+                ep_group,
+                self.dims.ep,
+                num_chunks=self.parallel.ep_chunks,
+                layer_index=index,
+                max_rows_factor=self.parallel.ep_max_rows_factor,
+                count_group=count_group,
+                stats=self.dispatch_stats,
+                compile=train.compile,
             )
-        apply_layer_wrappers(model, train)
+        apply_layer_wrappers(model, train, checkpoint_contexts)
         # Materialise before FSDP: the expert DTensors carry their global shape only until then. The
         # cost: with parallel.fsdp the dense part (~5 % of Qwen3-30B-A3B) is briefly whole on each rank.
         materialize(model)
         for layer in decoder_layers(model):
             localize(layer.mlp.experts)
         if self.parallel.fsdp and self.dims.world_size > 1:
+            self._fully_shard(model)
+        return model
+
+    def _fully_shard(self, model: nn.Module) -> None:
+        """Experts over their replicas (not at all without replicas: FSDP over one rank only copies),
+        then every decoder layer and the root over all ranks; each layer prefetches the next explicitly."""
+        layers = decoder_layers(model)
+        experts = [layer.mlp.experts for layer in layers]
+        expert_params = {param for module in experts for param in module.parameters()}
+        shard_experts = self.dims.ep_replicate > 1
+        if shard_experts:
             dtype = next(model.parameters()).dtype
             policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
-            for layer in decoder_layers(model):
-                fully_shard(layer.mlp.experts, mesh=self.dims.mesh("ep_replicate"), mp_policy=policy)
-            fully_shard_layers(model, self.dims.mesh("dp"), sum_gradients=True)
-            experts = self.dims.mesh("experts")  # its transpose states the checkpoint layout (below)
-            self._checkpoint_mesh = DeviceMesh(
-                experts.device_type, experts.mesh.t(), mesh_dim_names=("ep", "ep_replicate")
-            )
-        return model
+            for module in experts:
+                fully_shard(module, mesh=self.dims.mesh("ep_replicate"), mp_policy=policy)
+        ignored = None if shard_experts else expert_params
+        fully_shard_layers(model, self.dims.mesh("dp"), sum_gradients=True, ignored_params=ignored)
+        # FSDP2 gathers a layer when the host reaches it; the dispatch's per-layer host sync keeps the
+        # host from running ahead, so without explicit prefetch every gather would wait in the open.
+        for index, layer in enumerate(layers):
+            upcoming = [layers[index + 1], experts[index + 1]] if index + 1 < len(layers) else []
+            layer.set_modules_to_forward_prefetch([m for m in upcoming if isinstance(m, FSDPModule)])
+        model.set_modules_to_forward_prefetch(
+            [m for m in (layers[0], experts[0]) if isinstance(m, FSDPModule)]
+        )
+        mesh = self.dims.mesh("experts")  # its transpose states the checkpoint layout (below)
+        self._checkpoint_mesh = DeviceMesh(
+            mesh.device_type, mesh.mesh.t(), mesh_dim_names=("ep", "ep_replicate")
+        )
+
+    def step_metrics(self) -> dict[str, float]:
+        """`a2a_bytes_per_step`: bytes this rank sent to other ranks in the token exchanges of the last
+        step (rows, their choices and the gradients of both, forward and backward)."""
+        return self.dispatch_stats.take()
 
     def after_backward(self, model: nn.Module) -> None:
         if self.dims.world_size == 1 or self.parallel.fsdp:

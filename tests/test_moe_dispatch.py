@@ -11,47 +11,7 @@ import torch.multiprocessing as mp
 
 from moectl.config import build_config
 from moectl.model import build_meta_model, materialize, random_init_source
-from moectl.parallel.ep_dispatch import (
-    ExpertParallelMoE,
-    GroupedExperts,
-    expert_major_index,
-    grouped_linear,
-    grouped_mm_kernel,
-    inverse_permutation,
-    sort_by_expert,
-)
-
-
-def test_sort_by_expert_orders_rows_and_counts_them():
-    expert_ids = torch.tensor([[3, 0], [1, 3], [0, 2], [3, 1]])
-    order, counts = sort_by_expert(expert_ids, num_experts=5)
-    flat = expert_ids.reshape(-1)
-    assert flat[order].tolist() == sorted(flat.tolist())
-    assert counts.tolist() == [2, 2, 1, 3, 0]
-    assert order.tolist() == [1, 4, 2, 7, 5, 0, 3, 6]  # stable: equal ids keep their order
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_expert_major_index_matches_a_python_reference(seed):
-    generator = torch.Generator().manual_seed(seed)
-    num_sources, num_local = 3, 4
-    recv_counts = torch.randint(0, 4, (num_sources, num_local), generator=generator)
-    recv_counts[1] = 0  # a source rank that sends nothing
-    recv_counts[:, 2] = 0  # a local expert nobody picked
-    # Label every received row with its (source, expert, position) in rank-major order.
-    rank_major = [
-        (source, expert, i)
-        for source in range(num_sources)
-        for expert in range(num_local)
-        for i in range(recv_counts[source, expert])
-    ]
-    # Expert-major: by local expert, then source rank, then arrival order.
-    expected = sorted(
-        range(len(rank_major)), key=lambda j: (rank_major[j][1], rank_major[j][0], rank_major[j][2])
-    )
-    index = expert_major_index(recv_counts, len(rank_major))
-    assert index.tolist() == expected
-    assert torch.equal(inverse_permutation(index)[index], torch.arange(len(rank_major)))
+from moectl.parallel.ep_dispatch import ExpertParallelMoE, GroupedExperts, grouped_linear, grouped_mm_kernel
 
 
 def test_grouped_linear_fallback_equals_per_row_reference():
@@ -165,27 +125,3 @@ def _two_rank_worker(rank: int, world: int, init_file: str) -> None:
 def test_two_rank_dispatch_with_an_idle_rank_equals_dense_reference(tmp_path):
     """Forward and backward of the EP block over 2 gloo ranks, one receiving no rows at all."""
     mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
-
-
-def test_gather_backwards_equal_index_select_autograd():
-    """The permutation and token-copy gathers have gather-only backwards; they must equal autograd's."""
-    from moectl.parallel.ep_dispatch import _CopyTokens, inverse_permutation, permute_rows
-
-    torch.manual_seed(0)
-    num_tokens, top_k, hidden = 7, 3, 5
-    tokens = torch.randn(num_tokens, hidden, dtype=torch.float64, requires_grad=True)
-    order = torch.argsort(torch.randint(4, (num_tokens * top_k,)), stable=True)
-    upstream = torch.randn(num_tokens * top_k, hidden, dtype=torch.float64)
-
-    (_CopyTokens.apply(tokens, order, inverse_permutation(order), top_k) * upstream).sum().backward()
-    ours = tokens.grad.clone()
-    tokens.grad = None
-    (tokens.index_select(0, order // top_k) * upstream).sum().backward()
-    assert torch.allclose(ours, tokens.grad)
-
-    rows = torch.randn(num_tokens * top_k, hidden, dtype=torch.float64, requires_grad=True)
-    (permute_rows(rows, order) * upstream).sum().backward()
-    ours = rows.grad.clone()
-    rows.grad = None
-    (rows.index_select(0, order) * upstream).sum().backward()
-    assert torch.allclose(ours, rows.grad)

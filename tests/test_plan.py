@@ -68,7 +68,8 @@ def test_measured_figures_match_the_raw_results():
     for run in (r for r in MEASURED_RUNS if r.role != "pending"):
         path, _, row = run.source.partition("#")
         text = (ROOT / path).read_text()
-        assert (ROOT / run.script).is_file(), run.script
+        recipe = run.script.removeprefix("recipe ").split()[0]
+        assert f"recipe_{recipe.replace('-', '_')}()" in (ROOT / "bench/recipes.sh").read_text(), run.script
         if path.endswith(".log"):  # the median of the timed steps' tokens/s, as the summary takes it
             timed = [line for line in text.splitlines() if line.startswith("step ") and "warm-up" not in line]
             speeds = [float(re.search(r"\| ([\d,]+) tok/s", line)[1].replace(",", "")) for line in timed]
@@ -117,9 +118,9 @@ def test_written_predictions_are_this_models(name):
 @pytest.mark.parametrize(
     "layout, num_gpus, rule",
     [
-        (Layout("tp", tp=8), 8, "tp 8 must divide num_kv_heads 4"),
-        (Layout("ep", dp=6, ep=3), 6, "ep 3 must divide num_experts 128"),
-        (Layout("ep", dp=4, ep=8), 4, "ep 8 must divide the world size 4"),
+        (Layout("tp", tp=8), 8, "--tp-size 8 does not divide model.num_kv_heads = 4"),
+        (Layout("ep", dp=6, ep=3), 6, "--ep-size 3 must divide model.num_experts 128"),
+        (Layout("ep", dp=4, ep=8), 4, "--ep-size 8 must divide the world size 4"),
         (Layout("mixed", dp=1, tp=4), 4, "mixed needs dp ≥ 2 and tp ≥ 2 (got dp 1, tp 4)"),
         (Layout("fsdp", dp=4), 8, "dp 4 × tp 1 = 4 must equal the 8 GPUs"),
         (
@@ -163,7 +164,7 @@ def test_plan_prints_the_table_best_first_with_commands(capsys):
     commands = re.findall(r"^\s*\d+\. (moectl train .*)$", out, re.MULTILINE)
     assert commands and all("--nproc 8" in c and "--global-batch 64" in c for c in commands)
     assert any("--strategy ep --ep-size 8" in c for c in commands)
-    assert "forbidden: tp dp 1 tp 8 ep 1: tp 8 must divide num_kv_heads 4" in out
+    assert "forbidden: tp dp 1 tp 8 ep 1: tp: --tp-size 8 does not divide model.num_kv_heads = 4" in out
     assert re.search(r"^\s*\d+\. \d+\.\d GiB > 135\.0 usable: weights \+ optimizer state", out, re.MULTILINE)
     assert not torch.distributed.is_initialized()
 
@@ -224,3 +225,51 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        Layout("single"),
+        Layout("ddp", dp=4),
+        Layout("fsdp", dp=8),
+        Layout("tp", tp=4),
+        Layout("mixed", dp=2, tp=2),
+        Layout("mixed", dp=2, tp=2, mixed_dp="ddp"),
+        Layout("ep", dp=8, ep=4),
+        Layout("ep", dp=8, ep=4, ep_fsdp=True),
+    ],
+    ids=lambda layout: layout.label(),
+)
+def test_plan_counts_parameters_as_the_strategies_do(layout):
+    """The plan's per-rank parameters and accumulated gradients are the strategies' own counts."""
+    from moectl.metrics import count_params
+    from moectl.plan import _params, parallel_config
+    from moectl.registry import get_strategy
+
+    strategy_cls = get_strategy(layout.strategy)
+    parallel = parallel_config(layout)
+    strategy = strategy_cls(strategy_cls.parallel_dims(parallel, layout.world), QWEN, parallel)
+    counts = count_params(QWEN)
+    sharded, whole_grads, _ = _params(QWEN, layout)
+    assert sharded == pytest.approx(strategy.params_per_rank(counts))
+    assert whole_grads == pytest.approx(strategy.grad_params_per_rank(counts, num_micro_batches=2))
+
+
+def test_a_gpu_run_writes_the_plans_prediction_beside_its_measurement(monkeypatch):
+    """summary.json's `predicted` on an H200 is `predict` for the run's own layout; None where the plan
+    has no figures."""
+    import torch
+
+    from moectl.loop import plan_prediction
+
+    cfg = build_config(
+        "qwen3-30b-a3b", {"parallel": {"strategy": "ep", "ep_size": 2}, "train": {"micro_batch": 2}}
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
+    predicted = plan_prediction(cfg, world_size=2)
+    expected = predict(cfg.model, cfg.train, layout_from_config(cfg.parallel, cfg.train, 2), "h200", 2)
+    assert predicted["tokens_per_s_per_device"] == expected.tokens_per_s_per_gpu
+    assert predicted["peak_mem_gib"] == expected.peak_mem_gib
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A10G")
+    assert plan_prediction(cfg, world_size=2) is None

@@ -22,7 +22,13 @@ from moectl.model import decoder_layers
 BUCKET_BYTES = 256 * 2**20
 
 
-def fully_shard_layers(model: nn.Module, mesh: DeviceMesh, *, sum_gradients: bool = False) -> None:
+def fully_shard_layers(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    sum_gradients: bool = False,
+    ignored_params: set[nn.Parameter] | None = None,
+) -> None:
     """FSDP2 (`fully_shard`) on every decoder layer, then the root (embedding, final norm, lm_head).
 
     Why per layer: each layer's parameters are gathered just before its forward (and again before its
@@ -34,13 +40,14 @@ def fully_shard_layers(model: nn.Module, mesh: DeviceMesh, *, sum_gradients: boo
     `sum_gradients`: reduce sums instead of averages (for strategies whose loss is already normalised
     to the global batch). On gloo every reduction is forced to SUM (with FSDP's own division when
     averaging): gloo's AVG reduce-scatter averaged in some torch versions and silently summed in
-    others, and SUM is right on all.
+    others, and SUM is right on all. `ignored_params` stay plain tensors that FSDP neither shards nor
+    reduces (say experts that live on one rank only).
     """
     dtype = next(model.parameters()).dtype
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=ignored_params)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored_params)
     configure_reductions(model, mesh, sum_gradients=sum_gradients)
 
 

@@ -1,0 +1,122 @@
+"""Predicted bytes and step time of `ep` with the once-per-rank dispatch and `parallel.ep_chunks`, written
+before any run on 4 or 8 GPUs (BENCHMARKS.md, "ep at scale: predictions"). Run: `python3 bench/predict_ep_scale.py`.
+
+What it rests on: moectl.plan's compute model and fitted figures (moectl/plan_data.py: grouped-GEMM
+efficiency by rows per expert, the all-to-all's 125 GB/s per GPU and direction on NVLink, the per-layer
+idle time), uniform routing (each token's top-k experts a uniformly random k-subset: real routing is
+less even, so more ranks per token or hotter ranks), and three assumptions of this script, each named:
+a small collective (counts, choices, weight gradients) costs LATENCY_S; a transfer that overlaps compute
+slows that compute by INTERFERENCE of the transfer's time (NCCL's kernels take SMs); with C chunks what is
+exposed per layer and micro-batch is the first chunk's dispatch and the last chunk's return (and their
+backward twins), plus whatever of the rest the expert compute of the other chunks cannot cover.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from math import comb
+
+from moectl.config import build_config
+from moectl.plan import BYTES_PER_PARAM, GPU_KINDS, Layout, comm_seconds, compute_seconds
+from moectl.plan_data import CALIBRATION
+
+LATENCY_S = 30e-6  # one small NCCL collective within a node (assumed)
+INTERFERENCE = 0.10  # share of an overlapped transfer's time added to the compute it overlaps (assumed)
+
+
+def ranks_per_token(num_experts: int, top_k: int, ep: int) -> float:
+    """Expected distinct ranks among a token's top_k experts, experts chosen uniformly without repeats."""
+    local = num_experts // ep
+    return ep * (1 - comb(num_experts - local, top_k) / comb(num_experts, top_k))
+
+
+def grouped_efficiency(rows_per_expert: float) -> float:
+    return (
+        CALIBRATION.grouped_gemm_max
+        * rows_per_expert
+        / (rows_per_expert + CALIBRATION.grouped_gemm_half_rows)
+    )
+
+
+@dataclasses.dataclass
+class EpPrediction:
+    ep: int
+    chunks: int
+    ranks_per_token: float
+    bytes_old: float  # per rank and step, one copy per chosen expert
+    bytes_new: float  # once per rank, choices and weight gradients included
+    step_old_s: float
+    step_new_s: float
+    tokens_per_s_per_gpu: float
+
+
+def predict(
+    ep: int, chunks: int, num_gpus: int, global_batch: int, micro_batch: int = 2, num_layers: int = 48
+) -> EpPrediction:
+    overrides = {
+        "train": {"seq_len": 4096, "global_batch": global_batch},
+        "model": {"num_layers": num_layers},
+    }
+    cfg = build_config("qwen3-30b-a3b", overrides)
+    model, train = cfg.model, cfg.train
+    gpu = GPU_KINDS["h200"]
+    layout = Layout("ep", dp=num_gpus, ep=ep, micro_batch=micro_batch, compile=True)
+    num_micro = global_batch // (micro_batch * num_gpus)
+    tokens = micro_batch * train.seq_len
+    hidden, top_k, layers = model.hidden_size, model.top_k, model.num_layers
+    others = (ep - 1) / ep
+
+    compute = compute_seconds(model, train, layout, gpu, CALIBRATION)
+    comm_old = comm_seconds(model, train, layout, gpu, 1, CALIBRATION)
+    a2a_old = comm_old.get("all-to-all", 0.0)
+    rest = sum(seconds for name, seconds in comm_old.items() if name != "all-to-all")
+
+    # Bytes per layer and micro-batch leaving this rank: r rows to other ranks (and as many back).
+    per_rank = ranks_per_token(model.num_experts, top_k, ep)
+    rows = tokens * per_rank * others
+    row = hidden * BYTES_PER_PARAM
+    # dispatch: row + ids and fp32 weight bits; return: row; backward: row + bf16 weight grads; row
+    new_layer = rows * (row + 8 * top_k) + rows * row + rows * (row + 2 * top_k) + rows * row
+    old_layer = 4 * tokens * top_k * others * row
+    bytes_new, bytes_old = num_micro * layers * new_layer, num_micro * layers * old_layer
+    transfer_new = bytes_new / CALIBRATION.all_to_all_bytes_per_s
+
+    # Expert compute per step at the rows a chunk's grouped GEMM gets, and what chunking costs there.
+    rows_per_expert = tokens * top_k * ep / model.num_experts
+    expert_flops = 6 * tokens * layers * top_k * 3 * hidden * model.moe_intermediate_size * num_micro
+    expert_s = expert_flops / gpu.peak_flops / grouped_efficiency(rows_per_expert / chunks)
+    chunk_cost = expert_s - expert_flops / gpu.peak_flops / grouped_efficiency(rows_per_expert)
+
+    # The choices (forward) and weight gradients (backward) of each chunk travel in collectives of their
+    # own, latency-bound; the count exchange was one of the fitted run's collectives already.
+    small = num_micro * layers * 2 * chunks * LATENCY_S
+    if chunks == 1:
+        exposed = transfer_new
+    else:
+        overlapped = transfer_new * (chunks - 1) / chunks
+        uncovered = max(0.0, overlapped - expert_s * (chunks - 1) / chunks)
+        exposed = transfer_new / chunks + uncovered + INTERFERENCE * (overlapped - uncovered)
+    step_new = compute + chunk_cost + rest + small + exposed
+    return EpPrediction(
+        ep, chunks, per_rank, bytes_old, bytes_new, compute + rest + a2a_old, step_new,
+        global_batch * train.seq_len / step_new / num_gpus,
+    )  # fmt: skip
+
+
+def main() -> None:
+    print("| layers | GPUs | ep | ep_chunks | ranks per token | bytes/rank/step: one per choice | once per rank | cut |"
+          " step: one per choice | predicted | tokens/s per GPU |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    cases = [(48, 2, 2, 4), (48, 4, 4, 4), (48, 8, 8, 4), (8, 1, 1, 8), (8, 2, 2, 8)]
+    for num_layers, num_gpus, ep, sequences_per_gpu in cases:
+        for chunks in (1, 2) if ep > 1 else (1,):
+            p = predict(ep, chunks, num_gpus, sequences_per_gpu * num_gpus, num_layers=num_layers)
+            print(
+                f"| {num_layers} | {num_gpus} | {ep} | {chunks} | {p.ranks_per_token:.2f} | {p.bytes_old / 1e9:.1f} GB | "
+                f"{p.bytes_new / 1e9:.1f} GB | {1 - p.bytes_new / p.bytes_old if p.bytes_old else 0:.0%} | {p.step_old_s:.2f} s | "
+                f"{p.step_new_s:.2f} s | {p.tokens_per_s_per_gpu:,.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
