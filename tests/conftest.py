@@ -17,8 +17,13 @@ import pytest
 # A CPU suite: in-process runs must not pick a GPU either (subprocesses get the same variable).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+import torch  # noqa: E402
+
 from tests.layouts import LAYOUT_RUN_ARGS, LAYOUTS, runs_in_one_process  # noqa: E402
 from tests.util import NUMERICS_ARGS, train_run  # noqa: E402
+
+#: router preference along hidden dim 0, which the embeddings push up for every token
+EXPERT_PREFERENCE = torch.tensor([3.0, 2.5, 1.0, 0.5, -6.0, -6.0, -6.0, -6.0])
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +47,48 @@ def trained(tmp_path_factory) -> Callable[[str], Path]:
 def single_reference(trained) -> Path:
     """The `single` run every strategy's numerics are compared with (tiny preset, fp32, CPU)."""
     return trained("single")
+
+
+@pytest.fixture(scope="session")
+def skewed_model(tmp_path_factory) -> Path:
+    """Tiny model whose router sends most rows to experts 0-1 and none to experts 4-7.
+
+    Every embedding gets a constant component on hidden dim 0 and every router row a weight on that
+    dim that falls with the expert index. Under ep 2 the rank holding experts 4-7 receives no row at
+    all (under ep 4 two ranks idle) while one rank gets most of them; checked on the first batch.
+    """
+    from moectl.config import build_config
+    from moectl.data import build_data
+    from moectl.hf_io import save_hf_model
+    from moectl.model import build_meta_model, hf_config, init_full_tensor, materialize
+
+    cfg = build_config("tiny").model
+    meta = build_meta_model(cfg, torch.float32)
+    state = {n: init_full_tensor(n, p.shape, cfg, 0, torch.device("cpu")) for n, p in meta.named_parameters()}
+    state["model.embed_tokens.weight"][:, 0] = 0.05
+    for layer in range(cfg.num_layers):
+        state[f"model.layers.{layer}.mlp.gate.weight"][:, 0] = 0.1 * EXPERT_PREFERENCE
+    directory = tmp_path_factory.mktemp("skewed") / "model"
+    save_hf_model(state, hf_config(cfg), directory)
+
+    model = build_meta_model(cfg, torch.float32)
+    materialize(model, torch.device("cpu"), lambda name, shape, device: state[name])
+    counts = []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(
+            lambda module, args, out: counts.append(torch.bincount(out[2].flatten(), minlength=8))
+        )
+    tokens = build_data(build_config("tiny").data, cfg.vocab_size, 0).global_batch(0, 8, 64)
+    with torch.no_grad():
+        model(input_ids=tokens[:, :-1])
+    for per_expert in counts:
+        assert per_expert[4:].sum() == 0 and per_expert[:2].sum() > 0.7 * per_expert.sum(), per_expert
+    return directory
+
+
+@pytest.fixture(scope="session")
+def skewed_single(tmp_path_factory, skewed_model) -> Path:
+    """`single` trained from the skewed model: the reference of every skewed-routing run."""
+    run_dir = tmp_path_factory.mktemp("skewed_single") / "run"
+    args = ["--strategy", "single", "--model", str(skewed_model), *NUMERICS_ARGS]
+    return train_run(run_dir, *args, in_process=True)

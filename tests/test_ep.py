@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from moectl.config import build_config
-from moectl.data import build_data
-from moectl.hf_io import save_hf_model
-from moectl.model import build_meta_model, hf_config, init_full_tensor, materialize
 from tests.util import NUMERICS_ARGS, assert_same_training, load_weights, run_moectl_in_process, train_run
 
 
@@ -36,65 +31,21 @@ def test_full_state_dict_has_single_keys_shapes_and_every_expert(trained, single
     assert not torch.equal(ep_weights[last], ep_weights["model.layers.1.mlp.experts.3.gate_proj.weight"])
 
 
-# ---- badly unbalanced routing -------------------------------------------------------------------
-#: router preference along hidden dim 0, which the embeddings push up for every token
-EXPERT_PREFERENCE = torch.tensor([3.0, 2.5, 1.0, 0.5, -6.0, -6.0, -6.0, -6.0])
-
-
-@pytest.fixture(scope="module")
-def skewed_checkpoint(tmp_path_factory) -> Path:
-    """Tiny model whose router sends most rows to experts 0-1 and none to experts 4-7.
-
-    Every embedding gets a constant component on hidden dim 0 and every router row a weight on that
-    dim that falls with the expert index. Under ep 2 the rank holding experts 4-7 receives no row at
-    all (every layer, every step's first batch) while the other holds all of them.
-    """
-    cfg = build_config("tiny").model
-    meta = build_meta_model(cfg, torch.float32)
-    state = {n: init_full_tensor(n, p.shape, cfg, 0, torch.device("cpu")) for n, p in meta.named_parameters()}
-    state["model.embed_tokens.weight"][:, 0] = 0.05
-    for layer in range(cfg.num_layers):
-        state[f"model.layers.{layer}.mlp.gate.weight"][:, 0] = 0.1 * EXPERT_PREFERENCE
-    directory = tmp_path_factory.mktemp("skewed") / "model"
-    save_hf_model(state, hf_config(cfg), directory)
-
-    model = build_meta_model(cfg, torch.float32)
-    materialize(model, torch.device("cpu"), lambda name, shape, device: state[name])
-    counts = []
-    for layer in model.model.layers:
-        layer.mlp.gate.register_forward_hook(
-            lambda module, args, out: counts.append(torch.bincount(out[2].flatten(), minlength=8))
-        )
-    tokens = build_data(build_config("tiny").data, cfg.vocab_size, 0).global_batch(0, 8, 64)
-    with torch.no_grad():
-        model(input_ids=tokens[:, :-1])
-    for per_expert in counts:
-        assert per_expert[4:].sum() == 0 and per_expert[:2].sum() > 0.7 * per_expert.sum(), per_expert
-    return directory
-
-
-@pytest.fixture(scope="module")
-def skewed_single(tmp_path_factory, skewed_checkpoint) -> Path:
-    run_dir = tmp_path_factory.mktemp("skewed_single") / "run"
-    args = ["--strategy", "single", "--model", str(skewed_checkpoint), *NUMERICS_ARGS]
-    return train_run(run_dir, *args, in_process=True)
-
-
+# ---- badly unbalanced routing (the skewed model: tests/conftest.py) ----------------------------------
 SKEWED_LAYOUTS = {
     # ep smaller than the world: two EP groups of 2, each with an idle rank; experts reduced by hand
     # over their replicas
     "ep2-on-4": ["--strategy", "ep", "--ep-size", "2", "--nproc", "4"],
-    # the same with FSDP2 sharding the experts over their replicas and the dense part over all ranks
-    "ep2-on-4-fsdp": ["--strategy", "ep", "--ep-size", "2", "--nproc", "4", "--set", "parallel.fsdp=true"],
+    # (with FSDP2 sharding the experts over their replicas: tests/test_ep_scale.py, with chunks)
     # the naive baseline: its rank 1 holds only idle experts and must zero-fill their gradients
     "naive-ep2": ["--strategy", "examples/naive_ep/naive_ep.py", "--ep-size", "2"],
 }
 
 
 @pytest.mark.parametrize("layout", list(SKEWED_LAYOUTS))
-def test_unbalanced_routing_still_matches_single(tmp_path, skewed_checkpoint, skewed_single, layout):
+def test_unbalanced_routing_still_matches_single(tmp_path, skewed_model, skewed_single, layout):
     """Idle experts, an idle EP rank and a hot one: still the same training, no hang."""
-    args = [*SKEWED_LAYOUTS[layout], "--model", str(skewed_checkpoint), *NUMERICS_ARGS]
+    args = [*SKEWED_LAYOUTS[layout], "--model", str(skewed_model), *NUMERICS_ARGS]
     assert_same_training(train_run(tmp_path / "run", *args), skewed_single)
 
 

@@ -18,7 +18,7 @@ from moectl.loss import (
 )
 from moectl.metrics import count_params, estimate_memory_gib
 from moectl.model import SELECTIVE_RECOMPUTE_FLAGS, build_meta_model, materialize, random_init_source
-from tests.util import NUMERICS_ARGS, assert_same_training, run_moectl, train_run
+from tests.util import NUMERICS_ARGS, assert_same_training, run_moectl_in_process, train_run
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs cc")
 
@@ -103,7 +103,8 @@ CHUNKED = ["--set", "train.loss_chunk_tokens=48"]  # micro-batches of 2 × 64 to
 def test_chunked_loss_trains_the_same_model(tmp_path, single_reference, layout):
     """train.loss_chunk_tokens moves the head inside the root module's forward (FSDP2 gathers it there,
     DDP hooks it there): every strategy still trains `single`'s model with the unchunked loss."""
-    run = train_run(tmp_path / "chunked", *layout, *NUMERICS_ARGS, *CHUNKED)
+    in_process = layout == ["--strategy", "single"]
+    run = train_run(tmp_path / "chunked", *layout, *NUMERICS_ARGS, *CHUNKED, in_process=in_process)
     assert_same_training(run, single_reference)
 
 
@@ -174,7 +175,7 @@ def test_checkpointing_modes_and_their_one_line_refusals(tmp_path):
         "tiny", {"train": {"activation_checkpointing": "off"}}
     ).train.activation_checkpointing == ("none")
     for value, hint in (("some", "one of none, full, selective"), ("selective", "train.compile=true")):
-        result = run_moectl(
+        result = run_moectl_in_process(
             "train", "--run-dir", str(tmp_path / value), "--set", f"train.activation_checkpointing={value}"
         )
         assert result.returncode == 2 and hint in result.stderr

@@ -216,6 +216,7 @@ def assert_same_training(
     if comparison.max_loss_diff > loss_tol:
         problems.append(f"a step's loss differs by {comparison.max_loss_diff:.3e} > {loss_tol:.0e}")
     assert not problems, (
-        f"{run} trained differently from {reference}: {'; '.join(problems)}\n{comparison.describe()}"
+        f"trained differently from the reference: {'; '.join(problems)}\n{comparison.describe()}\n"
+        f"run: {run}\nreference: {reference}"
     )
     return comparison
