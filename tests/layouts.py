@@ -1,7 +1,8 @@
 """The parallel layouts the suite trains, each once per session (tests/conftest.py `trained`).
 
-RING layouts are also saved and resumed by their neighbour in the ring (tests/test_checkpoint.py);
-add a layout there and it is checked as trainer, saver and loader.
+RING layouts are also saved and resumed under another layout (tests/test_checkpoint.py PAIRS, which
+insists that each of them saves and loads): add a layout there and it is checked as trainer, saver
+and loader.
 """
 
 from __future__ import annotations
