@@ -6,14 +6,14 @@ CUT8="--config qwen3-30b-a3b --seq-len 4096 --set model.num_layers=8"
 FULL="--config qwen3-30b-a3b --seq-len 4096"
 
 recipe_one_gpu_8l() {  # single vs ep on one H200, 8-layer cut, eager; profiles; bf16 weight check
-  local q="$CUT8 --steps 8 --global-batch 8 --micro-batch 2 --set train.warmup_steps=3 --set train.profile_steps=2"
+  local q="$CUT8 --steps 8 --global-batch 8 --micro-batch 2 --set train.timing_warmup_steps=3 --set train.profile_steps=2"
   run single_8l 240 $q --strategy single
   run ep1_8l 240 $q --strategy ep --ep-size 1
   compare ep1_8l single_8l; profile single_8l; profile ep1_8l
 }
 
 recipe_one_gpu_compiled() {  # the compiled 8-layer cut: ep at micro-batch 2 and 4, with checkpointing, single
-  local q="$CUT8 --global-batch 8 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  local q="$CUT8 --global-batch 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
   run ep1_8l_compiled 240 $q --strategy ep --ep-size 1 --micro-batch 2 --steps 10 --set train.profile_steps=2
   profile ep1_8l_compiled
   run ep1_8l_compiled_mb4 200 $q --strategy ep --ep-size 1 --micro-batch 4 --steps 8
@@ -22,7 +22,7 @@ recipe_one_gpu_compiled() {  # the compiled 8-layer cut: ep at micro-batch 2 and
 }
 
 recipe_one_gpu_proxy() {  # per-GPU proxy of ep 4 on the whole model: 48 layers, 32 experts, one GPU
-  local p="$FULL --set model.num_experts=32 --global-batch 8 --steps 7 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true --strategy ep --ep-size 1"
+  local p="$FULL --set model.num_experts=32 --global-batch 8 --steps 7 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --strategy ep --ep-size 1"
   run proxy48_mb1 240 $p --micro-batch 1
   run proxy48_mb2 240 $p --micro-batch 2 --set train.profile_steps=2
   profile proxy48_mb2
@@ -35,7 +35,7 @@ recipe_one_gpu_bench() {  # moectl bench on one H200, 4-layer cut, verified agai
 }
 
 recipe_two_gpu_8l() {  # 8-layer cut on two H200s, 8 sequences per GPU per step: ep 2, fsdp 2, ddp 2, tp 2
-  local q="$CUT8 --micro-batch 2 --steps 8 --set train.warmup_steps=3 --set train.compile=true"
+  local q="$CUT8 --micro-batch 2 --steps 8 --set train.timing_warmup_steps=3 --set train.compile=true"
   run ep2_8l 200 $q --strategy ep --ep-size 2 --nproc 2 --global-batch 16
   run fsdp2_8l 200 $q --strategy fsdp --nproc 2 --global-batch 16
   compare ep2_8l fsdp2_8l
@@ -44,12 +44,12 @@ recipe_two_gpu_8l() {  # 8-layer cut on two H200s, 8 sequences per GPU per step:
 }
 
 recipe_two_gpu_full_model() {  # the whole model on two H200s: ep 2 vs fsdp 2 (weights compared), naive baseline
-  local f="$FULL --global-batch 8 --steps 6 --set train.warmup_steps=3 --set train.compile=true"
+  local f="$FULL --global-batch 8 --steps 6 --set train.timing_warmup_steps=3 --set train.compile=true"
   run ep2_full 200 $f --strategy ep --ep-size 2 --nproc 2 --micro-batch 2
   run fsdp2_full 200 $f --strategy fsdp --nproc 2 --micro-batch 1
   compare ep2_full fsdp2_full
   rm -rf "$RUNS"/*/model
-  local e="$FULL --global-batch 8 --steps 4 --set train.warmup_steps=2 --micro-batch 1 --set train.compile=false --set train.save_model=false"
+  local e="$FULL --global-batch 8 --steps 4 --set train.timing_warmup_steps=2 --micro-batch 1 --set train.compile=false --set train.save_model=false"
   run naive2_full 150 $e --strategy examples/naive_ep/naive_ep.py --ep-size 2 --nproc 2
   run ep2_full_eager 100 $e --strategy ep --ep-size 2 --nproc 2
 }
@@ -58,13 +58,13 @@ recipe_two_gpu_bench() {  # moectl bench on two H200s (4-layer cut), then a prof
   bench bench2 $FULL --set model.num_layers=4 --nproc 2 --strategies single,ddp,fsdp,tp,mixed,ep \
     --steps 7 --warmup 3 --global-batch 8 --micro-batch 2 --set train.compile=true \
     --verify --reference single --prune-models --run-timeout 150
-  run ep2_8l_prof 150 $CUT8 --micro-batch 2 --global-batch 16 --steps 7 --set train.warmup_steps=3 \
+  run ep2_8l_prof 150 $CUT8 --micro-batch 2 --global-batch 16 --steps 7 --set train.timing_warmup_steps=3 \
     --set train.save_model=false --set train.compile=true --strategy ep --ep-size 2 --nproc 2 --set train.profile_steps=2
   profile ep2_8l_prof
 }
 
 recipe_weak_scaling() {  # ep on 1, 2 and 4 GPUs with the same work per GPU (8-layer cut), 4-GPU profile
-  local q="$CUT8 --micro-batch 2 --steps 10 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  local q="$CUT8 --micro-batch 2 --steps 10 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
   CUDA_VISIBLE_DEVICES=0 run weak_ep1 200 $q --strategy ep --ep-size 1 --global-batch 8
   CUDA_VISIBLE_DEVICES=0,1 run weak_ep2 200 $q --strategy ep --ep-size 2 --nproc 2 --global-batch 16
   run weak_ep4 200 $q --strategy ep --ep-size 4 --nproc 4 --global-batch 32 --set train.profile_steps=2
@@ -73,12 +73,12 @@ recipe_weak_scaling() {  # ep on 1, 2 and 4 GPUs with the same work per GPU (8-l
 
 recipe_four_gpu_full_model() {  # the whole model on four H200s: ep 4 vs fsdp 4, naive baseline
   local q="$FULL --global-batch 16"
-  run ep4 330 $q --strategy ep --ep-size 4 --micro-batch 2 --steps 9 --set train.warmup_steps=3 --set train.compile=true --set train.profile_steps=2
+  run ep4 330 $q --strategy ep --ep-size 4 --micro-batch 2 --steps 9 --set train.timing_warmup_steps=3 --set train.compile=true --set train.profile_steps=2
   profile ep4
-  run fsdp4 330 $q --strategy fsdp --nproc 4 --micro-batch 1 --steps 9 --set train.warmup_steps=3
+  run fsdp4 330 $q --strategy fsdp --nproc 4 --micro-batch 1 --steps 9 --set train.timing_warmup_steps=3
   compare ep4 fsdp4
   rm -rf "$RUNS"/*/model
-  run naive4 300 $q --strategy examples/naive_ep/naive_ep.py --ep-size 4 --nproc 4 --micro-batch 1 --steps 3 --set train.warmup_steps=1 --set train.save_model=false
+  run naive4 300 $q --strategy examples/naive_ep/naive_ep.py --ep-size 4 --nproc 4 --micro-batch 1 --steps 3 --set train.timing_warmup_steps=1 --set train.save_model=false
 }
 
 recipe_four_gpu_bench() {  # moectl bench on four H200s, the whole model, verified against fsdp
@@ -88,20 +88,46 @@ recipe_four_gpu_bench() {  # moectl bench on four H200s, the whole model, verifi
 
 recipe_four_gpu_layouts() {  # fsdp, tp and mixed on the whole model on four H200s; ddp and fsdp on a 16-layer cut
   local q="$FULL --set train.save_model=false"
-  run fsdp_30b 200 $q --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
-  run tp_30b 200 $q --strategy tp --tp-size 4 --steps 5 --global-batch 2 --micro-batch 1 --set train.warmup_steps=2
-  run mixed_30b 200 $q --strategy mixed --dp-size 2 --tp-size 2 --steps 5 --global-batch 4 --micro-batch 1 --set train.warmup_steps=2
-  run ddp_16l 200 $q --set model.num_layers=16 --strategy ddp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
-  run fsdp_16l 200 $q --set model.num_layers=16 --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.warmup_steps=3
+  run fsdp_30b 200 $q --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.timing_warmup_steps=3
+  run tp_30b 200 $q --strategy tp --tp-size 4 --steps 5 --global-batch 2 --micro-batch 1 --set train.timing_warmup_steps=2
+  run mixed_30b 200 $q --strategy mixed --dp-size 2 --tp-size 2 --steps 5 --global-batch 4 --micro-batch 1 --set train.timing_warmup_steps=2
+  run ddp_16l 200 $q --set model.num_layers=16 --strategy ddp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.timing_warmup_steps=3
+  run fsdp_16l 200 $q --set model.num_layers=16 --strategy fsdp --nproc 4 --steps 6 --global-batch 8 --micro-batch 1 --set train.timing_warmup_steps=3
+}
+
+recipe_one_gpu_training_features() {  # clipping + aux loss + router bias + load statistics vs all off, 8-layer cut, compiled
+  # "off": no clipping, no balancing, no expert-load statistics (the gradient norm is always computed and
+  # logged, so it is in both). "on": clipping far below the norm (every step scaled), cosine with warm-up,
+  # Qwen3's aux_loss_coef, router bias updates. 3 warm-up + 12 timed steps each; ep 1 and single.
+  local q="$CUT8 --global-batch 8 --micro-batch 2 --steps 15 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  local off="--set train.aux_loss_coef=0 --set train.expert_load_stats=false"
+  local on="--set train.max_grad_norm=0.001 --set train.lr_schedule=cosine --set train.lr_warmup_steps=2 --set train.aux_loss_coef=0.001 --set train.router_bias_update=0.001"
+  run features_off_ep1 300 $q --strategy ep --ep-size 1 $off
+  run features_on_ep1 300 $q --strategy ep --ep-size 1 $on
+  run features_off_single 300 $q --strategy single $off
+  run features_on_single 300 $q --strategy single $on
+  $PY - "$RUNS" <<'PYEOF'
+import json, statistics, sys
+from pathlib import Path
+runs = Path(sys.argv[1])
+for strategy in ("ep1", "single"):
+    times = {}
+    for kind in ("off", "on"):
+        rows = [json.loads(l) for l in (runs / f"features_{kind}_{strategy}" / "metrics.jsonl").read_text().splitlines()]
+        times[kind] = statistics.median(r["step_time_s"] for r in rows if not r["warmup"])
+    last = rows[-1]
+    print(f"{strategy}: off {times['off']:.4f} s, on {times['on']:.4f} s, cost {100 * (times['on'] / times['off'] - 1):+.2f} %;"
+          f" on-run grad_norm {last['grad_norm']:.3g} clipped {last.get('grad_clipped')} load_imbalance {last.get('load_imbalance')} aux {last.get('aux_loss')}")
+PYEOF
 }
 
 # ep at scale (once-per-rank dispatch, ep_chunks, checkpointing that replays its exchanges): the
 # predictions in BENCHMARKS.md, "ep at scale". Priority order: one-gpu-ep-scale, then two-gpu-ep-scale.
 
-TINY_GPU="--steps 6 --global-batch 8 --micro-batch 2 --set train.warmup_steps=2 --set train.compile=true"
+TINY_GPU="--steps 6 --global-batch 8 --micro-batch 2 --set train.timing_warmup_steps=2 --set train.compile=true"
 
 recipe_one_gpu_ep_scale() {  # no regression on one H200 (8-layer cut, compiled, mb2: was 72,849 / 60,546 with AC); bf16 weights on the GPU kernels
-  local q="$CUT8 --strategy ep --ep-size 1 --micro-batch 2 --global-batch 8 --steps 7 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  local q="$CUT8 --strategy ep --ep-size 1 --micro-batch 2 --global-batch 8 --steps 7 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
   run ep1_8l_scale 200 $q
   run ep1_8l_scale_ac 200 $q --set train.activation_checkpointing=true
   run tiny_single_gpu 90 $TINY_GPU --strategy single
@@ -111,11 +137,11 @@ recipe_one_gpu_ep_scale() {  # no regression on one H200 (8-layer cut, compiled,
 
 recipe_one_gpu_ep_chunks() {  # optional: ep_chunks on one GPU is ignored (nothing to exchange); this shows it costs nothing
   run ep1_8l_chunks2 200 $CUT8 --strategy ep --ep-size 1 --micro-batch 2 --global-batch 8 --steps 7 \
-    --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true --set parallel.ep_chunks=2
+    --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set parallel.ep_chunks=2
 }
 
 recipe_two_gpu_ep_scale() {  # ep 2 weak scaling (was 79 %) with ep_chunks 1 and 2; bf16 weights of the NCCL pipeline with checkpointing
-  local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 7 --set train.warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 7 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
   run ep2_8l_chunks1 200 $q
   run ep2_8l_chunks2 200 $q --set parallel.ep_chunks=2
   run tiny_single_gpu 90 $TINY_GPU --strategy single
@@ -125,7 +151,7 @@ recipe_two_gpu_ep_scale() {  # ep 2 weak scaling (was 79 %) with ep_chunks 1 and
 
 # Single-H200 speed levers (BENCHMARKS.md, "Single H200: levers toward the hardware limit"): one-gpu-speed
 # holds the goal runs and the weight check (~3 GPU-minutes); one-gpu-speed-levers isolates each lever.
-SPEED="--set train.warmup_steps=3 --set train.compile=true"
+SPEED="--set train.timing_warmup_steps=3 --set train.compile=true"
 CHUNK="--set train.loss_chunk_tokens=4096"
 
 recipe_one_gpu_speed() {  # 8-layer cut at micro-batch 16 with the chunked loss, checked against single; proxy at mb 3
@@ -146,4 +172,78 @@ recipe_one_gpu_speed_levers() {  # each lever alone: micro-batch 8 with and with
     --strategy single --global-batch 16 --micro-batch 16
   run speed_proxy48_single_mb4_sel 240 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
     --set train.activation_checkpointing=selective --strategy single --global-batch 8 --micro-batch 4 --steps 7
+}
+
+# The one-H200 figures of the 2026-11-29 evening lease in one pass, most important first (each line's
+# summary lands in $OUT/summaries.jsonl as it finishes): the dispatch's no-regression point and the
+# training features' cost (off/on, same flags), checkpointing, the speed goals and their weight check.
+recipe_one_gpu_headline() {
+  local q="$CUT8 --strategy ep --ep-size 1 --global-batch 8 --micro-batch 2 --steps 12 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  run head_ep1_off 200 $q --set train.aux_loss_coef=0 --set train.expert_load_stats=false
+  run head_ep1_on 200 $q --set train.max_grad_norm=0.001 --set train.lr_schedule=cosine --set train.lr_warmup_steps=2 \
+    --set train.aux_loss_coef=0.001 --set train.router_bias_update=0.001
+  run speed_ep_8l_mb16_chunk 200 $CUT8 $SPEED $CHUNK --strategy ep --ep-size 1 --global-batch 16 --micro-batch 16 --steps 8
+  run speed_single_8l_ref 200 $CUT8 $SPEED --strategy single --global-batch 16 --micro-batch 4 --steps 8
+  compare speed_ep_8l_mb16_chunk speed_single_8l_ref
+  rm -rf "$RUNS"/speed_*/model
+  run speed_proxy48_mb3_chunk 240 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
+    --strategy ep --ep-size 1 --global-batch 6 --micro-batch 3 --steps 7
+  run head_ep1_ac 200 $q --set train.aux_loss_coef=0 --set train.expert_load_stats=false --set train.activation_checkpointing=full
+}
+
+recipe_two_gpu_ep_chunks() {  # ep 2 weak scaling against head_ep1_off with ep_chunks 1 and 2; NCCL pipeline weights
+  local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set train.aux_loss_coef=0 --set train.expert_load_stats=false"
+  run ep2_8l_chunks1 200 $q
+  run ep2_8l_chunks2 200 $q --set parallel.ep_chunks=2
+  run tiny_single_gpu 90 $TINY_GPU --strategy single
+  run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=full
+  compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+}
+
+# A four-GPU lease in one pass: three lanes on disjoint GPUs at once (no lane shares a GPU or NVLink
+# traffic with another), then the runs that need all four. Lane A: ep 2 on GPUs 0-1 (weak scaling,
+# ep_chunks 1 and 2, NCCL pipeline weights); lane B: one-GPU headline on GPU 2 (dispatch no-regression,
+# training features off/on, the chunked-loss micro-batch 16 goal, the 48-layer proxy); lane C: single's
+# reference for the goal run's weight check on GPU 3. Then ep 4 on the 8-layer cut (chunks 1, 2) and on
+# the whole model.
+recipe_four_gpu_batch() {
+  local ep8="$CUT8 --micro-batch 2 --steps 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set train.aux_loss_coef=0 --set train.expert_load_stats=false"
+  local one="$CUT8 --strategy ep --ep-size 1 --global-batch 8 --micro-batch 2 --steps 12 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
+  (
+    export CUDA_VISIBLE_DEVICES=0,1
+    run ep2_8l_chunks1 150 $ep8 --strategy ep --ep-size 2 --nproc 2 --global-batch 16
+    run ep2_8l_chunks2 150 $ep8 --strategy ep --ep-size 2 --nproc 2 --global-batch 16 --set parallel.ep_chunks=2
+    run tiny_single_gpu 90 $TINY_GPU --strategy single
+    run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=full
+    compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+  ) > "$RUNS/laneA.txt" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=2
+    run head_ep1_off 150 $one --set train.aux_loss_coef=0 --set train.expert_load_stats=false
+    run head_ep1_on 150 $one --set train.max_grad_norm=0.001 --set train.lr_schedule=cosine --set train.lr_warmup_steps=2 \
+      --set train.aux_loss_coef=0.001 --set train.router_bias_update=0.001
+    run speed_ep_8l_mb16_chunk 170 $CUT8 $SPEED $CHUNK --strategy ep --ep-size 1 --global-batch 16 --micro-batch 16 --steps 8
+    run speed_proxy48_mb3_chunk 200 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
+      --strategy ep --ep-size 1 --global-batch 6 --micro-batch 3 --steps 7
+  ) > "$RUNS/laneB.txt" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=3
+    run speed_single_8l_ref 170 $CUT8 $SPEED --strategy single --global-batch 16 --micro-batch 4 --steps 8
+  ) > "$RUNS/laneC.txt" 2>&1 &
+  wait
+  cat "$RUNS"/lane[ABC].txt
+  compare speed_ep_8l_mb16_chunk speed_single_8l_ref
+  rm -rf "$RUNS"/*/model
+  run ep4_8l_chunks1 120 $ep8 --strategy ep --ep-size 4 --nproc 4 --global-batch 32
+  run ep4_8l_chunks2 120 $ep8 --strategy ep --ep-size 4 --nproc 4 --global-batch 32 --set parallel.ep_chunks=2
+  run ep4_full_mb2 200 $FULL --strategy ep --ep-size 4 --nproc 4 --micro-batch 2 --global-batch 16 --steps 6 \
+    --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true
+}
+
+recipe_two_gpu_ep_alone() {  # ep 2 weak scaling with nothing else on the host: ep_chunks 1 and 2, then a profile of 1
+  local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set train.aux_loss_coef=0 --set train.expert_load_stats=false"
+  run ep2_alone_chunks1 120 $q
+  run ep2_alone_chunks2 120 $q --set parallel.ep_chunks=2
+  run ep2_alone_prof 120 $q --set train.profile_steps=2
+  profile ep2_alone_prof
 }

@@ -17,7 +17,19 @@ run() {  # run NAME TIMEOUT_S TRAIN_ARGS...: one `moectl train`, its log under $
   timeout "$limit" $MOECTL train "$@" --run-dir "$RUNS/$name" >"$RUNS/$name.log" 2>&1
   echo "exit $? after $((SECONDS - started)) s"
   grep -E "step [0-9]+:" "$RUNS/$name.log" | tail -2; grep -E "error|Error" "$RUNS/$name.log" | tail -3
-  [ -f "$RUNS/$name/summary.json" ] && $PY -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s.get(k) for k in ('strategy','world_size','median_step_time_s','tokens_per_s_per_device','mfu','peak_mem_gib','final_loss','a2a_bytes_per_step')})" "$RUNS/$name/summary.json"
+  # Its summary on the console, and one line in $OUT/summaries.jsonl (what comes back even if a later
+  # run is cut off at the command's time limit).
+  [ -f "$RUNS/$name/summary.json" ] && $PY - "$RUNS/$name/summary.json" "$name" "$OUT/summaries.jsonl" <<'PYEOF'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+summary.pop("losses", None)
+summary["run"] = sys.argv[2]
+keys = ("strategy", "world_size", "median_step_time_s", "tokens_per_s_per_device", "mfu", "peak_mem_gib",
+        "final_loss", "a2a_bytes_per_step", "predicted")
+print({k: summary.get(k) for k in keys if k in summary})
+with open(sys.argv[3], "a") as out:
+    out.write(json.dumps(summary) + "\n")
+PYEOF
 }
 compare() {  # compare RUN_A RUN_B: bf16 weights of two runs' models, the report kept as JSON
   $MOECTL compare-weights "$RUNS/$1/model" "$RUNS/$2/model" --top 5 --json "$RUNS/compare_$1_$2.json" | tail -9

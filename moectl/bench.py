@@ -26,7 +26,7 @@ directory that holds bench.json.
     moectl_version   str
     settings         object config (str|null: preset or YAML), nproc (int), steps (int),
                             warmup_steps (int), global_batch (int), micro_batch (int), seq_len (int),
-                            sets (list of str), device ("cpu"|"cuda"), dtype (str)
+                            lr (float), sets (list of str), device ("cpu"|"cuda"), dtype (str)
     verify           object enabled (bool), reference (str|null: strategy name), reference_why
                             (str|null), rtol (float|null), reference_run (a run object | null: the
                             reference when it is not one of the rows, else null)
@@ -52,8 +52,12 @@ directory that holds bench.json.
     loss_curve       list   {"step": int, "loss": float|null} per recorded step
     verify           object|null  null without --verify or when the run did not complete, else
                             status ("pass" | "fail" | "error" | "reference"), rel_err (float|null:
-                            ‖A − B‖₂ / ‖B‖₂), rtol (float), reason (str|null), max_loss_diff
-                            (float|null: largest |loss − reference loss| over common steps)
+                            ‖A − B‖₂ / ‖B‖₂), rtol (float), reason (str|null), steps (int: the
+                            steps after which the weights were compared), max_loss_diff
+                            (float|null: largest |loss − reference loss| over common steps),
+                            worst_tensor (str|null) and worst_tensor_rel_err (float|null): the
+                            tensor with the largest relative error. Pass = rel_err ≤ rtol and, at
+                            every step, |loss − reference loss| ≤ rtol · max(1, |reference loss|).
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class BenchOptions:
     global_batch: int | None = None
     micro_batch: int | None = None
     seq_len: int | None = None
+    lr: float | None = None
     sets: list[str] = field(default_factory=list)
     strategy_args: str | None = None
     verify: bool = False
@@ -276,16 +281,17 @@ def _shared_config(options: BenchOptions) -> RunConfig:
         "global_batch": options.global_batch,
         "micro_batch": options.micro_batch,
         "seq_len": options.seq_len,
-        "warmup_steps": options.warmup,
+        "lr": options.lr,
+        "timing_warmup_steps": options.warmup,
     }
     overrides = merge_overrides(
         parse_set_option(options.sets), {"train": {k: v for k, v in flags.items() if v is not None}}
     )
     cfg = resolve(options.config, overrides)
-    if cfg.train.warmup_steps >= cfg.train.steps:
+    if cfg.train.timing_warmup_steps >= cfg.train.steps:
         raise UsageError(
-            f"--warmup {cfg.train.warmup_steps} leaves none of the {cfg.train.steps} steps timed; "
-            f"use --steps {cfg.train.warmup_steps + 3} or a smaller --warmup"
+            f"--warmup {cfg.train.timing_warmup_steps} leaves none of the {cfg.train.steps} steps timed; "
+            f"use --steps {cfg.train.timing_warmup_steps + 3} or a smaller --warmup"
         )
     return cfg
 
@@ -297,12 +303,13 @@ def _common_args(options: BenchOptions, cfg: RunConfig) -> list[str]:
         ("--global-batch", options.global_batch),
         ("--micro-batch", options.micro_batch),
         ("--seq-len", options.seq_len),
+        ("--lr", options.lr),
     ):
         if value is not None:
             args += [flag, str(value)]
     for item in options.sets:
         args += ["--set", item]
-    args += ["--set", f"train.warmup_steps={cfg.train.warmup_steps}"]
+    args += ["--set", f"train.timing_warmup_steps={cfg.train.timing_warmup_steps}"]
     if not options.verify:
         args += ["--set", "train.save_model=false"]  # nothing compares the weights: skip writing them
     return args
@@ -497,22 +504,64 @@ def _read_results(record: RunRecord, run_dir: Path) -> None:
     record.loss_curve = [{"step": r["step"], "loss": r["loss"]} for r in map(json.loads, lines)]
 
 
-def verify_against(record: RunRecord, reference: RunRecord, out: Path, rtol: float) -> dict[str, Any]:
-    """Compare a run's final weights (and its loss curve) with the reference's."""
+def steps_done(record: RunRecord) -> int:
+    """The steps a finished run's final weights come after (its last recorded step)."""
+    return record.loss_curve[-1]["step"] + 1 if record.loss_curve else 0
+
+
+def loss_tolerance(rtol: float, reference_loss: float) -> float:
+    """How far a step's loss may be from the reference's: `rtol` relative to the loss, absolute below 1."""
+    return rtol * max(1.0, abs(reference_loss))
+
+
+def _loss_mismatch(record: RunRecord, reference: RunRecord, rtol: float) -> tuple[float | None, str | None]:
+    """(largest |loss − reference loss| over the steps, why the curves do not match or None)."""
     losses = {p["step"]: p["loss"] for p in reference.loss_curve}
-    diffs = [abs(p["loss"] - losses[p["step"]]) for p in record.loss_curve if p["step"] in losses]
-    result: dict[str, Any] = {"rtol": rtol, "max_loss_diff": max(diffs, default=None)}
+    diffs, worst = [], None
+    for point in record.loss_curve:
+        ref = losses.get(point["step"])
+        if ref is None or point["loss"] is None:
+            continue
+        diff = abs(point["loss"] - ref)
+        diffs.append(diff)
+        if not diff <= loss_tolerance(rtol, ref) and worst is None:
+            worst = (
+                f"loss {point['loss']:.6g} at step {point['step'] + 1} differs from the reference's "
+                f"{ref:.6g} by {diff:.2e} (tolerance {loss_tolerance(rtol, ref):.1e})"
+            )
+    steps, ref_steps = [p["step"] for p in record.loss_curve], sorted(losses)
+    if worst is None and steps != ref_steps:
+        worst = f"the run recorded {len(steps)} steps, the reference {len(ref_steps)}"
+    return max(diffs, default=None), worst
+
+
+def verify_against(record: RunRecord, reference: RunRecord, out: Path, rtol: float) -> dict[str, Any]:
+    """Compare a run's final weights and its loss at every step with the reference's: both must match."""
+    max_loss_diff, loss_failure = _loss_mismatch(record, reference, rtol)
+    result: dict[str, Any] = {
+        "rtol": rtol,
+        "steps": steps_done(record),
+        "max_loss_diff": max_loss_diff,
+        "worst_tensor": None,
+        "worst_tensor_rel_err": None,
+    }
     try:
         report = compare_checkpoints(
             out / record.run_dir / "model", out / reference.run_dir / "model", rtol=rtol, progress=False
         )
     except UsageError as exc:
         return {**result, "status": "error", "rel_err": None, "reason": str(exc)}
+    if report.tensors:
+        result["worst_tensor"], result["worst_tensor_rel_err"] = (
+            report.tensors[0].name,
+            report.tensors[0].rel_err,
+        )
+    failures = [*report.failures, *([loss_failure] if loss_failure else [])]
     return {
         **result,
-        "status": "pass" if report.matched else "fail",
+        "status": "pass" if not failures else "fail",
         "rel_err": report.global_rel_err,
-        "reason": "; ".join(report.failures) or None,
+        "reason": "; ".join(failures) or None,
     }
 
 
@@ -558,10 +607,11 @@ class BenchResult:
                     "config": options.config,
                     "nproc": options.nproc,
                     "steps": train.steps,
-                    "warmup_steps": train.warmup_steps,
+                    "warmup_steps": train.timing_warmup_steps,
                     "global_batch": train.global_batch,
                     "micro_batch": train.micro_batch,
                     "seq_len": train.seq_len,
+                    "lr": train.lr,
                     "sets": list(options.sets),
                     "device": "cuda" if self.plan.uses_gpu else "cpu",
                     "dtype": "float32" if _fp32(self.plan.cfg, self.plan.uses_gpu) else "bfloat16",
@@ -647,7 +697,16 @@ def run_bench(plan: BenchPlan, console: Console) -> BenchResult:
 def _verification(record: RunRecord, is_reference: bool, result: BenchResult) -> dict[str, Any]:
     rtol = result.plan.rtol
     if is_reference:
-        return {"status": "reference", "rel_err": 0.0, "rtol": rtol, "reason": None, "max_loss_diff": 0.0}
+        return {
+            "status": "reference",
+            "rel_err": 0.0,
+            "rtol": rtol,
+            "reason": None,
+            "steps": steps_done(record),
+            "max_loss_diff": 0.0,
+            "worst_tensor": None,
+            "worst_tensor_rel_err": None,
+        }
     reference = result.reference_record
     if reference is None or reference.status != "ok":
         why = reference.reason if reference is not None else "it did not run"
@@ -656,7 +715,10 @@ def _verification(record: RunRecord, is_reference: bool, result: BenchResult) ->
             "rel_err": None,
             "rtol": rtol,
             "reason": f"the reference failed: {why}",
+            "steps": steps_done(record),
             "max_loss_diff": None,
+            "worst_tensor": None,
+            "worst_tensor_rel_err": None,
         }
     return verify_against(record, reference, result.plan.options.out, rtol)
 

@@ -53,14 +53,17 @@ def describe_record(record: Any) -> str:
         return f"{record.status}: {record.reason}"
     parts = [
         f"ok in {record.wall_s:.1f} s",
-        f"{_number(record.tokens_per_s_per_device, ',.0f')} tok/s/GPU",
+        f"{_number(record.tokens_per_s_per_device, ',.0f')} tok/s/device",
         f"MFU {format_mfu(record.mfu)}",
         f"final loss {_number(record.final_loss, '.4f')}",
     ]
     if record.verify:
         verify = record.verify
         if verify["status"] in ("pass", "fail"):
-            parts.append(f"rel err {verify['rel_err']:.2e} {verify['status']}")
+            parts.append(
+                f"after {verify['steps']} steps: rel err {verify['rel_err']:.2e}, "
+                f"max Δloss {_number(verify['max_loss_diff'], '.1e')} {verify['status']}"
+            )
         elif verify["status"] == "error":
             parts.append(f"not verified: {verify['reason']}")
     return " · ".join(parts)
@@ -76,13 +79,15 @@ def print_table(payload: dict[str, Any], console: Console) -> None:
             f"{settings['device']} {settings['dtype']}"
         ),
         caption=(
-            f"reference: {verify['reference']} ({verify['reference_why']}); pass = ‖w − w_ref‖/‖w_ref‖ ≤ {verify['rtol']:g}"
+            f"reference: {verify['reference']} ({verify['reference_why']}); weights compared after the "
+            f"steps shown; pass = ‖w − w_ref‖/‖w_ref‖ ≤ {verify['rtol']:g} and, at every step, "
+            f"|loss − loss_ref| ≤ {verify['rtol']:g} · max(1, loss_ref)"
             if verify["enabled"]
-            else "not verified (add --verify to compare weights with the reference)"
+            else "not verified (add --verify to compare weights and losses with the reference)"
         ),
     )
-    headers = ("strategy", "world", "tok/s", "tok/s/GPU", "MFU", "MFU seed", "step time", "peak mem")
-    for header in (*headers, "final loss", "rel err", "status"):
+    headers = ("strategy", "world", "tok/s", "tok/s/device", "MFU", "MFU seed", "step time", "peak mem")
+    for header in (*headers, "steps", "final loss", "rel err", "max Δloss", "status"):
         table.add_column(
             header, justify="left" if header in ("strategy", "status") else "right", no_wrap=True
         )
@@ -99,8 +104,12 @@ def print_table(payload: dict[str, Any], console: Console) -> None:
             format_mfu(row["mfu_seed"]) if row["status"] == "ok" else "—",
             _step_time(row["median_step_time_s"]),
             _number(row["peak_mem_gib"], ".2f", " GiB"),
+            str(row["loss_curve"][-1]["step"] + 1) if row["loss_curve"] else "—",
             _number(row["final_loss"], ".4f"),
             "—" if rel_err is None or verify_row["status"] == "reference" else f"{rel_err:.2e}",
+            "—"
+            if verify_row.get("max_loss_diff") is None or verify_row["status"] == "reference"
+            else f"{verify_row['max_loss_diff']:.1e}",
             _status(row),
         )
         if row["status"] != "ok":
@@ -116,7 +125,8 @@ def print_table(payload: dict[str, Any], console: Console) -> None:
 
 
 def write_plot(payload: dict[str, Any], path: Path, console: Console) -> bool:
-    """bench.png: tokens/s per GPU, MFU (both formulas) and the loss curves; False when skipped."""
+    """bench.png: tokens/s per device, MFU (both formulas; left out where no device peak is known) and
+    the loss curves; False when skipped."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -124,14 +134,18 @@ def write_plot(payload: dict[str, Any], path: Path, console: Console) -> bool:
         return False
     rows = [r for r in payload["rows"] if r["status"] == "ok"]
     names = [r["name"] for r in rows]
-    figure = Figure(figsize=(16, 4.8), layout="constrained")
-    speed, efficiency, loss = figure.subplots(1, 3)
+    # MFU needs the device's peak FLOP/s: without it (the CPU) the panel would be empty, so it is left out.
+    has_mfu = any(r["mfu"] is not None for r in rows)
+    figure = Figure(figsize=(16 if has_mfu else 11, 4.8), layout="constrained")
+    panels = figure.subplots(1, 3 if has_mfu else 2)
+    speed, loss = panels[0], panels[-1]
 
     speed.bar(names, [r["tokens_per_s_per_device"] or 0 for r in rows], color="tab:blue")
-    speed.set_title("tokens/s per GPU (median after warm-up)")
+    speed.set_title("tokens/s per device (median after warm-up)")
     speed.set_ylabel("tokens / s / device")
 
-    if any(r["mfu"] is not None for r in rows):
+    if has_mfu:
+        efficiency = panels[1]
         positions = range(len(rows))
         width = 0.4
         efficiency.bar([p - width / 2 for p in positions], [100 * (r["mfu"] or 0) for r in rows], width)
@@ -139,11 +153,8 @@ def write_plot(payload: dict[str, Any], path: Path, console: Console) -> bool:
         efficiency.set_xticks(list(positions), names)
         efficiency.legend(["MFU (6·N_matmul + attention)", "MFU seed (6·N_active)"])
         efficiency.set_ylabel("% of peak bf16 FLOP/s")
-    else:
-        efficiency.text(0.5, 0.5, "MFU n/a: the device's peak FLOP/s is unknown", ha="center")
-        efficiency.set_xticks([])
-        efficiency.set_yticks([])
-    efficiency.set_title("MFU by strategy")
+        efficiency.set_title("MFU by strategy")
+        efficiency.tick_params(axis="x", labelrotation=30)
 
     reference = payload["verify"]["reference_run"]
     markers = "osD^vP*X"
@@ -164,8 +175,7 @@ def write_plot(payload: dict[str, Any], path: Path, console: Console) -> bool:
     loss.xaxis.get_major_locator().set_params(integer=True)
     if rows:
         loss.legend()
-    for axes in (speed, efficiency):
-        axes.tick_params(axis="x", labelrotation=30)
+    speed.tick_params(axis="x", labelrotation=30)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

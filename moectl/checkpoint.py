@@ -140,9 +140,18 @@ def _barrier() -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, steps_done: int, model: nn.Module, optimizer: torch.optim.Optimizer, strategy, keep: int
+    run_dir: Path,
+    steps_done: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    strategy,
+    keep: int,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Collective: every rank calls it at the same step. Returns the final checkpoint directory."""
+    """Collective: every rank calls it at the same step. Returns the final checkpoint directory.
+
+    `extra`: training state beside the model and optimizer (the router bias, the expert load so
+    far), tensors that are the same on every rank; their names go into meta.json."""
     root = run_dir / CHECKPOINTS_DIR
     final = root / step_dir_name(steps_done)
     staging = root / f".{final.name}.partial"
@@ -152,6 +161,8 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     _barrier()
     state, _ = _training_state(model, optimizer, strategy)
+    if extra:
+        state["extra"] = dict(extra)
     with _single_process_is_fine():
         dcp.save(state, checkpoint_id=str(staging))
     device = next(model.parameters()).device
@@ -164,6 +175,7 @@ def save_checkpoint(
             "strategy": strategy.name,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "torch": torch.__version__,
+            "extra": sorted(extra or {}),
         }
         write_json_atomic(staging / META_FILE, meta)
         write_text_atomic(staging / COMPLETE_MARKER, "ok\n")
@@ -201,9 +213,17 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     strategy,
     train: TrainConfig,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> int:
-    """Collective: fill model, optimizer and RNG from `info` under this run's layout; returns the step."""
+    """Collective: fill model, optimizer and RNG from `info` under this run's layout; returns the step.
+
+    The tensors of `extra` that the checkpoint holds (meta.json names them) are filled in place; the
+    caller learns which from `info.meta["extra"]`."""
     state, replaced = _training_state(model, optimizer, strategy)
+    saved_extra = set(info.meta.get("extra", []))
+    wanted = {key: tensor for key, tensor in (extra or {}).items() if key in saved_extra}
+    if wanted:
+        state["extra"] = wanted
     with _single_process_is_fine():
         dcp.load(state, checkpoint_id=str(info.path))
     for container, key, original in replaced:
@@ -219,9 +239,10 @@ def load_checkpoint(
         optim_state_dict=state["optimizer"],
         options=STATE_DICT_OPTIONS,
     )
-    # The config, not the checkpoint, owns the hyperparameters: a resume may lower --lr.
+    # The config, not the checkpoint, owns the hyperparameters: a resume may change them. The learning
+    # rate needs nothing here: the loop sets each step's from the schedule (moectl/schedule.py).
     for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = train.lr, train.weight_decay
+        group["weight_decay"] = train.weight_decay
     saved_world = int(info.meta.get("world_size", 1))
     rng_file = info.path / f"rng_rank{runtime.rank() % saved_world:05d}.pt"
     if rng_file.is_file():
@@ -239,13 +260,13 @@ def placeholder_source(name: str, shape: torch.Size, device: torch.device) -> to
     return torch.zeros(shape, device=device)
 
 
-def restore_metrics(run_dir: Path, steps_done: int, is_rank0: bool) -> list[float]:
+def restore_metrics(run_dir: Path, steps_done: int, is_rank0: bool) -> list[dict[str, Any]]:
     """Keep the metrics of steps before the checkpoint and drop the rest (steps done after the
-    checkpoint are redone); returns the kept losses. A line cut short by a kill is dropped too."""
+    checkpoint are redone); returns the kept records. A line cut short by a kill is dropped too."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    kept, losses = [], []
+    kept, records = [], []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
@@ -253,7 +274,7 @@ def restore_metrics(run_dir: Path, steps_done: int, is_rank0: bool) -> list[floa
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < steps_done:
             kept.append(line)
-            losses.append(record["loss"])
+            records.append(record)
     if is_rank0:
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-    return losses
+    return records

@@ -7,15 +7,29 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from moectl.errors import UsageError
+from moectl.errors import TrainingStopped, UsageError, WorkerFailed, under_torchrun
+
+
+class _Command(typer.core.TyperCommand):
+    """Arguments in the usage line as `A B` (newer typer writes `{a} {b}`), the same on every typer."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = (param.metavar or param.name or "").upper() + ("..." if param.nargs != 1 else "")
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Train Mixture-of-Experts models with pluggable parallel strategies; measure speed and check numerics.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 Opt = typer.Option
@@ -55,7 +69,7 @@ def _flag_overrides(**flags: Any) -> dict[str, dict[str, Any]]:
     return overrides
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Train with one strategy; write a run directory.")
 def train(
     config: Annotated[
         str | None, Opt("--config", "-c", help="Preset name (see configs/) or a YAML path. Default: tiny.")
@@ -96,14 +110,25 @@ def train(
         ),
     ] = None,
     set_: Annotated[
-        list[str] | None, Opt("--set", help="Override any config key: section.key=value (repeatable).")
+        list[str] | None,
+        Opt(
+            "--set",
+            metavar="SECTION.KEY=VALUE",
+            help="Override any config key: section.key=value (repeatable).",
+        ),
     ] = None,
     dry_run: Annotated[
-        bool, Opt(help="Print the resolved config, parameter counts, flops and memory per rank; exit.")
+        bool,
+        Opt(
+            "--dry-run", help="Print the resolved config, parameter counts, flops and memory per rank; exit."
+        ),
     ] = False,
 ) -> None:
     """Train with one strategy and write a run directory (config.yaml, metrics.jsonl, summary.json, model/)."""
+    from rich.console import Console
+
     from moectl.config import merge_overrides, parse_set_option
+    from moectl.report import print_run_summary
     from moectl.train import describe, prepare, run
 
     overrides = merge_overrides(
@@ -134,13 +159,17 @@ def train(
         return
     where = run(the_plan, run_dir)
     if _is_rank0():
-        Console().print(f"[green]done[/green]: run directory {where}")
+        print_run_summary(where, Console())
 
 
-@app.command("compare-weights")
+@app.command("compare-weights", cls=_Command, short_help="Compare two checkpoints tensor by tensor.")
 def compare_weights(
-    a: Annotated[Path, typer.Argument(help="Checkpoint A: a .safetensors file or an HF model directory.")],
-    b: Annotated[Path, typer.Argument(help="Checkpoint B, the reference (the error is relative to ‖B‖).")],
+    a: Annotated[
+        Path, typer.Argument(metavar="A", help="Checkpoint A: a .safetensors file or an HF model directory.")
+    ],
+    b: Annotated[
+        Path, typer.Argument(metavar="B", help="Checkpoint B, the reference (the error is relative to ‖B‖).")
+    ],
     rtol: Annotated[float, Opt(help="Largest global relative error ‖A−B‖₂/‖B‖₂ that still matches.")] = 1e-2,
     per_tensor_rtol: Annotated[
         float | None, Opt(help="Also require every tensor's relative error ≤ this.")
@@ -158,7 +187,7 @@ def compare_weights(
     )
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Time many strategies; --verify checks their weights.")
 def bench(
     strategies: Annotated[
         str | None,
@@ -171,19 +200,28 @@ def bench(
         str | None, Opt("--config", "-c", help="Preset name (see configs/) or a YAML path. Default: tiny.")
     ] = None,
     steps: Annotated[int | None, Opt(help="Optimizer steps per run.")] = None,
-    warmup: Annotated[int | None, Opt(help="Steps left out of the timing (train.warmup_steps).")] = None,
+    warmup: Annotated[
+        int | None, Opt(help="Steps left out of the timing (train.timing_warmup_steps).")
+    ] = None,
     global_batch: Annotated[int | None, Opt(help="Sequences per optimizer step, the same for all.")] = None,
     micro_batch: Annotated[int | None, Opt(help="Sequences per forward/backward on one rank.")] = None,
     seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate, the same for every run.")] = None,
     set_: Annotated[
-        list[str] | None, Opt("--set", help="Config override for every run: section.key=value (repeatable).")
+        list[str] | None,
+        Opt(
+            "--set",
+            metavar="SECTION.KEY=VALUE",
+            help="Config override for every run: section.key=value (repeatable).",
+        ),
     ] = None,
     strategy_args: Annotated[
         str | None,
         Opt(help="Extra train flags per strategy, e.g. 'ep:--ep-size 4;mixed:--dp-size 2 --tp-size 2'."),
     ] = None,
     verify: Annotated[
-        bool, Opt(help="Also run the reference and compare every strategy's final weights with it.")
+        bool,
+        Opt("--verify", help="Also run the reference and compare every strategy's final weights with it."),
     ] = False,
     reference: Annotated[
         str, Opt(help="auto (single when the model fits one device, else fsdp), single or fsdp.")
@@ -195,7 +233,7 @@ def bench(
         float | None, Opt(help="Seconds after which one run is stopped and counted as failed.")
     ] = None,
     prune_models: Annotated[
-        bool, Opt(help="Delete each run's model/ once compared (large models fill disks).")
+        bool, Opt("--prune-models", help="Delete each run's model/ once compared (large models fill disks).")
     ] = False,
     out: Annotated[Path | None, Opt(help="Output directory. Default: runs/bench-<time>.")] = None,
 ) -> None:
@@ -220,6 +258,7 @@ def bench(
         global_batch=global_batch,
         micro_batch=micro_batch,
         seq_len=seq_len,
+        lr=lr,
         sets=set_ or [],
         strategy_args=strategy_args,
         verify=verify,
@@ -231,7 +270,7 @@ def bench(
     raise typer.Exit(bench_command(options))
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Predict speed and memory of every layout (no GPU).")
 def plan(
     config: Annotated[
         str | None, Opt("--config", "-c", help="Preset name (see configs/) or a YAML path. Default: tiny.")
@@ -243,7 +282,8 @@ def plan(
     seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
     global_batch: Annotated[int | None, Opt(help="Sequences per optimizer step.")] = None,
     set_: Annotated[
-        list[str] | None, Opt("--set", help="Config override: section.key=value (repeatable).")
+        list[str] | None,
+        Opt("--set", metavar="SECTION.KEY=VALUE", help="Config override: section.key=value (repeatable)."),
     ] = None,
     all_variants: Annotated[
         bool, Opt("--all", help="Every micro-batch / checkpointing / compile variant, not only the best.")
@@ -288,8 +328,6 @@ def main(argv: list[str] | None = None) -> None:
     A process started by an outside torchrun leaves as moectl's own workers do (see
     `moectl.worker.exit_without_finalization`).
     """
-    from moectl.runtime import under_torchrun
-
     if argv is not None or not under_torchrun():
         _main(argv)
         return
@@ -304,9 +342,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    from moectl.faults import TrainingStopped
-    from moectl.launch import WorkerFailed
-
     click_errors, aborts = _click_exception_types()
     try:
         code = app(args=argv, prog_name="moectl", standalone_mode=False)
@@ -318,7 +353,9 @@ def _main(argv: list[str] | None) -> None:
         hint = f" (see '{context.command_path} --help')" if context is not None else ""
         print(f"error: {_one_line(exc.format_message())}{hint}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except aborts:
+    except aborts as exc:
+        if isinstance(exc.__cause__, EOFError):  # click turns any EOFError into an abort: not a Ctrl-C
+            raise exc.__cause__ from None
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except UsageError as exc:

@@ -7,6 +7,7 @@ directory and every worker reads it back, so all ranks agree on every value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,7 +64,17 @@ class TrainConfig:
     momentum: float = 0.0
     optimizer: str = "sgd"  # sgd or adamw
     seed: int = 0
-    warmup_steps: int = 2  # steps left out of the timing summary
+    timing_warmup_steps: int = 2  # steps left out of the timing summary (not the learning-rate warm-up)
+    lr_schedule: str = "constant"  # constant, cosine or linear (decay to min_lr_ratio × lr at the last step)
+    lr_warmup_steps: int = 0  # linear learning-rate ramp from 0 over the first steps
+    min_lr_ratio: float = 0.1  # cosine / linear: the last step's lr as a share of lr
+    max_grad_norm: float = 0.0  # clip by the global L2 norm of all gradients; 0 = off
+    aux_loss_coef: float = 0.0  # weight of the auxiliary load-balancing loss (Switch / Qwen3); 0 = off
+    router_bias_update: float = (
+        0.0  # auxiliary-loss-free balancing (DeepSeek-V3): bias step per update; 0 = off
+    )
+    expert_load_stats: bool = True  # count tokens per expert per step (load_imbalance, expert_load.*)
+    tensorboard: bool = False  # rank 0 writes TensorBoard event files under RUN_DIR/tensorboard/
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     device: str = "auto"  # auto, cpu, cuda
     # none, full (recompute every layer in backward) or selective (keep GEMM and attention outputs, recompute
@@ -145,9 +156,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return int(value)
     if annotation is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UsageError(f"{where} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise UsageError(f"{where} must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, (dict, list)):
             raise UsageError(f"{where} must be a string, got {value!r}")
@@ -155,9 +169,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _apply_section(section_obj: Any, values: dict[str, Any], section: str) -> None:
+#: keys that were renamed: refused with the new name, so an old config never means something else silently
+RENAMED_KEYS = {
+    "train.warmup_steps": "train.timing_warmup_steps (steps left out of the timing; the learning-rate "
+    "warm-up is train.lr_warmup_steps)",
+}
+
+
+def _apply_section(section_obj: Any, values: dict[str, Any], section: str, origin: str) -> None:
     types_by_name = _field_types(type(section_obj))
     for key, value in values.items():
+        if f"{section}.{key}" in RENAMED_KEYS:
+            raise UsageError(f"{section}.{key}{origin} was renamed: use {RENAMED_KEYS[f'{section}.{key}']}")
         if key not in types_by_name:
             known = ", ".join(types_by_name)
             raise UsageError(f"unknown key '{section}.{key}'; known keys in '{section}': {known}")
@@ -189,8 +212,9 @@ def load_yaml(source: str | None) -> dict[str, Any]:
 def build_config(source: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     """Preset or YAML file, then overrides section by section; validated at the end."""
     cfg = RunConfig()
-    layers = [load_yaml(source), overrides or {}]
-    for layer in layers:
+    origin = f" (in {source})" if source and Path(source).is_file() else ""
+    layers = [(load_yaml(source), origin), (overrides or {}, "")]
+    for layer, origin in layers:
         for section, values in layer.items():
             if section == "run_dir":
                 cfg.run_dir = None if values is None else str(values)
@@ -199,7 +223,7 @@ def build_config(source: str | None = None, overrides: dict[str, dict[str, Any]]
                 raise UsageError(f"unknown config section '{section}'; sections are {', '.join(SECTIONS)}")
             if not isinstance(values, dict):
                 raise UsageError(f"config section '{section}' must be a mapping of keys to values")
-            _apply_section(getattr(cfg, section), values, section)
+            _apply_section(getattr(cfg, section), values, section, origin)
     validate(cfg)
     return cfg
 
@@ -243,7 +267,7 @@ def checkpointing_mode(value: str | bool) -> str:
 
 def _require_positive(values: dict[str, int | float | None]) -> None:
     for name, value in values.items():
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:
             raise UsageError(f"{name} must be positive, got {value}")
 
 
@@ -266,6 +290,9 @@ def validate(cfg: RunConfig) -> None:
             "train.micro_batch": t.micro_batch,
             "train.seq_len": t.seq_len,
             "train.lr": t.lr,
+            "train.peak_tflops": t.peak_tflops,
+            "model.rope_theta": m.rope_theta,
+            "model.rms_norm_eps": m.rms_norm_eps,
             "parallel.nproc": p.nproc,
             "parallel.dp_size": p.dp_size,
             "parallel.tp_size": p.tp_size,
@@ -283,9 +310,14 @@ def validate(cfg: RunConfig) -> None:
             f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})"
         )
     for name, value in {
+        "model.initializer_range": m.initializer_range,
         "train.weight_decay": t.weight_decay,
         "train.momentum": t.momentum,
-        "train.warmup_steps": t.warmup_steps,
+        "train.timing_warmup_steps": t.timing_warmup_steps,
+        "train.lr_warmup_steps": t.lr_warmup_steps,
+        "train.max_grad_norm": t.max_grad_norm,
+        "train.aux_loss_coef": t.aux_loss_coef,
+        "train.router_bias_update": t.router_bias_update,
         "train.checkpoint_every": t.checkpoint_every,
         "train.profile_steps": t.profile_steps,
         "train.loss_chunk_tokens": t.loss_chunk_tokens,
@@ -293,13 +325,14 @@ def validate(cfg: RunConfig) -> None:
         "data.noise": d.noise,
         "parallel.node_rank": p.node_rank,
     }.items():
-        if value < 0:
+        if not value >= 0:
             raise UsageError(f"{name} must not be negative, got {value}")
     choices = {
         "train.optimizer": (t.optimizer, ("sgd", "adamw")),
         "train.dtype": (t.dtype, ("auto", "float32", "bfloat16")),
         "train.device": (t.device, ("auto", "cpu", "cuda")),
         "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
+        "train.lr_schedule": (t.lr_schedule, ("constant", "cosine", "linear")),
         "data.token_dtype": (d.token_dtype, ("uint16", "uint32")),
     }
     for name, (value, allowed) in choices.items():
@@ -318,6 +351,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if not 0 <= d.noise <= 1:
         raise UsageError(f"data.noise must lie in [0, 1], got {d.noise}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise UsageError(f"train.min_lr_ratio must lie in [0, 1], got {t.min_lr_ratio}")
     if p.node_rank >= p.nnodes:
         raise UsageError(f"parallel.node_rank ({p.node_rank}) must be below parallel.nnodes ({p.nnodes})")
     if p.nnodes > 1 and not p.rdzv_endpoint:

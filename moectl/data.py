@@ -136,8 +136,10 @@ def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, str]:
             tokens = _load_text(path, cfg.tokenizer)
         else:
             raise UsageError(f"data file {path} has an unknown type; use .bin, .npy, .txt or .jsonl")
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"cannot read data file {path} ({exc}); check the file") from None
+    except (ValueError, OSError, EOFError) as exc:  # numpy raises EOFError for a file with no header
+        raise UsageError(
+            f"cannot read data file {path} ({exc or type(exc).__name__}); check the file"
+        ) from None
     return tokens, str(path)
 
 

@@ -17,14 +17,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moectl.errors import TrainingStopped
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class TrainingStopped(Exception):
-    """The run ended early on purpose; `exit_code` and a one-line message, never a traceback."""
-
-    exit_code = 1
-    label = "error"
 
 
 class NonFiniteLoss(TrainingStopped):
@@ -96,15 +91,21 @@ def _local_grads(model: nn.Module) -> list[torch.Tensor]:
     ]
 
 
-def agree_on_step(model: nn.Module, stop: StopSignals, device: torch.device) -> tuple[bool, bool]:
+def agree_on_step(
+    model: nn.Module, stop: StopSignals, device: torch.device, grad_norm: torch.Tensor | None = None
+) -> tuple[bool, bool]:
     """(some gradient on some rank is non-finite, some rank was asked to stop), the same on every rank.
 
-    Each rank checks only the gradient pieces it holds (the max-abs norm, which cannot overflow
-    where an L2 norm of finite values could), so this works for replicated, DTensor-sharded and
-    plain-local-shard strategies alike; one all-reduce (MAX) over all ranks makes the verdict common.
+    With `grad_norm`, the global gradient norm the loop has computed anyway (Strategy.grad_norm: fp32,
+    equal on every rank), a non-finite gradient is a non-finite norm and costs no further pass over the
+    gradients. Without it, each rank checks only the gradient pieces it holds (the max-abs norm, which
+    cannot overflow where an L2 norm of finite values could), so this works for replicated,
+    DTensor-sharded and plain-local-shard strategies alike. One all-reduce (MAX) over all ranks makes
+    the verdict common.
     """
-    grads = _local_grads(model)
-    if grads:
+    if grad_norm is not None:
+        bad_grad = (~torch.isfinite(grad_norm)).float()
+    elif grads := _local_grads(model):
         max_abs = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), foreach=True)
         bad_grad = (~torch.isfinite(max_abs)).float()
     else:

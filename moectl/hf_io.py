@@ -16,8 +16,10 @@ from safetensors import safe_open
 from transformers import Qwen3MoeForCausalLM
 from transformers.utils import logging as hf_logging
 
+from moectl.config import ModelConfig
 from moectl.errors import UsageError
-from moectl.hf_layout import fuse_expert_tensors, parse_per_expert_key
+from moectl.hf_layout import canonical_units, fuse_expert_tensors, parse_per_expert_key
+from moectl.model import hf_config
 from moectl.safetensors_reader import open_checkpoint
 
 
@@ -27,12 +29,45 @@ class HFCheckpoint:
 
     def __init__(self, model_dir: Path):
         checkpoint = open_checkpoint(model_dir)
+        self.model_dir = model_dir
+        self.unit_shapes = {name: unit.shape for name, unit in checkpoint.units.items()}
         self.files = {key: stored.path for stored in checkpoint.files for key in stored.tensors}
         self.per_expert: dict[str, list[str]] = {}
         for key in self.files:
             parsed = parse_per_expert_key(key)
             if parsed is not None:
                 self.per_expert.setdefault(parsed.prefix, []).append(key)
+
+    def check_fits(self, model: ModelConfig) -> None:
+        """Every tensor the model needs is there with its shape, and every stored tensor has a place in
+        the model: a tensor the model would ignore (a bias, a dense MLP) is refused, never dropped."""
+        with torch.device("meta"):
+            built = Qwen3MoeForCausalLM(hf_config(model))
+        needed = {name: unit.shape for name, unit in canonical_units(
+            {name: tuple(param.shape) for name, param in built.named_parameters()}
+        ).items()}  # fmt: skip
+        stored = dict(self.unit_shapes)
+        if model.tie_word_embeddings:
+            stored.pop("lm_head.weight", None)  # a tied copy some savers keep
+        where = f"--model {self.model_dir}"
+        extra = [name for name in stored if name not in needed]
+        if extra:
+            raise UsageError(
+                f"{where} holds {len(extra)} tensor(s) the model has no place for, e.g. {extra[0]}; "
+                "its config.json does not describe these weights, or describes a model moectl does not build"
+            )
+        missing = [name for name in needed if name not in stored]
+        if missing:
+            raise UsageError(
+                f"{where} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}; "
+                "it does not match its config.json"
+            )
+        for name, shape in needed.items():
+            if tuple(stored[name]) != tuple(shape):
+                raise UsageError(
+                    f"{where}: tensor {name} has shape {tuple(stored[name])}, the config.json model needs "
+                    f"{tuple(shape)}"
+                )
 
     def _read(self, key: str) -> torch.Tensor:
         with safe_open(str(self.files[key]), framework="pt") as handle:

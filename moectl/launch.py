@@ -6,31 +6,76 @@ the job with a non-zero code instead of leaving peers blocked in a collective.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import re
 import signal
 import socket
 import sys
 import uuid
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from moectl.checkpoint import resume_hint
 from moectl.config import ParallelConfig
+from moectl.errors import WorkerFailed
 from moectl.faults import AGREED_STOP_LABEL, last_error_line
+from moectl.worker import PROGRESS_LINE, rank_log_path
 
 # Never let NCCL use NVLink multicast (NVLS): on shared hosts it can take the GPUs out of service.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-class WorkerFailed(RuntimeError):
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.label = "interrupted" if exit_code > 128 else "error"
+class ConsoleLogs(LogsSpecs):
+    """No redirection by the agent: each worker sends its own output to `RUN_DIR/logs/rank<k>.log`
+    (moectl.worker), so the agent neither prefixes lines (`[default_role0]:`) nor nests folders."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__(log_dir=str(log_dir))
+
+    @property
+    def root_log_dir(self) -> str:
+        return str(self._root_log_dir)
+
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        ranks = range(len(envs))
+        for env in envs.values():
+            env["TORCHELASTIC_ERROR_FILE"] = ""
+        return LogsDest(
+            stdouts=dict.fromkeys(ranks, ""),  # "": the worker inherits the launcher's stream
+            stderrs=dict.fromkeys(ranks, ""),
+            tee_stdouts={},
+            tee_stderrs={},
+            error_files=dict.fromkeys(ranks, os.devnull),
+        )
+
+
+@contextlib.contextmanager
+def _agent_log(path: Path):
+    """The elastic agent's own log records go to `path`, not between rank 0's lines on the console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [
+        logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher")
+    ]
+    saved = [(logger.propagate, logger.level) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, (propagate, level) in zip(loggers, saved, strict=True):
+            logger.removeHandler(handler)
+            logger.propagate, logger.level = propagate, level
+        handler.close()
 
 
 def _free_port() -> int:
@@ -48,9 +93,7 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(parallel.timeout_s))
     endpoint = parallel.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
     run_id = os.environ.get("MOECTL_RUN_ID", "moectl" if parallel.nnodes > 1 else uuid.uuid4().hex[:8])
-    logs = DefaultLogsSpecs(
-        log_dir=str(run_dir / "logs"), redirects=Std.ALL, tee=Std.ALL, local_ranks_filter={0}
-    )
+    logs = ConsoleLogs(run_dir / "logs")
     config = LaunchConfig(
         min_nodes=parallel.nnodes,
         max_nodes=parallel.nnodes,
@@ -70,9 +113,12 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
     if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:  # torch >= 2.12
         config.shutdown_timeout = parallel.timeout_s
     try:
-        elastic_launch(config, sys.executable)("-u", "-m", "moectl.worker", str(config_path), str(run_dir))
+        with _agent_log(run_dir / "logs" / "launcher.log"):
+            elastic_launch(config, sys.executable)(
+                "-u", "-m", "moectl.worker", str(config_path), str(run_dir)
+            )
     except ChildFailedError as exc:
-        raise _describe_failure(exc.failures, run_dir, run_id) from None
+        raise _describe_failure(exc.failures, run_dir) from None
     except SignalException as exc:
         name = signal.Signals(exc.sigval).name
         raise WorkerFailed(f"stopped by {name}; {resume_hint(run_dir)}", 128 + exc.sigval) from None
@@ -83,22 +129,28 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
 CLEAN_STOP_CODES = {2, 3, 128 + signal.SIGINT, 128 + signal.SIGTERM}
 
 
-def _likely_cause(item: tuple[int, ProcessFailure]) -> tuple[int, int, int]:
+def _likely_cause(item: tuple[int, ProcessFailure], run_dir: Path) -> tuple[int, float, int]:
     """Sort key, most likely root cause first. Once one worker fails, its peers fail *because* of
     it: they lose their connection (an exception, exit code 1) or the agent stops them (SIGTERM).
-    So: killed by any other signal (SIGKILL, SIGSEGV, ...) < exited with an error < SIGTERM."""
+    So: killed by any other signal (SIGKILL, SIGSEGV, ...) < exited with an error < SIGTERM; within a
+    kind, the rank whose log was written last the earliest (the peers' "connection closed" tracebacks
+    come after the cause's own), then the agent's detection time."""
     rank, failure = item
     if failure.exitcode < 0:
         kind = 2 if -failure.exitcode == signal.SIGTERM else 0
     else:
         kind = 1
-    return kind, failure.timestamp, rank
+    try:
+        last_written = rank_log_path(run_dir, rank).stat().st_mtime
+    except OSError:
+        last_written = float(failure.timestamp)
+    return kind, last_written, rank
 
 
-def _describe_failure(failures: dict[int, ProcessFailure], run_dir: Path, run_id: str) -> WorkerFailed:
-    """Name the rank that failed first, with the last line of its stderr."""
-    rank, failure = min(failures.items(), key=_likely_cause)
-    detail = _last_error_line(run_dir, run_id, failure.local_rank)
+def _describe_failure(failures: dict[int, ProcessFailure], run_dir: Path) -> WorkerFailed:
+    """Name the rank that failed first, with the last line of its log (its traceback stays there)."""
+    rank, failure = min(failures.items(), key=lambda item: _likely_cause(item, run_dir))
+    detail = _last_error_line(rank_log_path(run_dir, rank))
     # All ranks agreed on the stop; a peer may still have been stopped by the agent (SIGTERM) first.
     agreed = all(f.exitcode in (failure.exitcode, -signal.SIGTERM) for f in failures.values())
     if failure.exitcode in CLEAN_STOP_CODES and agreed and detail:
@@ -112,15 +164,17 @@ def _describe_failure(failures: dict[int, ProcessFailure], run_dir: Path, run_id
     )
     return WorkerFailed(
         f"worker rank {rank} {how}{': ' + detail if detail else ''}; {resume_hint(run_dir)}; "
-        f"all logs under {run_dir / 'logs'}",
+        f"its log: {rank_log_path(run_dir, rank)}",
         1,
     )
 
 
-def _last_error_line(run_dir: Path, run_id: str, local_rank: int) -> str:
-    """The last line of the failed rank's stderr in this launch's logs, which names the exception."""
-    logs = sorted(
-        (run_dir / "logs").glob(f"{run_id}_*/attempt_*/{local_rank}/stderr.log"),
-        key=lambda path: path.stat().st_mtime,
-    )
-    return last_error_line(logs[-1].read_text(errors="replace")) if logs else ""
+def _last_error_line(log: Path) -> str:
+    """The last line of a rank's log that names an error (the log holds stdout and stderr)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    # torch.distributed prefixes a worker's traceback lines with "[rank<k>]: ".
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line) for line in lines]
+    return last_error_line("\n".join(line for line in lines if not PROGRESS_LINE.match(line)))

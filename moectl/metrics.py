@@ -113,6 +113,14 @@ def format_count(count: float) -> str:
     return f"{count:.0f}"
 
 
+def format_bytes(size: float) -> str:
+    """A size in binary units: 61.0 GiB, 3.2 MiB, 512 B."""
+    for scale, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(size) >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
 def format_mfu(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 

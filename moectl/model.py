@@ -20,6 +20,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moectl.config import ModelConfig, checkpointing_mode
 from moectl.errors import UsageError
+from moectl.routing import install_routers
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
@@ -61,6 +62,47 @@ REQUIRED_HF_KEYS = (
 )
 
 
+#: Qwen3-MoE config fields moectl does not implement: (field, what it means, the value moectl builds).
+#: A checkpoint that sets another value would train a different model than the one it describes.
+UNIMPLEMENTED_HF_FIELDS: tuple[tuple[str, str, object], ...] = (
+    ("attention_bias", "biases on the attention projections", False),
+    ("mlp_only_layers", "layers with a dense MLP instead of experts", []),
+    ("decoder_sparse_step", "experts only in every n-th layer", 1),
+    ("use_sliding_window", "sliding-window attention", False),
+    ("hidden_act", "the experts' activation", "silu"),
+    ("attention_dropout", "dropout on attention weights", 0.0),
+)
+
+
+def _field_value(raw: dict, hf: object, name: str) -> object:
+    value = getattr(hf, name, raw.get(name))
+    return raw.get(name) if value is None else value
+
+
+def refuse_unimplemented_fields(raw: dict, hf: Qwen3MoeConfig, config_file: Path) -> None:
+    """One line naming the first field whose value moectl would silently not implement."""
+    found = []
+    for name, meaning, built in UNIMPLEMENTED_HF_FIELDS:
+        value = _field_value(raw, hf, name)
+        if value is None or value == built or (isinstance(built, list) and not value):
+            continue
+        found.append((name, value, meaning, built))
+    layer_types = _field_value(raw, hf, "layer_types") or []
+    if any(kind != "full_attention" for kind in layer_types):
+        found.append(("layer_types", sorted(set(layer_types)), "attention kind per layer", "full_attention"))
+    rope = _field_value(raw, hf, "rope_parameters") or _field_value(raw, hf, "rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in (None, "default"):
+        found.append(("rope_parameters.rope_type", rope_type, "scaled rotary positions", "default"))
+    if found:
+        name, value, meaning, built = found[0]
+        more = f" (and {', '.join(f[0] for f in found[1:])})" if len(found) > 1 else ""
+        raise UsageError(
+            f"{config_file} sets {name} = {json.dumps(value)}{more}: {meaning}, which moectl does not "
+            f"implement (it builds {json.dumps(built)}); train a checkpoint without it"
+        )
+
+
 def model_config_from_hf_dir(path: Path) -> ModelConfig:
     """Read a local HF checkpoint's config.json into our ModelConfig (no network, no remote code)."""
     config_file = path / "config.json"
@@ -83,6 +125,7 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
     try:
         hf = Qwen3MoeConfig.from_dict(raw)  # maps every transformers version's key names
         rope = getattr(hf, "rope_parameters", None) or {}
+        refuse_unimplemented_fields(raw, hf, config_file)
         return ModelConfig(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -102,6 +145,8 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             path=str(path),
         )
+    except UsageError:
+        raise
     except Exception as exc:  # transformers/huggingface_hub raise their own validation errors here
         raise UsageError(
             f"{config_file} is not a complete Qwen3-MoE config ({exc}); re-save the checkpoint"
@@ -109,10 +154,13 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
 
 
 def build_meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Qwen3MoeForCausalLM:
-    """The HF module tree on the meta device: shapes only, no memory, no initialisation cost."""
+    """The HF module tree on the meta device: shapes only, no memory, no initialisation cost. Each
+    layer's router is moectl's `Router` (transformers' math; it can also balance and measure routing)."""
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(hf_config(cfg))
-    return model.to(dtype)
+    model = model.to(dtype)
+    install_routers(model)
+    return model
 
 
 def canonical_name(name: str) -> str:

@@ -33,6 +33,8 @@ STRATEGIES = ("single", "ddp", "fsdp", "tp", "mixed", "ep")
 #: Left free on each GPU beyond the predicted peak: CUDA context, NCCL buffers, allocator fragmentation
 #: (torch's peak counts none of them). Not measured: the largest run peaked at 120 GiB of 139.8.
 HEADROOM_GIB = 6.0
+#: Below this hidden size layers are launch-bound and the calibrated figures do not apply.
+SMALLEST_CALIBRATED_HIDDEN = 1024
 BYTES_PER_PARAM = 2  # bf16 weights, gradients and optimizer state, as runs on GPUs hold them
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from moectl.config import ModelConfig, TrainConfig, build_config, merge_overrides, parse_set_option
 from moectl.errors import UsageError
-from moectl.plan import HEADROOM_GIB, Layout, Prediction, layout_problem, predict
+from moectl.plan import HEADROOM_GIB, SMALLEST_CALIBRATED_HIDDEN, Layout, Prediction, layout_problem, predict
 from moectl.plan_data import GPU_KINDS
 
 MICRO_BATCHES = (1, 2, 4, 8)
@@ -249,7 +249,7 @@ def plan_command(
             f"Between nodes the model assumes {GPU_KINDS[gpu].network_bytes_per_s / 1e9:g} GB/s per GPU: "
             "no multi-node run has measured it."
         )
-    if cfg.model.hidden_size < 1024:
+    if cfg.model.hidden_size < SMALLEST_CALIBRATED_HIDDEN:
         lines.append(
             f"Hidden size {cfg.model.hidden_size} is far below the calibrated runs' 2048: such small layers are "
             "launch-bound, and the speeds above are too high."

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from moectl.checkpoint import CheckpointInfo
 from moectl.config import RunConfig
 from moectl.errors import UsageError
-from moectl.metrics import count_params, optimizer_states_per_param
+from moectl.metrics import count_params, format_bytes, optimizer_states_per_param
 from moectl.model import build_meta_model
 
 
@@ -71,7 +71,7 @@ def check_disk_space(run_dir: Path, cfg: RunConfig, param_bytes: int, steps_done
     needed = required_disk_bytes(cfg, param_bytes, steps_done)
     if needed > free:
         raise UsageError(
-            f"{existing} has {free / 2**30:.1f} GiB free but the final model and checkpoints need about "
-            f"{needed / 2**30:.1f} GiB; free space, pick another --run-dir, lower train.keep_checkpoints "
+            f"{existing} has {format_bytes(free)} free but the final model and checkpoints need about "
+            f"{format_bytes(needed)}; free space, pick another --run-dir, lower train.keep_checkpoints "
             "or set train.save_model=false"
         )

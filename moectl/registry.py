@@ -11,7 +11,8 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from importlib.metadata import EntryPoint, entry_points
+import tomllib
+from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
 from pathlib import Path
 from types import ModuleType
 
@@ -22,7 +23,24 @@ ENTRY_POINT_GROUP = "moectl.strategies"
 
 
 def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {**_source_tree_entry_points(), **found}
+
+
+def _source_tree_entry_points() -> dict[str, EntryPoint]:
+    """The built-ins declared in pyproject.toml, when moectl runs from a source checkout that was not
+    installed (PYTHONPATH=checkout): the same declarations the installed metadata would hold."""
+    try:
+        distribution("moectl")
+        return {}
+    except PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        return {}
+    declared = tomllib.loads(pyproject.read_text())["project"].get("entry-points", {})
+    group = declared.get(ENTRY_POINT_GROUP, {})
+    return {name: EntryPoint(name, target, ENTRY_POINT_GROUP) for name, target in group.items()}
 
 
 def available_strategies() -> list[str]:

@@ -1,25 +1,65 @@
-"""Per-step reporting on rank 0: metrics.jsonl, and a rich progress bar (plain lines off a terminal)."""
+"""What a run tells: per-step lines (metrics.jsonl, and a rich progress bar with ETA on a terminal or
+plain lines otherwise) and the summary block at the end.
+
+Where the console is: a process's stdout, except in a launched worker, whose stdout is its rank log;
+global rank 0 of such a run is given the launcher's console (`set_console_stream`) and writes its
+progress there, and plain step lines into its log.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch.profiler as tp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moectl.metrics import format_mfu
+from moectl.metrics import format_count, format_mfu
+
+_console_stream: TextIO | None = None
+
+#: how a step left out of the timing is labelled (the first `train.timing_warmup_steps` of every session,
+#: a resumed one included: allocator, caches and compilation warm up again after a restart)
+WARMUP_LABEL = "warm-up (not timed)"
+
+
+def set_console_stream(stream: TextIO) -> None:
+    """Rank 0 of a launched run: where its progress goes (its stdout is its rank log)."""
+    global _console_stream
+    _console_stream = stream
+
+
+def console_stream() -> TextIO:
+    return _console_stream or sys.stdout
+
+
+def step_line(record: dict[str, Any], world_size: int) -> str:
+    """One step in words: tokens/s per device always, the total beside it when there are several."""
+    speed = f"{record['tokens_per_s_per_device']:,.0f} tok/s/device"
+    if world_size > 1:
+        speed += f" ({record['tokens_per_s']:,.0f} total)"
+    return (
+        f"loss {record['loss']:.4f} | {speed} | MFU {format_mfu(record['mfu'])} | "
+        f"mem {record['mem_gib']:.2f} GiB" + (f" | {WARMUP_LABEL}" if record["warmup"] else "")
+    )
 
 
 class StepReporter:
-    def __init__(self, run_dir: Path | None, total_steps: int, enabled: bool, label: str):
+    def __init__(
+        self, run_dir: Path | None, total_steps: int, enabled: bool, label: str, world_size: int = 1
+    ):
         self.enabled = enabled
+        self.world_size = world_size
         self.metrics_file = (run_dir / "metrics.jsonl").open("a") if (enabled and run_dir) else None
-        self.console = Console(stderr=False)
-        self.interactive = enabled and sys.stdout.isatty()
+        stream = console_stream()
+        self.console = Console(file=stream, stderr=False)
+        # A launched rank 0 also keeps plain lines in its rank log (its stdout).
+        self.log = sys.stdout if enabled and stream is not sys.stdout else None
+        self.interactive = enabled and self.console.is_terminal
         self.progress: Progress | None = None
         if self.interactive:
             self.progress = Progress(
@@ -27,11 +67,17 @@ class StepReporter:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"),
+                TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=self.console,
             )
             self.task = self.progress.add_task(label, total=total_steps, stats="")
             self.progress.start()
+
+    def _plain(self, text: str) -> None:
+        for stream in (None if self.progress else self.console.file, self.log):
+            if stream is not None:
+                print(text, file=stream, flush=True)
 
     def step(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -40,25 +86,91 @@ class StepReporter:
             # One write per line: a reader (or a crash) never sees half a record.
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
-        stats = (
-            f"loss {record['loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | "
-            f"MFU {format_mfu(record['mfu'])} | mem {record['mem_gib']:.2f} GiB"
-            + (" | warm-up" if record["warmup"] else "")
-        )
+        stats = step_line(record, self.world_size)
         if self.progress:
             self.progress.update(self.task, completed=record["step"] + 1, stats=stats)
-        else:
-            print(f"step {record['step'] + 1}: {stats}", flush=True)
+        self._plain(f"step {record['step'] + 1}: {stats}")
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            (self.progress.console if self.progress else self.console).print(text)
+        if not self.enabled:
+            return
+        if self.progress:
+            self.progress.console.print(text, markup=False, highlight=False)
+        self._plain(text)
 
     def close(self) -> None:
         if self.progress:
             self.progress.stop()
         if self.metrics_file:
             self.metrics_file.close()
+
+
+def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
+    """The end of a run as (what, value) rows, from its summary.json and config.yaml; [] when the
+    summary is not in this directory (another node of a multi-node run wrote it)."""
+    from moectl.config import build_config
+    from moectl.metrics import count_params
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        cfg = build_config(str(run_dir / "config.yaml"))
+    except (OSError, ValueError):
+        return []
+    m = cfg.model
+    counts = count_params(m)
+    degrees = summary.get("degrees") or {}
+    world = summary["world_size"]
+    layout = " × ".join(f"{axis} {degrees[axis]}" for axis in ("dp", "tp", "ep") if degrees.get(axis, 1) > 1)
+    processes = f"{world} process{'es' if world != 1 else ''}"
+    speed = f"{summary['tokens_per_s_per_device']:,.0f} tokens/s per device (median"
+    speed += f"; {summary['tokens_per_s']:,.0f} in total)" if world > 1 else ")"
+    speed += f", {summary['median_step_time_s'] * 1e3:,.1f} ms per step"
+    mfu = "n/a (the device's peak FLOP/s is unknown)"
+    if summary.get("mfu") is not None:
+        mfu = f"{format_mfu(summary['mfu'])} (seed formula {format_mfu(summary['mfu_seed'])})"
+    losses = summary.get("losses") or []
+    loss = f"{losses[0]:.4f} → {losses[-1]:.4f}" if losses else "no step finished"
+    if losses and not all(math.isfinite(x) for x in losses):
+        loss += " (non-finite values)"
+    memory_kind = "allocated by torch" if summary.get("device", "cpu") != "cpu" else "process RSS"
+    rows = [
+        (
+            "model",
+            f"Qwen3-MoE, {m.num_layers} layers, {m.num_experts} experts (top-{m.top_k}): "
+            f"{format_count(counts.total)} parameters, {format_count(counts.active)} active per token"
+            + (f", from {m.path}" if m.path else ""),
+        ),
+        ("strategy", f"{summary['strategy']} on {processes}" + (f" ({layout})" if layout else "")),
+        ("device", summary.get("device", "cpu")),
+        (
+            "steps",
+            f"{summary['steps']}; the first {summary['timing_warmup_steps']} of each session not timed (warm-up)",
+        ),
+        ("speed", speed),
+        ("MFU", mfu),
+        ("peak memory", f"{summary['peak_mem_gib']:.2f} GiB on the busiest rank ({memory_kind})"),
+        ("loss", loss),
+    ]
+    model_dir = run_dir / "model"
+    rows.append(
+        ("model dir", str(model_dir) if model_dir.is_dir() else "not written (train.save_model=false)")
+    )
+    plots = sorted(run_dir.glob("*.png"))
+    if plots:
+        rows.append(("plots", ", ".join(str(plot) for plot in plots)))
+    rows.append(("metrics", f"{run_dir / 'metrics.jsonl'}, {run_dir / 'summary.json'}"))
+    return rows
+
+
+def print_run_summary(run_dir: Path, console: Console) -> None:
+    """The summary block at the end of `moectl train`."""
+    rows = summary_lines(run_dir)
+    console.print(
+        f"done: run directory {run_dir}", style="green", markup=False, highlight=False, soft_wrap=True
+    )
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, value in rows:
+        console.print(f"  {name:<{width}}  {value}", markup=False, highlight=False, soft_wrap=True)
 
 
 class StepProfiler:
@@ -77,7 +189,7 @@ class StepProfiler:
                 [tp.ProfilerActivity.CUDA] if device.type == "cuda" else []
             )
             schedule = tp.schedule(
-                wait=max(train.warmup_steps - 1, 0), warmup=1, active=train.profile_steps, repeat=1
+                wait=max(train.timing_warmup_steps - 1, 0), warmup=1, active=train.profile_steps, repeat=1
             )
             self.profiler = tp.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
             self.sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -9,11 +9,7 @@ import torch
 import torch.distributed as dist
 
 from moectl.config import TrainConfig
-
-
-def under_torchrun() -> bool:
-    """True inside a worker started by an elastic agent (ours or an outside torchrun)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+from moectl.errors import under_torchrun
 
 
 def uses_gpu(train: TrainConfig) -> bool:

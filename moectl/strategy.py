@@ -26,6 +26,7 @@ from moectl.errors import UsageError
 from moectl.metrics import ParamCounts
 from moectl.model import canonical_name, local_shard
 from moectl.parallel.dims import ParallelDims
+from moectl.parallel.gradients import grad_sum_of_squares
 
 Materialize = Callable[[nn.Module], None]
 
@@ -106,6 +107,13 @@ class Strategy:
 
     def after_backward(self, model: nn.Module) -> None:
         """Gradient reductions the wrappers do not do (default: none)."""
+
+    def grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """The global L2 norm of all the model's gradients after `after_backward`, as an fp32 scalar
+        equal on every rank (for logging and `train.max_grad_norm`): every element of the whole model
+        counted once. Default: plain gradients are replicated, DTensor gradients state their sharding
+        (`moectl.parallel.gradients`); a strategy with plain local shards adds those over its group."""
+        return grad_sum_of_squares(model.parameters()).sqrt()
 
     def step_metrics(self) -> dict[str, float]:
         """Figures of this rank's last optimizer step for metrics.jsonl (and, as medians after warm-up,

@@ -43,6 +43,7 @@ from moectl.outputs import (
 from moectl.preflight import check_disk_space, verify_checkpoint
 from moectl.registry import get_strategy
 from moectl.strategy import Strategy
+from moectl.tensorboard_log import check_available as check_tensorboard_available
 
 
 @dataclass
@@ -200,7 +201,9 @@ def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> RunPlan:
     if cfg.data.source != "synthetic":
         check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
-        HFCheckpoint(Path(cfg.model.path))
+        HFCheckpoint(Path(cfg.model.path)).check_fits(cfg.model)
+    if train.tensorboard:
+        check_tensorboard_available()
     return RunPlan(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step, resume_from)
 
 
@@ -300,7 +303,6 @@ def _prepare_run_dir(p: RunPlan, run_dir: Path | None) -> Path:
         return target
     target = Path(run_dir or cfg.run_dir or default_run_dir(cfg.parallel.strategy))
     cfg.run_dir = str(target)
-    check_disk_space(target, cfg, param_bytes(cfg))
     node_dir = _node_dir(cfg, target)
     if node_dir == target and cfg.parallel.nnodes > 1 and target.is_dir():
         # Another node may already have made its node<k>/ folder here (shared file system).
@@ -309,5 +311,6 @@ def _prepare_run_dir(p: RunPlan, run_dir: Path | None) -> Path:
             check_run_dir_writable(target)
     else:
         check_run_dir_writable(node_dir)
+    check_disk_space(target, cfg, param_bytes(cfg))  # after the write check: /proc has "0 bytes free"
     create_run_dir(node_dir, cfg.to_yaml())
     return target

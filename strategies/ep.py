@@ -16,6 +16,7 @@ dense part of each decoder layer and the root over all ranks, all with sum reduc
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -30,6 +31,7 @@ from moectl.parallel.dims import ParallelDims
 from moectl.parallel.ep_checkpoint import checkpoint_contexts
 from moectl.parallel.ep_dispatch import DispatchStats, ExpertParallelMoE, GroupedExperts
 from moectl.parallel.expert_parallel import gather_full_state, is_expert_key, localize, shard_on_meta
+from moectl.parallel.gradients import grad_sum_of_squares
 from moectl.strategy import Materialize, Strategy
 
 
@@ -150,6 +152,17 @@ class ExpertParallel(Strategy):
         all_reduce_gradients(dense, group=None)
         if self.dims.ep_replicate > 1:
             all_reduce_gradients(experts, group=self.dims.group("ep_replicate"))
+
+    def grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """Dense gradients are replicated or FSDP DTensors (the default counts them once); expert blocks
+        are this rank's slice of the ep axis, so their squares add up over the EP group."""
+        dense, experts = [], []
+        for name, param in model.named_parameters():
+            (experts if is_expert_key(name) else dense).append(param)
+        expert_squares = grad_sum_of_squares(experts)
+        if self._ep_mesh is not None:
+            dist.all_reduce(expert_squares, group=self._ep_mesh.get_group())
+        return (grad_sum_of_squares(dense) + expert_squares).sqrt()
 
     def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Experts are plain local blocks [E/ep, ...]; DCP needs their global layout to reshard them.

@@ -93,6 +93,7 @@ SETTINGS = {
     "global_batch": (int,),
     "micro_batch": (int,),
     "seq_len": (int,),
+    "lr": NUM,
     "sets": (list,),
     "device": (str,),
     "dtype": (str,),
@@ -132,7 +133,10 @@ RUN_VERIFY = {
     "rel_err": (*NUM, NULL),
     "rtol": NUM,
     "reason": (str, NULL),
+    "steps": (int,),
     "max_loss_diff": (*NUM, NULL),
+    "worst_tensor": (str, NULL),
+    "worst_tensor_rel_err": (*NUM, NULL),
 }
 
 

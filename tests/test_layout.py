@@ -96,3 +96,23 @@ def test_the_strategy_writing_section_works_as_printed(tmp_path):
     ]
     single = train_run(tmp_path / "single", "--strategy", "single", *same_training, in_process=True)
     assert_same_training(by_file, single)
+
+
+def test_a_source_checkout_that_was_not_installed_finds_the_builtins(monkeypatch):
+    """PYTHONPATH=checkout (as on a machine where moectl is not pip-installed): the built-ins come from
+    pyproject.toml's own entry-point declarations."""
+    import importlib.metadata
+
+    import moectl.registry as registry
+
+    real = importlib.metadata.distribution
+
+    def not_installed(name: str):
+        if name == "moectl":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(registry, "distribution", not_installed)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
+    assert sorted(registry.available_strategies()) == ["ddp", "ep", "fsdp", "mixed", "single", "tp"]
+    assert registry.get_strategy("ep").name == "ep"

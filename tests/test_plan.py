@@ -273,3 +273,12 @@ def test_a_gpu_run_writes_the_plans_prediction_beside_its_measurement(monkeypatc
     assert predicted["peak_mem_gib"] == expected.peak_mem_gib
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A10G")
     assert plan_prediction(cfg, world_size=2) is None
+
+
+def test_no_prediction_for_launch_bound_layers(monkeypatch):
+    import torch
+
+    from moectl.loop import plan_prediction
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
+    assert plan_prediction(build_config("tiny"), world_size=1) is None

@@ -46,7 +46,7 @@ def test_tensor_parallel_layouts_match_single(trained, single_reference, layout)
             ],
             "--tp-size 2 does not divide model.num_heads = 3",
         ),
-        (["--strategy", "tp", "--tp-size", "4"], "--tp-size 4 does not divide model.num_kv_heads = 2"),
+        (["--strategy", "tp", "--tp-size", "8"], "--tp-size 8 does not divide model.num_kv_heads = 4"),
         (
             ["--strategy", "tp", "--tp-size", "2", "--set", "model.moe_intermediate_size=33"],
             "--tp-size 2 does not divide model.moe_intermediate_size = 33",

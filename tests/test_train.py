@@ -37,7 +37,7 @@ def test_default_train_runs_and_loss_falls(tmp_path):
 
 def test_accumulation_equals_one_big_micro_batch(tmp_path):
     """micro-batch 1 × 4 accumulation steps trains the same weights as micro-batch 4 × 1."""
-    common = ["--steps", "3", "--global-batch", "4", "--set", "train.warmup_steps=0"]
+    common = ["--steps", "3", "--global-batch", "4", "--set", "train.timing_warmup_steps=0"]
     accumulated = train_run(tmp_path / "mb1", *common, "--micro-batch", "1", in_process=True)
     one_shot = train_run(tmp_path / "mb4", *common, "--micro-batch", "4", in_process=True)
     assert_same_training(accumulated, one_shot, rtol=1e-6, loss_tol=1e-6)

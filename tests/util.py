@@ -30,7 +30,7 @@ NUMERICS_ARGS = [
     "--micro-batch",
     "2",
     "--set",
-    "train.warmup_steps=0",
+    "train.timing_warmup_steps=0",
 ]
 
 #: ‖A − B‖₂ / ‖B‖₂ over the whole model: the contract's bound for fp32 on the CPU (DESIGN.md).

@@ -25,7 +25,8 @@ from moectl.metrics import ParamCounts
 from moectl.model import apply_layer_wrappers, decoder_layers
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.ep_dispatch import route
-from moectl.parallel.expert_parallel import gather_full_state, localize, shard_on_meta
+from moectl.parallel.expert_parallel import gather_full_state, is_expert_key, localize, shard_on_meta
+from moectl.parallel.gradients import grad_sum_of_squares
 from moectl.parallel.tensor_parallel import copy_to_parallel_region, reduce_from_parallel_region
 from moectl.strategy import Materialize, Strategy
 
@@ -104,6 +105,16 @@ class NaiveEP(Strategy):
             for param in layer.mlp.experts.parameters():
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
+
+    def grad_norm(self, model: nn.Module) -> torch.Tensor:
+        # Dense gradients are the same on every rank; each rank's experts are its own slice.
+        dense, experts = [], []
+        for name, param in model.named_parameters():
+            (experts if is_expert_key(name) else dense).append(param)
+        expert_squares = grad_sum_of_squares(experts)
+        if self.dims.world_size > 1:
+            dist.all_reduce(expert_squares, group=self.dims.group("ep"))
+        return (grad_sum_of_squares(dense) + expert_squares).sqrt()
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         return gather_full_state(model, self.dims.group("ep"), holds_rank0_experts=True)

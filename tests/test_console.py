@@ -1,0 +1,204 @@
+"""What the console tells: help without torch, one line per refusal or failure, rank 0's progress
+unprefixed (a progress bar on a terminal, plain lines otherwise), the summary block at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+
+from moectl.report import summary_lines
+from tests.util import REPO, run_moectl, train_run
+
+TINY_RUN = ["--steps", "3", "--global-batch", "8", "--micro-batch", "2"]
+
+HEAVY_MODULES_AFTER = """
+import sys
+from moectl.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print("HEAVY:", sorted(m for m in ("torch", "transformers", "numpy", "rich") if m in sys.modules), file=sys.stderr)
+"""
+
+
+def _loaded_after(argv: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    result = subprocess.run(
+        [sys.executable, "-c", HEAVY_MODULES_AFTER.format(argv=argv)],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "COLUMNS": "100"},
+    )  # fmt: skip
+    heavy = re.search(r"HEAVY: (\[.*\])", result.stderr)
+    assert heavy, result.stderr
+    return result, eval(heavy.group(1))
+
+
+def test_help_and_usage_errors_load_neither_torch_nor_transformers():
+    for argv in (["--help"], ["train", "--help"], ["bench", "--help"], ["train", "--steps", "abc"], []):
+        result, heavy = _loaded_after(argv)
+        assert heavy == [], (argv, heavy)
+        assert "Usage:" in result.stdout + result.stderr or "error:" in result.stderr, (argv, result.stderr)
+
+
+def test_help_shows_flags_plainly():
+    root = run_moectl("--help", timeout=60).stdout
+    assert "<bool>" not in root and "--help" in root
+    for command in ("train", "compare-weights", "bench", "plan"):
+        assert command in root
+    compare = run_moectl("compare-weights", "--help", timeout=60).stdout
+    assert "Usage: moectl compare-weights [OPTIONS] A B" in compare, compare
+    train = run_moectl("train", "--help", timeout=60).stdout
+    assert "--dry-run" in train and "--no-dry-run" not in train and "<bool>" not in train
+    assert "--set SECTION.KEY=VALUE" in train
+
+
+def test_step_lines_say_per_device_and_warm_up_is_not_timed(tmp_path):
+    result = run_moectl("train", "--run-dir", str(tmp_path / "run"), *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3
+    assert all("tok/s/device" in line and "total" not in line for line in steps), steps  # one device
+    assert [("warm-up (not timed)" in line) for line in steps] == [True, True, False]
+
+
+def test_the_summary_block_ends_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_moectl("train", "--run-dir", str(run_dir), *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    block = result.stdout[result.stdout.index("done: run directory") :]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    first, last = summary["losses"][0], summary["losses"][-1]
+    for expected in (
+        f"done: run directory {run_dir}",
+        "model        Qwen3-MoE, 2 layers, 8 experts (top-2):",
+        "parameters,",
+        "active per token",
+        "strategy     single on 1 process",
+        "steps        3",
+        "tokens/s per device (median)",
+        "MFU          n/a",
+        "peak memory  ",
+        f"loss         {first:.4f} → {last:.4f}",
+        f"model dir    {run_dir / 'model'}",
+    ):
+        assert expected in block, (expected, block)
+    assert f"plots        {run_dir / 'expert_load.png'}, {run_dir / 'loss.png'}" in block
+    assert summary["degrees"] == {"dp": 1, "tp": 1, "ep": 1}
+
+
+def test_the_summary_names_only_the_plots_that_exist(tmp_path):
+    run_dir = train_run(tmp_path / "run", *TINY_RUN)
+    for plot in run_dir.glob("*.png"):
+        plot.unlink()
+    assert "plots" not in dict(summary_lines(run_dir))
+    (run_dir / "loss.png").write_bytes(b"png")
+    assert dict(summary_lines(run_dir))["plots"] == str(run_dir / "loss.png")
+
+
+def test_a_resumed_run_labels_its_first_steps_as_timing_warm_up(tmp_path):
+    run_dir = train_run(tmp_path / "run", *TINY_RUN, "--checkpoint-every", "3")
+    result = run_moectl("train", "--resume", str(run_dir), "--steps", "6")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "resumed at step 3 of 6 from step_000003; the next 2 step(s) are warm-up again (not timed)"
+        in result.stdout
+    )
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in steps] == ["step 4", "step 5", "step 6"]
+    assert [("warm-up (not timed)" in line) for line in steps] == [True, True, False]
+
+
+def test_a_terminal_gets_a_progress_bar_with_eta(tmp_path):
+    """Under a pseudo-terminal rank 0 draws a rich progress bar (with ETA) instead of plain lines."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moectl", "train", "--run-dir", str(tmp_path / "run"), *TINY_RUN],
+        stdout=follower, stderr=follower, stdin=subprocess.DEVNULL, cwd=REPO,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TERM": "xterm", "COLUMNS": "160"},
+    )  # fmt: skip
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process has exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=300) == 0, output[-2000:]
+    text = output.decode(errors="replace")
+    assert "ETA" in text and "3/3" in text, text[-2000:]
+    assert not re.search(r"^step 1: ", text, flags=re.MULTILINE), text[-2000:]
+    assert "done: run directory" in text
+
+
+def test_a_launched_run_prints_rank_0_unprefixed_and_logs_each_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_moectl("train", "--strategy", "ddp", "--nproc", "2", "--run-dir", str(run_dir), *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    assert "default_role" not in result.stdout + result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3 and all("tok/s/device (" in line and " total)" in line for line in steps), steps
+    assert result.stderr.strip() == "", result.stderr
+    logs = run_dir / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["launcher.log", "rank0.log", "rank1.log"]
+    assert "step 3:" in (logs / "rank0.log").read_text()
+    assert "strategy     ddp on 2 processes (dp 2)" in result.stdout
+
+
+BOOM_PLUGIN = """
+import torch.distributed as dist
+
+from strategies.ddp import DDP
+
+
+class Boom(DDP):
+    name = "boom"
+
+    def after_backward(self, model):
+        if dist.get_rank() == 1:
+            raise RuntimeError("rank one exploded on purpose")
+        super().after_backward(model)
+"""
+
+
+def test_a_dead_worker_is_one_last_line_and_its_traceback_stays_in_its_log(tmp_path):
+    plugin = tmp_path / "boom.py"
+    plugin.write_text(BOOM_PLUGIN)
+    run_dir = tmp_path / "run"
+    flags = [
+        "--strategy",
+        str(plugin),
+        "--nproc",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "parallel.timeout_s=60",
+    ]
+    result = run_moectl("train", *flags, *TINY_RUN)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"error: worker rank 1 exited with code 1: RuntimeError: rank one exploded on purpose; "
+        f"no complete checkpoint was written; its log: {run_dir / 'logs' / 'rank1.log'}"
+    ], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "Traceback" in (run_dir / "logs" / "rank1.log").read_text()
+
+
+def test_the_readme_describes_the_log_layout():
+    text = (REPO / "README.md").read_text()
+    assert "RUN_DIR/logs/rank<k>.log" in text and "logs/launcher.log" in text
+    assert "attempt_0" not in text
+
+
+def test_benchmarks_records_the_help_timing():
+    text = (REPO / "BENCHMARKS.md").read_text()
+    section = text[text.index("## `moectl --help`") :]
+    assert "import torch" in section and "median" in section
