@@ -9,6 +9,7 @@ NUMERICS_STEPS steps with checkpoints along the way, instead of re-running it in
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from tests.layouts import LAYOUT_RUN_ARGS, LAYOUTS, runs_in_one_process  # noqa: E402
-from tests.util import NUMERICS_ARGS, train_run  # noqa: E402
+from tests.util import NUMERICS_ARGS, REPO, run_as_printed, train_run  # noqa: E402
 
 #: router preference along hidden dim 0, which the embeddings push up for every token
 EXPERT_PREFERENCE = torch.tensor([3.0, 2.5, 1.0, 0.5, -6.0, -6.0, -6.0, -6.0])
@@ -36,18 +37,43 @@ EXPERT_PREFERENCE = torch.tensor([3.0, 2.5, 1.0, 0.5, -6.0, -6.0, -6.0, -6.0])
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Callable[[str], Path]:
     """`trained(name)`: the run directory of layout `name` (tests/layouts.py) trained with
-    NUMERICS_ARGS and checkpoints (LAYOUT_RUN_ARGS); made on first use, then shared. Treat it as
-    read-only: copy it before resuming from it."""
+    NUMERICS_ARGS and checkpoints (LAYOUT_RUN_ARGS); made on first use, then shared, its console output
+    too (tests/util.py `console_output`). Treat it as read-only: copy it before resuming from it."""
     made: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in made:
             run_dir = tmp_path_factory.mktemp(f"layout-{name}") / "run"
             args = [*LAYOUTS[name], *NUMERICS_ARGS, *LAYOUT_RUN_ARGS]
-            made[name] = train_run(run_dir, *args, in_process=runs_in_one_process(LAYOUTS[name]))
+            one_process = runs_in_one_process(LAYOUTS[name])
+            made[name] = train_run(run_dir, *args, in_process=one_process, keep_output=True)
         return made[name]
 
     return get
+
+
+class ReadmeRuns:
+    """README commands run as printed (installed console script, shell) from `cwd`, a fresh directory
+    that holds only a link to the repository's examples; each command runs on first use, then its
+    result is shared."""
+
+    def __init__(self, cwd: Path):
+        self.cwd = cwd
+        self.results: dict[str, subprocess.CompletedProcess] = {}
+
+    def __call__(self, command: str) -> subprocess.CompletedProcess:
+        if command not in self.results:
+            self.results[command] = run_as_printed(command, self.cwd, timeout=1500)
+        return self.results[command]
+
+
+@pytest.fixture(scope="session")
+def readme_run(tmp_path_factory) -> ReadmeRuns:
+    """The README's commands, each run once per session: test_out_of_the_box runs every one, and
+    test_bench reads the bench showcase's output, test_layout the plugin example's run."""
+    cwd = tmp_path_factory.mktemp("readme")
+    (cwd / "examples").symlink_to(REPO / "examples")
+    return ReadmeRuns(cwd)
 
 
 @pytest.fixture(scope="session")

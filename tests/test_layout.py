@@ -64,15 +64,16 @@ def _readme_commands(section: str) -> list[str]:
     return [line.strip() for line in block.strip().splitlines()]
 
 
-def test_the_strategy_writing_section_works_as_printed(tmp_path):
-    """Both README commands: the plugin as a file, then packaged with its entry point. The package
-    goes into a scratch directory rather than this environment (same pip, same metadata)."""
+def test_the_strategy_writing_section_works_as_printed(tmp_path, readme_run):
+    """Both README commands: the plugin as a file (run as printed, shared with test_out_of_the_box),
+    then packaged with its entry point. The package goes into a scratch directory rather than this
+    environment (same pip, same metadata)."""
     file_command, package_command = _readme_commands("### Writing a strategy")
     args = shlex.split(file_command)
     assert args[0] == "moectl"
-    by_file = tmp_path / "by-file"
-    result = run_moectl(*args[1:], "--run-dir", str(by_file))
+    result = readme_run(file_command)
     assert result.returncode == 0, result.stderr[-2000:]
+    (by_file,) = (readme_run.cwd / "runs").glob("*-examples_naive_ep_naive_ep.py")
 
     install, train = package_command.split(" && ")
     install_args = shlex.split(install)

@@ -47,6 +47,29 @@ UPDATE_RTOL = 1e-4
 LOSS_TOL = 1e-5
 
 
+#: the console script `make setup` installs beside this interpreter
+MOECTL_SCRIPT = Path(sys.executable).with_name("moectl")
+#: the README's bench showcase (its command as printed; tests/conftest.py `readme_run` runs it once)
+README_BENCH_SHOWCASE = (
+    "moectl bench --strategies single,ddp,fsdp,tp,mixed,ep --nproc 4 --verify --out runs/bench1"
+)
+
+
+def run_as_printed(command: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """A README command line through the shell, with the installed console script first on PATH."""
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PATH": f"{MOECTL_SCRIPT.parent}{os.pathsep}{os.environ['PATH']}",
+        # The console script imports the checkout under test, even where the venv's editable install
+        # points at another checkout (a worktree, or planted_faults.py's copy).
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def run_moectl(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m moectl ARGS` in a subprocess: the console entry point, and the only way to run a
     multi-process layout."""
@@ -76,15 +99,26 @@ def run_moectl_in_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["moectl", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
-def train_run(run_dir: Path, *args: str, timeout: float = 300, in_process: bool = False) -> Path:
-    """Run `moectl train` into run_dir and insist it succeeded. `in_process` for one-process runs."""
+def train_run(
+    run_dir: Path, *args: str, timeout: float = 300, in_process: bool = False, keep_output: bool = False
+) -> Path:
+    """Run `moectl train` into run_dir and insist it succeeded. `in_process` for one-process runs;
+    `keep_output` writes the console's stdout and stderr beside run_dir (`console_output`)."""
     command = ("train", "--run-dir", str(run_dir), *args)
     result = run_moectl_in_process(*command) if in_process else run_moectl(*command, timeout=timeout)
     assert result.returncode == 0, (
         f"moectl train {' '.join(args)} failed ({result.returncode}):\n"
         f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     )
+    if keep_output:
+        run_dir.with_name(f"{run_dir.name}.stdout").write_text(result.stdout)
+        run_dir.with_name(f"{run_dir.name}.stderr").write_text(result.stderr)
     return run_dir
+
+
+def console_output(run_dir: Path) -> tuple[str, str]:
+    """The stdout and stderr of a run made with `train_run(..., keep_output=True)`."""
+    return tuple(run_dir.with_name(f"{run_dir.name}.{stream}").read_text() for stream in ("stdout", "stderr"))
 
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
