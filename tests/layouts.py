@@ -7,38 +7,44 @@ and loader.
 
 from __future__ import annotations
 
+#: the chunked lm_head + loss (micro-batches of 2 x 64 tokens: chunks of 48, 48 and 32 tokens)
+CHUNKED_LOSS = ["--set", "train.loss_chunk_tokens=48"]
+#: activation checkpointing of every decoder layer
+FULL_CHECKPOINTING = ["--set", "train.activation_checkpointing=true"]
+
+# Speed levers ride on the shared layouts (chunked loss, checkpointing, ep chunks): each still trains
+# `single`'s model, and one run checks a layout and its levers together. Every strategy with its
+# defaults is checked too, on 4 processes over the preset's 40 steps: the README's bench showcase
+# (tests/test_bench.py, test_every_strategy_runs_and_matches_the_reference).
 RING: dict[str, list[str]] = {
     "single": ["--strategy", "single"],
     "ddp": ["--strategy", "ddp", "--nproc", "2"],  # 2 micro-batches per rank: DDP's no_sync
-    # 4 micro-batches per rank (FSDP2's deferred reduce-scatter) and activation checkpointing
+    # 4 micro-batches per rank (FSDP2's deferred reduce-scatter), checkpointing, and the chunked loss
+    # (FSDP2 gathers the head inside the root's forward)
     "fsdp": [
-        "--strategy",
-        "fsdp",
-        "--nproc",
-        "2",
-        "--micro-batch",
-        "1",
-        "--set",
-        "train.activation_checkpointing=true",
+        *("--strategy", "fsdp", "--nproc", "2", "--micro-batch", "1"),
+        *FULL_CHECKPOINTING,
+        *CHUNKED_LOSS,
     ],
-    "ep": ["--strategy", "ep", "--ep-size", "2"],
+    # ep 2 on 2 ranks exchanging tokens in 2 chunks, with checkpointing (the exchange replayed in the
+    # backward) and the chunked loss
+    "ep": [
+        *("--strategy", "ep", "--ep-size", "2", "--set", "parallel.ep_chunks=2"),
+        *FULL_CHECKPOINTING,
+        *CHUNKED_LOSS,
+    ],
     "ep_fsdp": ["--strategy", "ep", "--ep-size", "2", "--nproc", "4", "--set", "parallel.fsdp=true"],
     "tp": ["--strategy", "tp", "--tp-size", "2"],
     "mixed": ["--strategy", "mixed", "--dp-size", "2", "--tp-size", "2"],
 }
 LAYOUTS: dict[str, list[str]] = {
     **RING,
+    # tp 2 x DDP 2, micro-batch 1, and the chunked loss (DDP hooks the head inside the root's forward;
+    # the head's input is tp's replicated output)
     "mixed_ddp": [
-        "--strategy",
-        "mixed",
-        "--tp-size",
-        "2",
-        "--nproc",
-        "4",
-        "--micro-batch",
-        "1",
-        "--set",
-        "parallel.mixed_dp=ddp",
+        *("--strategy", "mixed", "--tp-size", "2", "--nproc", "4", "--micro-batch", "1"),
+        *("--set", "parallel.mixed_dp=ddp"),
+        *CHUNKED_LOSS,
     ],
     # With one process there is no peer and no process group: the model trains unwrapped.
     "ddp_one_process": ["--strategy", "ddp"],

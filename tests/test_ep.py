@@ -11,8 +11,9 @@ from tests.util import NUMERICS_ARGS, assert_same_training, load_weights, run_mo
 
 @pytest.mark.parametrize("layout", ["ep", "ep_fsdp"])
 def test_ep_matches_single(trained, single_reference, layout):
-    """ep 2 (every expert on one rank of two), and ep 2 on 4 processes with FSDP (experts replicated
-    twice and sharded over their replicas, the dense part sharded over all four)."""
+    """ep 2 (every expert on one rank of two; tokens exchanged in 2 chunks, checkpointing and the
+    chunked loss on), and ep 2 on 4 processes with FSDP (experts replicated twice and sharded over their
+    replicas, the dense part sharded over all four)."""
     assert_same_training(trained(layout), single_reference)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,37 +311,41 @@ def test_two_rank_block_matches_transformers_with_chunks_and_checkpointing(tmp_p
 
 # ---- whole runs against `single` ------------------------------------------------------------------------
 # The skewed model and its `single` run: tests/conftest.py (experts 4-7 get no row: at ep 4 two ranks
-# idle, rank 0 hot).
+# idle, rank 0 hot). ep 2 in 2 chunks with checkpointing on the preset's own routing is the shared `ep`
+# layout (tests/layouts.py, checked in test_ep.py and below).
 AC = ["--set", "train.activation_checkpointing=true"]
 FSDP = ["--set", "parallel.fsdp=true"]
 SCALE_LAYOUTS = {
-    "ep2_chunks2_ac": (["--ep-size", "2", "--set", "parallel.ep_chunks=2", *AC], False),
-    "ep4_chunks4_ac_skewed": (["--ep-size", "4", "--set", "parallel.ep_chunks=4", *AC], True),
-    "ep2_on_4_fsdp_ac_chunks2_skewed": (
-        ["--ep-size", "2", "--nproc", "4", "--set", "parallel.ep_chunks=2", *FSDP, *AC],
-        True,
-    ),
-    "ep4_fsdp_chunks2_skewed": (["--ep-size", "4", "--set", "parallel.ep_chunks=2", *FSDP], True),
+    "ep4_chunks4_ac_skewed": ["--ep-size", "4", "--set", "parallel.ep_chunks=4", *AC],
+    "ep2_on_4_fsdp_ac_chunks2_skewed": [
+        *("--ep-size", "2", "--nproc", "4", "--set", "parallel.ep_chunks=2"),
+        *FSDP,
+        *AC,
+    ],
+    "ep4_fsdp_chunks2_skewed": ["--ep-size", "4", "--set", "parallel.ep_chunks=2", *FSDP],
 }
 
 
-@pytest.mark.parametrize("layout", list(SCALE_LAYOUTS))
-def test_ep_at_scale_trains_what_single_trains(tmp_path, request, layout):
-    """ep at 2 and 4, with and without FSDP (with expert replicas, and without: experts then stay out of
-    FSDP), with checkpointing, chunks and skewed routing: every tensor's update as `single`'s."""
-    args, skewed = SCALE_LAYOUTS[layout]
-    if skewed:
-        model = request.getfixturevalue("skewed_model")
-        reference = request.getfixturevalue("skewed_single")
-        args = [*args, "--model", str(model)]
-    else:
-        reference = request.getfixturevalue("single_reference")
-    run = train_run(tmp_path / "run", "--strategy", "ep", *args, *NUMERICS_ARGS)
-    assert_same_training(run, reference)
+def assert_exchanged_tokens(run: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["a2a_bytes_per_step"] > 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(record["a2a_bytes_per_step"] > 0 for record in metrics)
+
+
+@pytest.mark.parametrize("layout", list(SCALE_LAYOUTS))
+def test_ep_at_scale_trains_what_single_trains(tmp_path, skewed_model, skewed_single, layout):
+    """ep at 2 and 4, with and without FSDP (with expert replicas, and without: experts then stay out of
+    FSDP), with checkpointing, chunks and skewed routing: every tensor's update as `single`'s."""
+    args = [*SCALE_LAYOUTS[layout], "--model", str(skewed_model)]
+    run = train_run(tmp_path / "run", "--strategy", "ep", *args, *NUMERICS_ARGS)
+    assert_same_training(run, skewed_single)
+    assert_exchanged_tokens(run)
+
+
+def test_the_shared_ep_layout_counts_its_exchanges(trained):
+    """(Its numerics: test_ep.py.)"""
+    assert_exchanged_tokens(trained("ep"))
 
 
 HOT_ROUTER_PLUGIN = '''

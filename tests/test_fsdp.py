@@ -19,7 +19,8 @@ from tests.util import assert_same_training, run_moectl_in_process
 
 def test_fsdp_matches_single(trained, single_reference):
     """2 processes, 4 micro-batches each (the reduce-scatter deferred to the last), activation
-    checkpointing on (tests/layouts.py); fsdp on 4 processes runs under ep_fsdp and mixed."""
+    checkpointing and the chunked loss on (tests/layouts.py); fsdp on 4 processes runs under ep_fsdp
+    and mixed, and with its defaults in the README's bench showcase."""
     assert_same_training(trained("fsdp"), single_reference)
 
 

@@ -26,7 +26,7 @@ def test_gate_up_blocks_give_each_rank_matching_gate_and_up_rows():
 @pytest.mark.parametrize("layout", ["tp", "mixed", "mixed_ddp"])
 def test_tensor_parallel_layouts_match_single(trained, single_reference, layout):
     """tp 2 (4 accumulated micro-batches on one data shard); mixed dp 2 × tp 2 over FSDP; mixed
-    tp 2 × dp 2 over DDP with micro-batch 1 (tests/layouts.py)."""
+    tp 2 × dp 2 over DDP with micro-batch 1 and the chunked loss (tests/layouts.py)."""
     assert_same_training(trained(layout), single_reference)
 
 
