@@ -171,8 +171,8 @@ class ExpertParallel(Strategy):
         each replica r further holds chunk r of that slice, i.e. global chunk p·R + r: sharded first
         over `ep`, then over `ep_replicate` (the expert mesh transposed).
         """
-        if self.dims.world_size == 1 or not is_expert_key(param_name):
-            return tensor
+        if self.dims.world_size == 1 or not is_expert_key(param_name) or tensor.ndim == 0:
+            return tensor  # (0-d: an optimizer's step count, the same on every rank)
         if isinstance(tensor, DTensor):  # FSDP2's shard over the replicas
             return DTensor.from_local(
                 tensor.to_local(), self._checkpoint_mesh, [Shard(0), Shard(0)], run_check=False

@@ -16,6 +16,7 @@ from moectl.bench import (
     RunSpec,
     bench_command,
     choose_reference,
+    default_strategies,
     degrees_for,
     plan_bench,
     row_name,
@@ -25,10 +26,18 @@ from moectl.bench_report import PLOT_SKIPPED, write_plot
 from moectl.config import build_config
 from moectl.errors import UsageError
 from moectl.faults import last_error_line
-from moectl.registry import available_strategies, get_strategy
-from tests.util import REPO, losses, run_moectl
+from moectl.registry import get_strategy
+from tests.util import (
+    README_BENCH_SHOWCASE,
+    REPO,
+    assert_same_training,
+    losses,
+    run_moectl_in_process,
+)
 
 SMALL = ["--steps", "3", "--warmup", "1", "--global-batch", "8", "--micro-batch", "2"]
+#: written out here, not discovered: the test of discovery must not take its answer from discovery
+BUILTINS = ["single", "ddp", "fsdp", "tp", "mixed", "ep"]
 
 BROKEN_PLUGIN = """
 from strategies.ddp import DDP
@@ -39,6 +48,21 @@ class Broken(DDP):
 
     def parallelize(self, model, materialize, train):
         raise RuntimeError("broken plugin: parallelize refused on purpose")
+"""
+
+# Trains a different model: every gradient scaled by 0.97 (one process, like the single it derives from).
+DRIFT_PLUGIN = """
+from strategies.single import Single
+
+
+class Drift(Single):
+    name = "drift"
+
+    def after_backward(self, model):
+        super().after_backward(model)
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(0.97)
 """
 
 SLEEPY_PLUGIN = """
@@ -153,47 +177,31 @@ def check_bench_json(payload: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def full_bench(tmp_path_factory):
-    """One bench of every strategy in strategies/ plus a plugin that fails, with --verify."""
-    root = tmp_path_factory.mktemp("bench")
-    plugin = root / "broken_plugin.py"
-    plugin.write_text(BROKEN_PLUGIN)
-    builtins = available_strategies()
-    out = root / "out"
-    result = run_moectl(
-        "bench",
-        "--strategies",
-        ",".join([*builtins, str(plugin)]),
-        "--nproc",
-        "2",
-        *SMALL,
-        "--verify",
-        # At 2 processes mixed would be skipped (dp 2 × tp N/2 needs N ≥ 4); run it as dp 1 × tp 2.
-        "--strategy-args",
-        "mixed:--dp-size 1 --tp-size 2",
-        "--out",
-        str(out),
-        timeout=900,
-    )
+def full_bench(readme_run):
+    """The README's bench showcase (every built-in on 4 processes, the default 40 steps, --verify), run
+    once per session and shared with the test that runs the README's commands as printed."""
+    result = readme_run(README_BENCH_SHOWCASE)
+    out = readme_run.cwd / "runs" / "bench1"
     payload = json.loads((out / "bench.json").read_text())
-    return result, out, payload, builtins
+    return result, out, payload, BUILTINS
 
 
 def test_every_strategy_runs_and_matches_the_reference(full_bench):
     result, out, payload, builtins = full_bench
-    assert result.returncode == 1, result.stderr[-2000:]  # the broken plugin failed; the rest passed
+    assert result.returncode == 0, result.stderr[-2000:]
     rows = {row["name"]: row for row in payload["rows"]}
-    assert list(rows) == [*builtins, "broken_plugin"]
-    assert payload["complete"] and payload["exit_code"] == 1
+    assert list(rows) == builtins
+    assert payload["complete"] and payload["exit_code"] == 0
     assert payload["verify"]["reference"] == "single" and payload["verify"]["rtol"] == 1e-5
     assert payload["verify"]["reference_run"] is None  # single is a row: its run is the reference
     for name in builtins:
         row = rows[name]
         assert row["status"] == "ok", (name, row["reason"])
-        assert row["world_size"] == (1 if name == "single" else 2), name
+        assert row["world_size"] == (1 if name == "single" else 4), name
         assert row["verify"]["status"] == ("reference" if name == "single" else "pass"), (name, row["verify"])
         assert row["verify"]["rel_err"] <= 1e-5 and row["verify"]["max_loss_diff"] <= 1e-5, name
         run_dir = out / row["run_dir"]
+        assert_same_training(run_dir, out / rows["single"]["run_dir"])  # and the suite's per-tensor check
         summary = json.loads((run_dir / "summary.json").read_text())
         for key in ("tokens_per_s", "tokens_per_s_per_device", "median_step_time_s", "peak_mem_gib"):
             assert row[key] == summary[key] > 0, (name, key)
@@ -203,17 +211,84 @@ def test_every_strategy_runs_and_matches_the_reference(full_bench):
         assert (run_dir / "stdout.log").is_file() and (run_dir / "stderr.log").is_file()
         assert (run_dir / "model").is_dir()
         assert re.search(rf"\[\d/{len(rows)}\] {name}", result.stdout), name
+        assert re.search(rf"{name} .* (pass|reference)", result.stdout), name
     assert f"[1/{len(rows)}] single (reference): 1 process" in result.stdout  # the reference runs first
-    if "tp" in rows:
-        assert rows["tp"]["args"] == ["--nproc", "2", "--tp-size", "2"]
-    if "ep" in rows:
-        assert "--ep-size" in rows["ep"]["args"]
-    assert rows["mixed"]["args"][-4:] == ["--dp-size", "1", "--tp-size", "2"]
+    assert rows["tp"]["args"] == ["--nproc", "4", "--tp-size", "4"]
+    assert rows["ep"]["args"] == ["--nproc", "4", "--ep-size", "4"]
+    assert (out / "bench.png").stat().st_size > 10_000  # matplotlib is installed in the dev extra
 
 
-def test_failing_strategy_shows_its_reason_and_others_still_run(full_bench):
-    result, out, payload, _ = full_bench
-    broken = payload["rows"][-1]
+def test_bench_json_matches_the_documented_schema(full_bench):
+    _, _, payload, _ = full_bench
+    check_bench_json(payload)
+    # Each key must appear as a key: in backticks in the README's bench.json section, and at the start
+    # of a line, or in a field list ("object a (type), b ... and c") of the module docstring (a common word
+    # anywhere would not do).
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("`bench.json`, `schema_version` 1") :]
+    section = section[: section.index("\n## ")]
+    docstring = sys.modules["moectl.bench"].__doc__
+    for key in {*TOP_LEVEL, *SETTINGS, *VERIFY, *RUN, *RUN_VERIFY}:
+        assert f"`{key}`" in section, f"bench.json key {key} is not in the README's bench.json tables"
+        assert re.search(rf"(^\s*|[(,] ?|object |and ){key}\b", docstring, re.MULTILINE), (
+            f"{key} is not in moectl.bench's docstring"
+        )
+
+
+def test_the_default_strategies_are_the_builtins_single_first():
+    found = default_strategies()  # (and any installed plugin's)
+    assert found[0] == "single" and set(BUILTINS) <= set(found), found
+
+
+@pytest.fixture(scope="module")
+def drift_and_broken_bench(tmp_path_factory):
+    """A plugin that fails, then one that trains another model, with --verify and --prune-models."""
+    root = tmp_path_factory.mktemp("drift_bench")
+    drift, broken = root / "drift.py", root / "broken_plugin.py"
+    drift.write_text(DRIFT_PLUGIN)
+    broken.write_text(BROKEN_PLUGIN)
+    out = root / "out"
+    result = run_moectl_in_process(
+        "bench",
+        "--strategies",
+        f"{broken},{drift}",
+        "--strategy-args",
+        "drift:--nproc 1",
+        "--nproc",
+        "2",
+        *SMALL,
+        "--verify",
+        "--prune-models",
+        "--out",
+        str(out),
+    )
+    return result, out, json.loads((out / "bench.json").read_text())
+
+
+def test_separate_reference_a_model_that_trains_differently_and_pruned_models(drift_and_broken_bench):
+    """A plugin that trains another model, with --verify: the reference runs on its own, first; the
+    plugin's row is FAIL with its error and the bench exits 1 (rows that pass: the showcase above);
+    --prune-models deletes the weights."""
+    result, out, payload = drift_and_broken_bench
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    check_bench_json(payload)
+    assert payload["exit_code"] == 1
+    reference, (_, drift) = payload["verify"]["reference_run"], payload["rows"]
+    assert reference["name"] == "reference-single" and reference["status"] == "ok"
+    assert reference["nproc"] == 1 and reference["verify"]["status"] == "reference"
+    assert drift["status"] == "ok" and drift["world_size"] == 1  # it ran; it trained something else
+    assert drift["verify"]["status"] == "fail" and drift["verify"]["rel_err"] > 1e-4, drift["verify"]
+    assert re.search(r"drift .* FAIL", result.stdout), result.stdout[-3000:]
+    assert "[1/3] reference-single (reference)" in result.stdout
+    for name in ("drift", "reference-single"):
+        assert not (out / "runs" / name / "model").exists(), name
+    assert (out / "runs" / "drift" / "summary.json").is_file()
+
+
+def test_failing_strategy_shows_its_reason_and_others_still_run(drift_and_broken_bench):
+    result, out, payload = drift_and_broken_bench
+    broken, drift = payload["rows"]
+    assert drift["status"] == "ok"  # the row after the failed one still ran
     assert broken["status"] == "failed" and broken["exit_code"] == 1
     assert "RuntimeError: broken plugin: parallelize refused on purpose" in broken["reason"]
     assert broken["verify"] is None and broken["tokens_per_s"] is None
@@ -223,44 +298,36 @@ def test_failing_strategy_shows_its_reason_and_others_still_run(full_bench):
     assert re.search(
         r"broken_plugin failed: worker rank \d exited with code 1: .*parallelize refused", result.stdout
     )
-    assert re.search(r"ddp .* pass", result.stdout)
-    assert (out / "bench.png").stat().st_size > 10_000  # matplotlib is installed in the dev extra
 
 
-def test_bench_json_matches_the_documented_schema(full_bench):
-    _, _, payload, _ = full_bench
-    check_bench_json(payload)
-    documented = (REPO / "README.md").read_text() + sys.modules["moectl.bench"].__doc__
-    for key in {*TOP_LEVEL, *SETTINGS, *VERIFY, *RUN, *RUN_VERIFY} - {"verify"}:
-        assert key in documented, f"bench.json key {key} is not documented"
-
-
-def test_separate_reference_and_pruned_models(tmp_path):
-    """ddp alone with --verify: the reference runs on its own, first; --prune-models deletes weights."""
+def test_a_failed_reference_fails_the_bench(tmp_path, monkeypatch):
+    """In-process: the reference diverges (a learning rate of 1e6, exit 3); the row that trained
+    cannot be verified, says why, and the bench exits 1."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.chdir(REPO)
+    console = Console(record=True, width=200)
     out = tmp_path / "out"
-    result = run_moectl(
-        "bench",
-        "--strategies",
-        "ddp",
-        "--nproc",
-        "2",
-        *SMALL,
-        "--verify",
-        "--prune-models",
-        "--out",
-        str(out),
+    options = BenchOptions(
+        strategies=["ddp"],
+        nproc=1,
+        out=out,
+        steps=4,
+        warmup=1,
+        global_batch=8,
+        micro_batch=2,
+        sets=["train.lr=1e6"],
+        strategy_args="ddp:--lr 0.2",  # a flag beats --set: only the reference diverges
+        verify=True,
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert bench_command(options, console) == 1
     payload = json.loads((out / "bench.json").read_text())
     check_bench_json(payload)
     reference, (ddp,) = payload["verify"]["reference_run"], payload["rows"]
-    assert reference["name"] == "reference-single" and reference["status"] == "ok"
-    assert reference["nproc"] == 1 and reference["verify"]["status"] == "reference"
-    assert ddp["verify"]["status"] == "pass" and ddp["verify"]["rel_err"] <= 1e-5
-    assert "[1/2] reference-single (reference)" in result.stdout
-    assert not (out / "runs" / "ddp" / "model").exists()
-    assert not (out / "runs" / "reference-single" / "model").exists()
-    assert (out / "runs" / "ddp" / "summary.json").is_file()
+    assert reference["status"] == "failed" and reference["exit_code"] == 3, reference
+    assert "not finite" in reference["reason"] or "loss is" in reference["reason"], reference["reason"]
+    assert ddp["status"] == "ok" and ddp["verify"]["status"] == "error"
+    assert ddp["verify"]["reason"].startswith("the reference failed: "), ddp["verify"]
+    assert payload["exit_code"] == 1
 
 
 def test_skip_without_verify_and_the_plot_skipped_without_matplotlib(tmp_path, monkeypatch):
@@ -293,8 +360,8 @@ def test_a_run_that_hangs_is_stopped_with_its_workers(tmp_path, monkeypatch):
     plugin.write_text(SLEEPY_PLUGIN)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     spec = RunSpec("sleepy", str(plugin), 2, ["--nproc", "2"])
-    record = run_one(spec, SMALL[:2], tmp_path / "out", timeout_s=15)
-    assert record.status == "failed" and record.reason == "timed out after 15 s (--run-timeout)"
+    record = run_one(spec, SMALL[:2], tmp_path / "out", timeout_s=10)
+    assert record.status == "failed" and record.reason == "timed out after 10 s (--run-timeout)"
     assert record.wall_s < 60
     assert (tmp_path / "out" / "runs" / "sleepy" / "stdout.log").is_file()
     assert not _processes_mentioning(str(tmp_path / "out")), "workers were left running"
@@ -316,7 +383,7 @@ def _processes_mentioning(text: str) -> list[int]:
 # ---- input checks: one line, exit code 2, nothing written ------------------------------------------
 def test_unknown_strategy_is_exit_2_with_one_line_and_nothing_written(tmp_path):
     out = tmp_path / "out"
-    result = run_moectl("bench", "--strategies", "single,warp", "--out", str(out))
+    result = run_moectl_in_process("bench", "--strategies", "single,warp", "--out", str(out))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "unknown strategy 'warp'" in result.stderr
     assert not out.exists()

@@ -18,6 +18,7 @@ from moectl.compare import compare_checkpoints, compare_command
 from moectl.errors import UsageError
 from moectl.hf_layout import canonical_units, fuse_expert_tensors, split_expert_tensors, unit_view
 from moectl.outputs import write_json_atomic
+from tests.util import run_moectl, run_moectl_in_process
 
 TINY_CONFIG = dict(
     vocab_size=256,
@@ -403,3 +404,38 @@ def test_fuse_rejects_incomplete_and_mixed_layouts(tiny: SimpleNamespace) -> Non
         fuse_expert_tensors(mixed)
     with pytest.raises(ValueError, match="one layout"):
         canonical_units({key: value.shape for key, value in mixed.items()})
+
+
+# --------------------------------------------------------------------------------------------- command
+
+
+def test_compare_weights_as_a_command(tiny: SimpleNamespace, tmp_path: Path) -> None:
+    """`moectl compare-weights` itself: exit 0 on a match, 1 on a mismatch that only
+    --per-tensor-rtol sees (with the --json report naming the tensor), 2 on bad input (one line,
+    no report). The mismatch runs as a subprocess: the console entry point and its exit code."""
+    report_path = tmp_path / "report.json"
+    matched = run_moectl_in_process("compare-weights", str(tiny.hf), str(tiny.fused), "--rtol", "1e-7")
+    assert matched.returncode == 0 and "MATCH" in matched.stdout, matched.stdout + matched.stderr
+
+    state = {key: value.clone() for key, value in tiny.state.items()}
+    state["model.norm.weight"] *= 1.05  # 5 % off, but a small share of the model's norm
+    perturbed = save(tmp_path / "perturbed.safetensors", state)
+    args = ["compare-weights", str(perturbed), str(tiny.hf), "--rtol", "0.03", "--json", str(report_path)]
+    assert run_moectl_in_process(*args).returncode == 0  # the global error passes
+    mismatch = run_moectl(*args, "--per-tensor-rtol", "1e-2")
+    assert mismatch.returncode == 1, mismatch.stdout[-2000:] + mismatch.stderr[-2000:]
+    assert "MISMATCH" in mismatch.stdout and "model.norm.weight" in mismatch.stdout
+    report = json.loads(report_path.read_text())
+    assert report["matched"] is False and report["per_tensor_rtol"] == 1e-2 and report["rtol"] == 0.03
+    assert 0 < report["global"]["rel_err"] <= 0.03
+    worst = report["tensors"][0]
+    assert worst["name"] == "model.norm.weight" and worst["rel_err"] == pytest.approx(0.05, rel=1e-4)
+    assert all(row["rel_err"] == 0.0 for row in report["tensors"][1:])
+
+    report_path.unlink()
+    bad = run_moectl_in_process(
+        "compare-weights", str(tmp_path / "absent"), str(tiny.hf), "--json", str(report_path)
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+    assert not report_path.exists()

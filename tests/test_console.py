@@ -7,11 +7,15 @@ import json
 import os
 import pty
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from moectl.report import summary_lines
-from tests.util import REPO, run_moectl, train_run
+from tests.util import NUMERICS_STEPS, REPO, console_output, run_moectl
 
 TINY_RUN = ["--steps", "3", "--global-batch", "8", "--micro-batch", "2"]
 
@@ -55,19 +59,26 @@ def test_help_shows_flags_plainly():
     assert "--set SECTION.KEY=VALUE" in train
 
 
-def test_step_lines_say_per_device_and_warm_up_is_not_timed(tmp_path):
-    result = run_moectl("train", "--run-dir", str(tmp_path / "run"), *TINY_RUN)
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One `moectl train` of 3 steps as a subprocess (output not a terminal), with a checkpoint at the
+    end: its console output and run directory, shared by the tests below (copy it to change it)."""
+    run_dir = tmp_path_factory.mktemp("console") / "run"
+    result = run_moectl("train", "--run-dir", str(run_dir), *TINY_RUN, "--checkpoint-every", "3")
     assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+def test_step_lines_say_per_device_and_warm_up_is_not_timed(plain_run):
+    _, result = plain_run
     steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 3
     assert all("tok/s/device" in line and "total" not in line for line in steps), steps  # one device
     assert [("warm-up (not timed)" in line) for line in steps] == [True, True, False]
 
 
-def test_the_summary_block_ends_the_run(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_moectl("train", "--run-dir", str(run_dir), *TINY_RUN)
-    assert result.returncode == 0, result.stderr
+def test_the_summary_block_ends_the_run(plain_run):
+    run_dir, result = plain_run
     block = result.stdout[result.stdout.index("done: run directory") :]
     summary = json.loads((run_dir / "summary.json").read_text())
     first, last = summary["losses"][0], summary["losses"][-1]
@@ -89,8 +100,9 @@ def test_the_summary_block_ends_the_run(tmp_path):
     assert summary["degrees"] == {"dp": 1, "tp": 1, "ep": 1}
 
 
-def test_the_summary_names_only_the_plots_that_exist(tmp_path):
-    run_dir = train_run(tmp_path / "run", *TINY_RUN)
+def test_the_summary_names_only_the_plots_that_exist(plain_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(plain_run[0], run_dir)
     for plot in run_dir.glob("*.png"):
         plot.unlink()
     assert "plots" not in dict(summary_lines(run_dir))
@@ -98,8 +110,9 @@ def test_the_summary_names_only_the_plots_that_exist(tmp_path):
     assert dict(summary_lines(run_dir))["plots"] == str(run_dir / "loss.png")
 
 
-def test_a_resumed_run_labels_its_first_steps_as_timing_warm_up(tmp_path):
-    run_dir = train_run(tmp_path / "run", *TINY_RUN, "--checkpoint-every", "3")
+def test_a_resumed_run_labels_its_first_steps_as_timing_warm_up(plain_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(plain_run[0], run_dir)
     result = run_moectl("train", "--resume", str(run_dir), "--steps", "6")
     assert result.returncode == 0, result.stderr
     assert (
@@ -137,18 +150,19 @@ def test_a_terminal_gets_a_progress_bar_with_eta(tmp_path):
     assert "done: run directory" in text
 
 
-def test_a_launched_run_prints_rank_0_unprefixed_and_logs_each_rank(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_moectl("train", "--strategy", "ddp", "--nproc", "2", "--run-dir", str(run_dir), *TINY_RUN)
-    assert result.returncode == 0, result.stderr
-    assert "default_role" not in result.stdout + result.stderr
-    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
-    assert len(steps) == 3 and all("tok/s/device (" in line and " total)" in line for line in steps), steps
-    assert result.stderr.strip() == "", result.stderr
+def test_a_launched_run_prints_rank_0_unprefixed_and_logs_each_rank(trained):
+    """The suite's shared ddp run on 2 processes (tests/layouts.py): what its console showed."""
+    run_dir = trained("ddp")
+    stdout, stderr = console_output(run_dir)
+    assert "default_role" not in stdout + stderr
+    steps = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == NUMERICS_STEPS, steps
+    assert all("tok/s/device (" in line and " total)" in line for line in steps), steps
+    assert stderr.strip() == "", stderr
     logs = run_dir / "logs"
     assert sorted(p.name for p in logs.iterdir()) == ["launcher.log", "rank0.log", "rank1.log"]
-    assert "step 3:" in (logs / "rank0.log").read_text()
-    assert "strategy     ddp on 2 processes (dp 2)" in result.stdout
+    assert f"step {NUMERICS_STEPS}:" in (logs / "rank0.log").read_text()
+    assert "strategy     ddp on 2 processes (dp 2)" in stdout
 
 
 BOOM_PLUGIN = """

@@ -1,16 +1,10 @@
 import pytest
 
-from tests.util import NUMERICS_ARGS, assert_same_training, train_run
+from tests.util import assert_same_training
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_ddp_matches_single(tmp_path, single_reference, nproc):
-    run = train_run(tmp_path / "ddp", "--strategy", "ddp", "--nproc", str(nproc), *NUMERICS_ARGS)
-    assert_same_training(run, single_reference)
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_data_parallel_on_one_process_matches_single(tmp_path, single_reference, strategy):
-    """With one process there is no peer and no process group: the model trains unwrapped."""
-    run = train_run(tmp_path / strategy, "--strategy", strategy, *NUMERICS_ARGS)
-    assert_same_training(run, single_reference)
+@pytest.mark.parametrize("layout", ["ddp", "ddp_one_process", "fsdp_one_process"])
+def test_data_parallel_matches_single(trained, single_reference, layout):
+    """ddp on 2 processes (2 micro-batches each, synced on the last); ddp and fsdp on one process,
+    where there is no peer and no process group and the model trains unwrapped."""
+    assert_same_training(trained(layout), single_reference)

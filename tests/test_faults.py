@@ -14,10 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_checkpoint import LAYOUTS, _wait_for
-from tests.util import NUMERICS_ARGS, REPO, load_weights, losses, run_moectl, train_run, weight_rel_error
+from tests.layouts import LAYOUTS, runs_in_one_process
+from tests.util import (
+    NUMERICS_ARGS,
+    REPO,
+    assert_same_training,
+    load_weights,
+    losses,
+    run_moectl,
+    run_moectl_in_process,
+    train_run,
+)
 
 DIVERGING = [*NUMERICS_ARGS, "--lr", "1e6"]  # fp32 weights blow up within a few SGD steps
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def _latest_step(run: Path) -> int:
@@ -27,12 +43,13 @@ def _latest_step(run: Path) -> int:
 
 @pytest.mark.parametrize(
     ("layout", "sig"),
-    [("single", signal.SIGINT), ("ddp", signal.SIGINT), ("single", signal.SIGTERM)],
-    ids=["single-SIGINT", "ddp-SIGINT", "single-SIGTERM"],
+    [("ddp", signal.SIGINT), ("single", signal.SIGTERM)],
+    ids=["ddp-SIGINT", "single-SIGTERM"],
 )
 def test_stop_signal_finishes_the_step_and_checkpoints(tmp_path, layout, sig):
     """The signal goes to the moectl parent only (as Ctrl-C or `kill` would); under ddp the elastic
-    agent forwards it to the workers, which agree on a step, checkpoint together and exit."""
+    agent forwards it to the workers, which agree on a step, checkpoint together and exit. Both
+    signals go through the same handler; SIGINT is the one the agent forwards."""
     run = tmp_path / "run"
     parent = subprocess.Popen(
         [sys.executable, "-m", "moectl", "train", "--run-dir", str(run), *LAYOUTS[layout], *NUMERICS_ARGS]
@@ -45,7 +62,7 @@ def test_stop_signal_finishes_the_step_and_checkpoints(tmp_path, layout, sig):
     )
     metrics = run / "metrics.jsonl"
     try:
-        _wait_for(
+        wait_for(
             lambda: (metrics.is_file() and metrics.read_text().count("\n") >= 1) or parent.poll() is not None,
             180,
             "the first step",
@@ -65,51 +82,56 @@ def test_stop_signal_finishes_the_step_and_checkpoints(tmp_path, layout, sig):
     steps_done = _latest_step(run)
     assert steps_done == len(losses(run))  # every finished step is in the checkpoint
     assert not (run / "model").exists()
-    if sig == signal.SIGINT:  # the checkpoint loads (SIGTERM leaves the same kind of checkpoint)
-        train_run(run, "--resume", str(run), "--steps", str(steps_done + 1))
-        assert len(losses(run)) == steps_done + 1
+    # The checkpoint loads and training goes on (on one process: the layout may change).
+    resume = ["--resume", str(run), "--strategy", "single", "--nproc", "1", "--steps", str(steps_done + 1)]
+    train_run(run, *resume, in_process=True)
+    assert len(losses(run)) == steps_done + 1
 
 
-@pytest.mark.parametrize("layout", ["single", "ddp"])
-def test_nonfinite_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, layout):
-    run = tmp_path / "run"
-    result = run_moectl(
-        "train",
-        "--run-dir",
-        str(run),
-        *LAYOUTS[layout],
-        *DIVERGING,
-        "--steps",
-        "6",
-        "--checkpoint-every",
-        "5",
-    )
+def _stop_at_a_nonfinite_step(run: Path, layout: list[str]) -> int:
+    """Train `layout` with a learning rate that blows up: exit 3, one line naming the step, nothing
+    of the bad step applied, no model written, the last good state checkpointed. Returns the step."""
+    args = ["train", "--run-dir", str(run), *layout, *DIVERGING, "--steps", "6", "--checkpoint-every", "5"]
+    result = run_moectl_in_process(*args) if runs_in_one_process(layout) else run_moectl(*args)
     assert result.returncode == 3, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
     match = re.search(r"not finite at step (\d+)|loss is \w+ at step (\d+)", message)
     assert message.startswith("error: ") and match, message
+    assert "--resume" in message, message
     bad_step = int(match[1] or match[2])
     assert len(losses(run)) == bad_step - 1  # the bad step was not applied
     assert not (run / "model").exists() and not (run / "summary.json").exists()
-    # The state before the bad step was checkpointed and loads: a resume that skips bad steps ends
-    # with a finite model.
-    assert _latest_step(run) == bad_step - 1
-    train_run(run, "--resume", str(run), "--set", "train.on_nonfinite=skip", "--steps", str(bad_step))
+    assert _latest_step(run) == bad_step - 1  # the state before the bad step was checkpointed
+    return bad_step
+
+
+@pytest.mark.parametrize("layout", ["tp", "ep", "fsdp"])
+def test_nonfinite_stops_every_layout_with_the_step(tmp_path, layout):
+    """Gradients as DTensors (tp, fsdp) or plain local expert blocks (ep): every rank agrees to stop."""
+    _stop_at_a_nonfinite_step(tmp_path / "run", LAYOUTS[layout])
+
+
+def test_nonfinite_stop_keeps_the_last_good_state_to_resume_from(tmp_path):
+    run = tmp_path / "run"
+    bad_step = _stop_at_a_nonfinite_step(run, LAYOUTS["single"])
+    # The checkpoint loads: a resume that skips bad steps ends with a finite model.
+    args = ["--resume", str(run), "--set", "train.on_nonfinite=skip", "--steps", str(bad_step)]
+    train_run(run, *args, in_process=True)
     assert len(losses(run)) == bad_step - 1
     assert all(torch.isfinite(t).all() for t in load_weights(run / "model").values())
 
 
 def test_nonfinite_skip_leaves_the_weights_of_the_good_steps(tmp_path):
     skipped = tmp_path / "skip"
-    result = run_moectl(
+    result = run_moectl_in_process(
         "train", "--run-dir", str(skipped), *DIVERGING, "--steps", "5", "--set", "train.on_nonfinite=skip"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     num_good = len(losses(skipped))
     assert 0 < num_good < 5 and result.stdout.count("step skipped") == 5 - num_good
     # Skipped steps change nothing: the result is the run that stopped after the good steps.
-    good_only = train_run(tmp_path / "good", *DIVERGING, "--steps", str(num_good))
-    assert weight_rel_error(skipped, good_only) <= 1e-6
+    good_only = train_run(tmp_path / "good", *DIVERGING, "--steps", str(num_good), in_process=True)
+    assert_same_training(skipped, good_only, update_rtol=1e-6, rtol=1e-6, loss_tol=1e-6)
     assert all(torch.isfinite(t).all() for t in load_weights(skipped / "model").values())
 
 

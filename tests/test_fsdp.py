@@ -14,23 +14,14 @@ from moectl.model import build_meta_model, materialize, random_init_source
 from moectl.parallel.data_parallel import fully_shard_layers
 from moectl.parallel.dims import ParallelDims
 from strategies.fsdp import FSDP
-from tests.util import NUMERICS_ARGS, assert_same_training, run_moectl, train_run
+from tests.util import assert_same_training, run_moectl_in_process
 
 
-@pytest.mark.parametrize(
-    ("nproc", "extra"),
-    [
-        (1, []),  # no process group: runs unsharded, must still be `single`
-        (2, []),
-        (4, []),
-        (2, ["--micro-batch", "1"]),  # 4 micro-batches per rank: sync deferred to the last
-        (2, ["--set", "train.activation_checkpointing=true"]),
-    ],
-    ids=["1proc", "2proc", "4proc", "2proc-accumulate", "2proc-activation-checkpointing"],
-)
-def test_fsdp_matches_single(tmp_path, single_reference, nproc, extra):
-    run = train_run(tmp_path / "fsdp", "--strategy", "fsdp", "--nproc", str(nproc), *NUMERICS_ARGS, *extra)
-    assert_same_training(run, single_reference)
+def test_fsdp_matches_single(trained, single_reference):
+    """2 processes, 4 micro-batches each (the reduce-scatter deferred to the last), activation
+    checkpointing and the chunked loss on (tests/layouts.py); fsdp on 4 processes runs under ep_fsdp
+    and mixed, and with its defaults in the README's bench showcase."""
+    assert_same_training(trained("fsdp"), single_reference)
 
 
 @pytest.fixture
@@ -69,7 +60,9 @@ def test_fsdp_shards_meta_model_and_defers_grad_sync(one_rank_group):
 
 
 def test_fsdp_dry_run_counts_parameters_per_rank():
-    result = run_moectl("train", "--strategy", "fsdp", "--nproc", "4", "--global-batch", "16", "--dry-run")
+    result = run_moectl_in_process(
+        "train", "--strategy", "fsdp", "--nproc", "4", "--global-batch", "16", "--dry-run"
+    )
     assert result.returncode == 0, result.stderr
     total = count_params(build_config("tiny").model).total
     line = next(line for line in result.stdout.splitlines() if "parameters per rank" in line)
@@ -86,8 +79,8 @@ def test_fsdp_dry_run_counts_parameters_per_rank():
 )
 def test_fsdp_bad_degrees_are_refused(tmp_path, flags, numbers):
     run_dir = tmp_path / "never"
-    result = run_moectl("train", "--strategy", "fsdp", "--run-dir", str(run_dir), *flags)
-    assert result.returncode == 2
+    result = run_moectl_in_process("train", "--strategy", "fsdp", "--run-dir", str(run_dir), *flags)
+    assert result.returncode == 2, result.stderr
     message = result.stderr.strip()
     assert message.startswith("error:") and "\n" not in message
     assert all(number in message for number in numbers), message

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moectl.registry import get_strategy
 from moectl.strategy import Strategy
-from tests.util import REPO, load_weights, run_moectl
+from tests.util import REPO, assert_same_training, load_weights, run_moectl, train_run
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -54,6 +54,9 @@ def test_every_builtin_file_is_an_entry_point_naming_its_strategy():
     assert sorted(declared) == ["ddp", "ep", "fsdp", "mixed", "single", "tp"]
 
 
+LAYOUT_FLAGS = ("--strategy", "--ep-size", "--nproc")
+
+
 def _readme_commands(section: str) -> list[str]:
     text = (REPO / "README.md").read_text()
     body = text[text.index(section) :]
@@ -61,15 +64,16 @@ def _readme_commands(section: str) -> list[str]:
     return [line.strip() for line in block.strip().splitlines()]
 
 
-def test_the_strategy_writing_section_works_as_printed(tmp_path):
-    """Both README commands: the plugin as a file, then packaged with its entry point. The package
-    goes into a scratch directory rather than this environment (same pip, same metadata)."""
+def test_the_strategy_writing_section_works_as_printed(tmp_path, readme_run):
+    """Both README commands: the plugin as a file (run as printed, shared with test_out_of_the_box),
+    then packaged with its entry point. The package goes into a scratch directory rather than this
+    environment (same pip, same metadata)."""
     file_command, package_command = _readme_commands("### Writing a strategy")
     args = shlex.split(file_command)
     assert args[0] == "moectl"
-    by_file = tmp_path / "by-file"
-    result = run_moectl(*args[1:], "--run-dir", str(by_file))
+    result = readme_run(file_command)
     assert result.returncode == 0, result.stderr[-2000:]
+    (by_file,) = (readme_run.cwd / "runs").glob("*-examples_naive_ep_naive_ep.py")
 
     install, train = package_command.split(" && ")
     install_args = shlex.split(install)
@@ -86,6 +90,13 @@ def test_the_strategy_writing_section_works_as_printed(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = load_weights(by_file / "model"), load_weights(by_entry_point / "model")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # and the naive baseline trains what `single` trains with the same flags
+    flags = dict(zip(args[2::2], args[3::2], strict=True))
+    same_training = [
+        item for flag, value in flags.items() if flag not in LAYOUT_FLAGS for item in (flag, value)
+    ]
+    single = train_run(tmp_path / "single", "--strategy", "single", *same_training, in_process=True)
+    assert_same_training(by_file, single)
 
 
 def test_a_source_checkout_that_was_not_installed_finds_the_builtins(monkeypatch):

@@ -4,10 +4,7 @@ trains smoothly, and each input the first users tripped over is refused in one l
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +13,8 @@ import pytest
 from moectl.bench import RunRecord, _loss_mismatch, degrees_for
 from moectl.config import build_config
 from moectl.registry import available_strategies, get_strategy
-from tests.util import REPO, run_moectl
+from tests.util import README_BENCH_SHOWCASE, REPO, assert_same_training, run_moectl
 
-MOECTL = Path(sys.executable).with_name("moectl")  # the console script `make setup` installs
 TINY_RUN = ["--steps", "2", "--global-batch", "8", "--micro-batch", "2"]
 
 
@@ -39,45 +35,33 @@ def needs_a_gpu(command: str) -> bool:
     return "qwen3-30b-a3b" in command and not command.startswith("moectl plan")
 
 
-def _run_as_printed(command: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "PATH": f"{MOECTL.parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    return subprocess.run(
-        command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def test_the_readme_prints_the_default_train_and_the_bench_showcase():
     commands = readme_commands()
     assert "moectl train" in commands
-    showcase = "moectl bench --strategies single,ddp,fsdp,tp,mixed,ep --nproc 4 --verify --out runs/bench1"
-    assert showcase in commands
+    assert README_BENCH_SHOWCASE in commands
 
 
-def test_every_cpu_command_of_the_readme_runs_as_printed(tmp_path):
+def test_every_cpu_command_of_the_readme_runs_as_printed(readme_run):
     """From a fresh directory with only the repository's examples beside it, every README command that
     does not need a GPU exits 0 exactly as printed: `moectl train` (the default), the bench showcase
     over every strategy on 4 processes with weight verification, the plans, the plugin example."""
-    (tmp_path / "examples").symlink_to(REPO / "examples")
+    cwd = readme_run.cwd
     ran = []
     for command in readme_commands():
         if needs_a_gpu(command) or command.startswith("pip "):
             continue
-        result = _run_as_printed(command, tmp_path, timeout=1500)
+        result = readme_run(command)
         assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         ran.append(command)
         if command == "moectl train":
             assert "done: run directory runs/" in result.stdout
-            (run_dir,) = (tmp_path / "runs").glob("*-single")
+            (run_dir,) = (cwd / "runs").glob("*-single")
             losses = [
                 json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             ]
             assert len(losses) == 40 and losses[-1] < 0.25 * losses[0], losses
         if command.startswith("moectl bench"):
-            payload = json.loads((tmp_path / "runs/bench1/bench.json").read_text())
+            payload = json.loads((cwd / "runs/bench1/bench.json").read_text())
             rows = {row["name"]: row for row in payload["rows"]}
             assert list(rows) == ["single", "ddp", "fsdp", "tp", "mixed", "ep"]
             for name, row in rows.items():
@@ -85,6 +69,9 @@ def test_every_cpu_command_of_the_readme_runs_as_printed(tmp_path):
                 verify = row["verify"]
                 assert verify["status"] == ("reference" if name == "single" else "pass"), (name, verify)
                 assert verify["steps"] == 40 and verify["max_loss_diff"] <= 1e-5, (name, verify)
+                # and the suite's own check: every tensor's update over the 40 steps of the preset
+                bench1 = cwd / "runs/bench1"
+                assert_same_training(bench1 / row["run_dir"], bench1 / rows["single"]["run_dir"])
             assert re.search(r"tok/s/device .* steps .* max Δloss", result.stdout), result.stdout
             assert "GPU" not in result.stdout
     assert "moectl train" in ran and any(c.startswith("moectl bench") for c in ran), ran
@@ -113,7 +100,7 @@ def test_the_tiny_preset_loss_falls_smoothly(tmp_path):
     climbs back up."""
     from tests.util import losses, train_run
 
-    run = train_run(tmp_path / "run", "--steps", "100", "--set", "train.save_model=false")
+    run = train_run(tmp_path / "run", "--steps", "100", "--set", "train.save_model=false", in_process=True)
     curve = losses(run)
     rises = [later - earlier for earlier, later in zip(curve, curve[1:], strict=False)]
     assert max(rises[:39]) < 0.01 * curve[0], max(rises[:39])
@@ -357,7 +344,7 @@ def test_a_plain_transformers_checkpoint_still_trains(tmp_path):
     from tests.util import train_run
 
     model = _hf_checkpoint(tmp_path / "hf")
-    run = train_run(tmp_path / "run", "--model", str(model), *TINY_RUN)
+    run = train_run(tmp_path / "run", "--model", str(model), *TINY_RUN, in_process=True)
     assert (run / "model" / "config.json").is_file()
 
 

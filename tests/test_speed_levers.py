@@ -18,7 +18,8 @@ from moectl.loss import (
 )
 from moectl.metrics import count_params, estimate_memory_gib
 from moectl.model import SELECTIVE_RECOMPUTE_FLAGS, build_meta_model, materialize, random_init_source
-from tests.util import NUMERICS_ARGS, assert_same_training, run_moectl, train_run
+from tests.layouts import CHUNKED_LOSS, LAYOUTS
+from tests.util import NUMERICS_ARGS, assert_same_training, run_moectl_in_process, train_run
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs cc")
 
@@ -86,25 +87,14 @@ def test_compiled_chunk_kernel_equals_eager():
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-2, atol=1e-6)
 
 
-CHUNKED = ["--set", "train.loss_chunk_tokens=48"]  # micro-batches of 2 × 64 tokens: chunks 48, 48, 32
-
-
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ["--strategy", "single"],
-        ["--strategy", "ddp", "--nproc", "2"],
-        ["--strategy", "fsdp", "--nproc", "2"],
-        ["--strategy", "tp", "--tp-size", "2"],
-        ["--strategy", "ep", "--ep-size", "2", "--nproc", "2"],
-    ],
-    ids=["single", "ddp2", "fsdp2", "tp2", "ep2"],
-)
-def test_chunked_loss_trains_the_same_model(tmp_path, single_reference, layout):
+def test_chunked_loss_trains_the_same_model(tmp_path, single_reference):
     """train.loss_chunk_tokens moves the head inside the root module's forward (FSDP2 gathers it there,
-    DDP hooks it there): every strategy still trains `single`'s model with the unchunked loss."""
-    run = train_run(tmp_path / "chunked", *layout, *NUMERICS_ARGS, *CHUNKED)
+    DDP hooks it there): on one process here; under fsdp, ep and mixed over DDP in the shared layouts,
+    each compared with `single` (test_fsdp, test_ep, test_tp)."""
+    run = train_run(tmp_path / "chunked", *NUMERICS_ARGS, *CHUNKED_LOSS, in_process=True)
     assert_same_training(run, single_reference)
+    for layout in ("fsdp", "ep", "mixed_ddp"):
+        assert " ".join(CHUNKED_LOSS) in " ".join(LAYOUTS[layout]), layout
 
 
 @needs_compiler
@@ -174,7 +164,7 @@ def test_checkpointing_modes_and_their_one_line_refusals(tmp_path):
         "tiny", {"train": {"activation_checkpointing": "off"}}
     ).train.activation_checkpointing == ("none")
     for value, hint in (("some", "one of none, full, selective"), ("selective", "train.compile=true")):
-        result = run_moectl(
+        result = run_moectl_in_process(
             "train", "--run-dir", str(tmp_path / value), "--set", f"train.activation_checkpointing={value}"
         )
         assert result.returncode == 2 and hint in result.stderr

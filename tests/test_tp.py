@@ -8,7 +8,7 @@ import torch
 
 from moectl.cli import main
 from moectl.parallel.tensor_parallel import gate_up_from_rank_blocks, gate_up_to_rank_blocks
-from tests.util import NUMERICS_ARGS, assert_same_training, train_run
+from tests.util import assert_same_training
 
 
 def test_gate_up_blocks_give_each_rank_matching_gate_and_up_rows():
@@ -23,35 +23,11 @@ def test_gate_up_blocks_give_each_rank_matching_gate_and_up_rows():
     assert torch.equal(gate_up_from_rank_blocks(blocked, tp_size), full)
 
 
-def test_tp_matches_single(tmp_path, single_reference):
-    # global batch 8, micro-batch 2, one data shard: 4 accumulated micro-batches per step
-    run = train_run(tmp_path / "tp", "--strategy", "tp", "--tp-size", "2", *NUMERICS_ARGS)
-    assert_same_training(run, single_reference)
-
-
-def test_mixed_fsdp_matches_single(tmp_path, single_reference):
-    run = train_run(
-        tmp_path / "mixed", "--strategy", "mixed", "--dp-size", "2", "--tp-size", "2", *NUMERICS_ARGS
-    )
-    assert_same_training(run, single_reference)
-
-
-def test_mixed_ddp_with_micro_batch_1_matches_single(tmp_path, single_reference):
-    run = train_run(
-        tmp_path / "mixed-ddp",
-        "--strategy",
-        "mixed",
-        "--tp-size",
-        "2",
-        "--nproc",
-        "4",
-        *NUMERICS_ARGS,
-        "--micro-batch",
-        "1",
-        "--set",
-        "parallel.mixed_dp=ddp",
-    )
-    assert_same_training(run, single_reference)
+@pytest.mark.parametrize("layout", ["tp", "mixed", "mixed_ddp"])
+def test_tensor_parallel_layouts_match_single(trained, single_reference, layout):
+    """tp 2 (4 accumulated micro-batches on one data shard); mixed dp 2 × tp 2 over FSDP; mixed
+    tp 2 × dp 2 over DDP with micro-batch 1 and the chunked loss (tests/layouts.py)."""
+    assert_same_training(trained(layout), single_reference)
 
 
 @pytest.mark.parametrize(

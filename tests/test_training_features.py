@@ -1,8 +1,8 @@
 """Training a real model: learning-rate schedule, gradient clipping, auxiliary load-balancing loss,
 router bias, expert-load statistics, TensorBoard, loss and expert-load plots.
 
-The multi-process runs (one per layout) each check many things at once: with every feature on and
-clipping active, every layout trains the weights `single` trains and logs the same gradient norm,
+The multi-process runs (one per kind of gradient layout) each check many things at once: with every
+feature on and clipping active, each trains the weights `single` trains and logs the same gradient norm,
 auxiliary loss, load imbalance, expert load and router bias. Everything else runs in this process.
 """
 
@@ -29,7 +29,7 @@ from moectl.parallel.dims import ParallelDims
 from moectl.routing import BIAS_KEY, Router, Routing, auxiliary_loss
 from moectl.schedule import lr_at
 from strategies.single import Single
-from tests.util import run_moectl, train_run, weight_rel_error
+from tests.util import assert_same_training, run_moectl, run_moectl_in_process, train_run
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN = 20, 8, 2, 32
 MAX_GRAD_NORM, AUX_LOSS_COEF, BIAS_RATE = 0.3, 0.01, 0.001
@@ -48,9 +48,13 @@ FEATURE_ARGS = [
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
+# Each layout here brings gradients of another kind to the global norm, clipping and the reductions of
+# the auxiliary loss and expert load: tp plain replicated ones (embedding, norms, routers) beside tp
+# DTensors; mixed DTensors on a 2-D mesh (FSDP over dp, tp inside); ep plain expert shards summed over
+# the ep group, replicated over ep_replicate, beside replicated dense ones; ep with FSDP DTensors over
+# all ranks and expert shards over their replicas. ddp's (plain replicated) and fsdp's (DTensors on one
+# dp axis) are the same kinds again, so they are not run separately.
 LAYOUTS = {
-    "ddp": ["--strategy", "ddp", "--nproc", "2"],
-    "fsdp": ["--strategy", "fsdp", "--nproc", "2"],
     "tp": ["--strategy", "tp", "--tp-size", "2"],
     "mixed": ["--strategy", "mixed", "--dp-size", "2", "--tp-size", "2"],
     # ep 2 on 4 ranks: experts sharded over ep and replicated over ep_replicate
@@ -68,7 +72,9 @@ def feature_reference(tmp_path_factory) -> Path:
     """`single` with every feature on (and TensorBoard when installed): the reference of this file."""
     extra = ["--set", "train.tensorboard=true"] if HAS_TENSORBOARD else []
     return train_run(
-        tmp_path_factory.mktemp("features") / "single", "--strategy", "single", *FEATURE_ARGS, *extra
+        tmp_path_factory.mktemp("features") / "single",
+        *("--strategy", "single", *FEATURE_ARGS, *extra),
+        in_process=True,
     )
 
 
@@ -89,10 +95,9 @@ def feature_config():
 
 # ---- every layout, every feature ----------------------------------------------------------------
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_every_layout_trains_and_logs_what_single_does(layout, feature_reference, tmp_path):
+def test_every_kind_of_layout_trains_and_logs_what_single_does(layout, feature_reference, tmp_path):
     run = train_run(tmp_path / layout, *LAYOUTS[layout], *FEATURE_ARGS)
-    error = weight_rel_error(run, feature_reference)
-    assert error <= 1e-5, f"{layout}: relative weight error {error:.2e}"
+    assert_same_training(run, feature_reference)  # every tensor's update, the whole model, each loss
     ours, reference = records(run), records(feature_reference)
     assert len(ours) == len(reference) == STEPS
     for key in ("loss", "lr", "grad_norm", "aux_loss", "load_imbalance"):
@@ -268,6 +273,46 @@ def test_auxiliary_loss_is_transformers_load_balancing_loss_per_sequence():
     torch.testing.assert_close(routing.take_forward() / num_sequences, batch, rtol=1e-6, atol=0)
 
 
+def test_the_auxiliary_loss_enters_the_gradient_as_a_mean_over_the_global_batch():
+    """train_step over 4 micro-batches with the auxiliary loss on gives the gradient of one big batch's
+    mean token loss + coef · transformers' load-balancing loss averaged over the global batch's
+    sequences. Every layout is compared with `single` above, so a normalisation wrong in the same way
+    everywhere (per micro-batch, per token) would pass there: this pins it to the definition."""
+    coef = 0.5  # large, so the auxiliary term is a sizeable part of the router's gradient
+    cfg = build_config("tiny", {"train": {"aux_loss_coef": coef, "seq_len": SEQ_LEN}})
+    batch = build_data(cfg.data, cfg.model.vocab_size, cfg.train.seed).global_batch(0, GLOBAL_BATCH, SEQ_LEN)
+    strategy = Single(ParallelDims(1), cfg.model, cfg.parallel)
+
+    def loop_gradients(aux_loss_coef: float) -> dict[str, torch.Tensor]:
+        _, model = tiny_model(cfg.train.seed)
+        train = TrainConfig(aux_loss_coef=aux_loss_coef, seq_len=SEQ_LEN, global_batch=GLOBAL_BATCH)
+        routing = Routing(model, cfg.model, train, torch.device("cpu"))
+        train_step(model, strategy, batch.split(MICRO_BATCH), GLOBAL_BATCH * SEQ_LEN, routing=routing)
+        return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+    _, model = tiny_model(cfg.train.seed)
+    out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
+    token_loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+    per_sequence = [
+        load_balancing_loss_func(
+            tuple(layer.view(GLOBAL_BATCH, SEQ_LEN, -1)[s] for layer in out.router_logits),
+            cfg.model.num_experts,
+            cfg.model.top_k,
+        )
+        for s in range(GLOBAL_BATCH)
+    ]
+    (token_loss + coef * torch.stack(per_sequence).mean()).backward()
+    expected = {name: param.grad for name, param in model.named_parameters()}
+
+    got, without_aux = loop_gradients(coef), loop_gradients(0.0)
+    router = "model.layers.0.mlp.gate.weight"
+    share = (got[router] - without_aux[router]).norm() / got[router].norm()
+    assert share > 0.05, f"the auxiliary loss moves the router's gradient by only {share:.1e}"
+    for name, grad in expected.items():
+        error = ((got[name] - grad).norm() / grad.norm()).item()
+        assert error < 1e-5, f"{name}: gradient differs by {error:.2e} (relative)"
+
+
 def test_router_is_transformers_router_bit_for_bit_and_bias_moves_only_the_choice():
     cfg, model = tiny_model()
     router = model.model.layers[0].mlp.gate
@@ -375,7 +420,9 @@ def test_config_keys_defaults_and_refusals(tmp_path, monkeypatch):
 
 
 def test_old_key_on_the_command_line_is_one_line_and_exit_2(tmp_path):
-    result = run_moectl("train", "--run-dir", str(tmp_path / "run"), "--set", "train.warmup_steps=1")
+    result = run_moectl_in_process(
+        "train", "--run-dir", str(tmp_path / "run"), "--set", "train.warmup_steps=1"
+    )
     assert result.returncode == 2
     lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
     assert len(lines) == 1 and "train.timing_warmup_steps" in lines[0], lines
