@@ -7,8 +7,6 @@ one line, never an error.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moectl.metrics import format_mfu
+from moectl.outputs import save_figure_atomic
 
 PLOT_SKIPPED = "plot skipped: matplotlib is not installed; pip install 'moectl[plot]' to get bench.png"
 
@@ -177,14 +176,6 @@ def write_plot(payload: dict[str, Any], path: Path, console: Console) -> bool:
         loss.legend()
     speed.tick_params(axis="x", labelrotation=30)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temp_name, format="png", dpi=110)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    save_figure_atomic(figure, path)
     console.print(f"plot: {path}", highlight=False)
     return True

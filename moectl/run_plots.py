@@ -7,11 +7,11 @@ one line, never an error.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from moectl.outputs import save_figure_atomic
 
 PLOTS_SKIPPED = (
     "loss.png and expert_load.png skipped: matplotlib is not installed; pip install 'moectl[plot]'"
@@ -24,17 +24,6 @@ def matplotlib_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _save(figure, path: Path) -> None:
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temp_name, format="png", dpi=110)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def write_loss_plot(path: Path, steps: list[int], losses: list[float], lrs: list[float | None]) -> None:
@@ -54,7 +43,7 @@ def write_loss_plot(path: Path, steps: list[int], losses: list[float], lrs: list
         lr_axes.set_ylabel("learning rate", color="tab:orange")
         lr_axes.set_ylim(bottom=0)
     loss_axes.set_title("training loss and learning rate")
-    _save(figure, path)
+    save_figure_atomic(figure, path)
 
 
 def write_expert_load_plot(path: Path, load: torch.Tensor) -> None:
@@ -76,4 +65,4 @@ def write_expert_load_plot(path: Path, load: torch.Tensor) -> None:
     mean = load.double().mean(-1).clamp_min(1e-12)
     worst = (load.double().amax(-1) / mean).max().item()
     axes.set_title(f"expert load over the run (max/mean, worst layer: {worst:.2f})")
-    _save(figure, path)
+    save_figure_atomic(figure, path)
