@@ -126,6 +126,15 @@ PYEOF
 
 TINY_GPU="--steps 6 --global-batch 8 --micro-batch 2 --set train.timing_warmup_steps=2 --set train.compile=true"
 
+ep2_chunks_and_weights() {  # TIMEOUT ARGS...: ep 2 with ep_chunks 1 and 2; the tiny NCCL pipeline (chunks, checkpointing) against single
+  local limit=$1; shift
+  run ep2_8l_chunks1 "$limit" "$@"
+  run ep2_8l_chunks2 "$limit" "$@" --set parallel.ep_chunks=2
+  run tiny_single_gpu 90 $TINY_GPU --strategy single
+  run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=full
+  compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+}
+
 recipe_one_gpu_ep_scale() {  # no regression on one H200 (8-layer cut, compiled, mb2: was 72,849 / 60,546 with AC); bf16 weights on the GPU kernels
   local q="$CUT8 --strategy ep --ep-size 1 --micro-batch 2 --global-batch 8 --steps 7 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
   run ep1_8l_scale 200 $q
@@ -142,11 +151,7 @@ recipe_one_gpu_ep_chunks() {  # optional: ep_chunks on one GPU is ignored (nothi
 
 recipe_two_gpu_ep_scale() {  # ep 2 weak scaling (was 79 %) with ep_chunks 1 and 2; bf16 weights of the NCCL pipeline with checkpointing
   local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 7 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
-  run ep2_8l_chunks1 200 $q
-  run ep2_8l_chunks2 200 $q --set parallel.ep_chunks=2
-  run tiny_single_gpu 90 $TINY_GPU --strategy single
-  run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=true
-  compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+  ep2_chunks_and_weights 200 $q
 }
 
 # Single-H200 speed levers (BENCHMARKS.md, "Single H200: levers toward the hardware limit"): one-gpu-speed
@@ -193,11 +198,7 @@ recipe_one_gpu_headline() {
 
 recipe_two_gpu_ep_chunks() {  # ep 2 weak scaling against head_ep1_off with ep_chunks 1 and 2; NCCL pipeline weights
   local q="$CUT8 --strategy ep --ep-size 2 --nproc 2 --micro-batch 2 --global-batch 16 --steps 8 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true --set train.aux_loss_coef=0 --set train.expert_load_stats=false"
-  run ep2_8l_chunks1 200 $q
-  run ep2_8l_chunks2 200 $q --set parallel.ep_chunks=2
-  run tiny_single_gpu 90 $TINY_GPU --strategy single
-  run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=full
-  compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+  ep2_chunks_and_weights 200 $q
 }
 
 # A four-GPU lease in one pass: three lanes on disjoint GPUs at once (no lane shares a GPU or NVLink
@@ -211,11 +212,7 @@ recipe_four_gpu_batch() {
   local one="$CUT8 --strategy ep --ep-size 1 --global-batch 8 --micro-batch 2 --steps 12 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.compile=true"
   (
     export CUDA_VISIBLE_DEVICES=0,1
-    run ep2_8l_chunks1 150 $ep8 --strategy ep --ep-size 2 --nproc 2 --global-batch 16
-    run ep2_8l_chunks2 150 $ep8 --strategy ep --ep-size 2 --nproc 2 --global-batch 16 --set parallel.ep_chunks=2
-    run tiny_single_gpu 90 $TINY_GPU --strategy single
-    run tiny_ep2_gpu_chunks2_ac 90 $TINY_GPU --strategy ep --ep-size 2 --nproc 2 --set parallel.ep_chunks=2 --set train.activation_checkpointing=full
-    compare tiny_ep2_gpu_chunks2_ac tiny_single_gpu
+    ep2_chunks_and_weights 150 $ep8 --strategy ep --ep-size 2 --nproc 2 --global-batch 16
   ) > "$RUNS/laneA.txt" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=2
