@@ -4,7 +4,6 @@ checkpointing that neither routes nor communicates again, a hot rank stopping ev
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -15,9 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.checkpoint import checkpoint
 
-from moectl.config import build_config
 from moectl.faults import ExpertOverload
-from moectl.model import build_meta_model, materialize, random_init_source
 from moectl.parallel import ep_dispatch
 from moectl.parallel.ep_checkpoint import checkpoint_contexts
 from moectl.parallel.ep_dispatch import (
@@ -31,6 +28,7 @@ from moectl.parallel.ep_dispatch import (
     expert_rows,
     pair_index,
 )
+from tests.ep_blocks import ep_block_over, tiny_hf_block
 from tests.util import (
     NUMERICS_ARGS,
     assert_same_training,
@@ -155,7 +153,7 @@ def test_expert_rows_compiles_once_for_changing_row_counts():
 def test_load_check_without_a_factor_compares_with_each_ranks_free_memory():
     """No ep_max_rows_factor: a rank stops the run when the rows routed to it need more memory than it has
     free (each rank's free bytes travel in the count exchange); -1 (the CPU) means no limit."""
-    _, hf_block = _tiny_hf_block()
+    _, hf_block = tiny_hf_block()
     block = _ep_block_on_one_process(hf_block)
     limit = block.load_limit(torch.float32)
     pairs, rows = [30, 10], [20, 8]  # one EP group of 2 ranks
@@ -176,31 +174,6 @@ def _ep_block_on_one_process(hf_block) -> ExpertParallelMoE:
 
 
 # ---- the block on 2 gloo ranks against transformers' block ---------------------------------------------
-def _tiny_hf_block(num_layers_seed: int = 0):
-    cfg = build_config("tiny").model
-    model = build_meta_model(cfg, torch.float32)
-    materialize(model, torch.device("cpu"), random_init_source(cfg, num_layers_seed))
-    return cfg, model.model.layers[0].mlp
-
-
-def _ep_block(hf_block, rank, world, **options):
-    local = hf_block.experts.num_experts // world
-    mine = slice(rank * local, (rank + 1) * local)
-    experts = GroupedExperts(
-        torch.nn.Parameter(hf_block.experts.gate_up_proj.detach()[mine].clone()),
-        torch.nn.Parameter(hf_block.experts.down_proj.detach()[mine].clone()),
-        hf_block.experts.act_fn,
-    )
-    return ExpertParallelMoE(
-        copy.deepcopy(hf_block.gate),
-        experts,
-        hf_block.experts.num_experts,
-        dist.group.WORLD,
-        world,
-        **options,
-    )
-
-
 class _CollectiveCounter:
     """Counts the dispatch's collectives by wrapping torch.distributed's functions it calls."""
 
@@ -241,7 +214,7 @@ def _block_worker(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        cfg, hf_block = _tiny_hf_block()
+        cfg, hf_block = tiny_hf_block()
         with torch.no_grad():  # a skewed router: rank 0's experts get most rows
             hf_block.gate.weight[: cfg.num_experts // world] += 0.5 * hf_block.gate.weight[0].sign()
         generator = torch.Generator().manual_seed(10 + rank)  # every rank holds different tokens
@@ -264,7 +237,9 @@ def _block_worker(rank: int, world: int, init_file: str) -> None:
         for num_chunks in (1, 2, 5):
             for recompute in (False, True):
                 stats = DispatchStats()
-                block = _ep_block(hf_block, rank, world, num_chunks=num_chunks, stats=stats)
+                block = ep_block_over(
+                    hf_block, dist.group.WORLD, world, rank, num_chunks=num_chunks, stats=stats
+                )
                 x_ep = x.clone().requires_grad_()
                 with _CollectiveCounter() as counter:
                     if recompute:
@@ -289,7 +264,7 @@ def _block_worker(rank: int, world: int, init_file: str) -> None:
             assert collectives[num_chunks, False] == collectives[num_chunks, True] == 1 + 6 * num_chunks
 
         # A router that sends every token to rank 0's experts: both ranks stop at the same layer.
-        block = _ep_block(hf_block, rank, world, max_rows_factor=1.5, layer_index=3)
+        block = ep_block_over(hf_block, dist.group.WORLD, world, rank, max_rows_factor=1.5, layer_index=3)
         with torch.no_grad():
             block.gate.weight[: cfg.num_experts // world] += 100 * block.gate.weight[0].sign()
         with pytest.raises(ExpertOverload) as stopped:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moectl.config import build_config
-from moectl.model import build_meta_model, materialize, random_init_source
-from moectl.parallel.ep_dispatch import ExpertParallelMoE, GroupedExperts, grouped_linear, grouped_mm_kernel
+from moectl.parallel.ep_dispatch import grouped_linear, grouped_mm_kernel
+from tests.ep_blocks import ep_block_over, tiny_hf_block
 
 
 def test_grouped_linear_fallback_equals_per_row_reference():
@@ -51,30 +48,9 @@ def test_grouped_kernel_call_equals_fallback_forward_and_backward(dtype):
     assert torch.count_nonzero(w_kernel.grad[1]) == 0  # the empty group gets a zero gradient
 
 
-def _tiny_hf_block(seed: int = 0):
-    cfg = build_config("tiny").model
-    model = build_meta_model(cfg, torch.float32)
-    materialize(model, torch.device("cpu"), random_init_source(cfg, seed))
-    return cfg, model.model.layers[0].mlp
-
-
-def _ep_block(hf_block, ep_group=None, ep_size=1, ep_rank=0):
-    """The EP block over copies of the HF block's weights, keeping expert slice `ep_rank` of `ep_size`."""
-    local = hf_block.experts.num_experts // ep_size
-    mine = slice(ep_rank * local, (ep_rank + 1) * local)
-    experts = GroupedExperts(
-        torch.nn.Parameter(hf_block.experts.gate_up_proj.detach()[mine].clone()),
-        torch.nn.Parameter(hf_block.experts.down_proj.detach()[mine].clone()),
-        hf_block.experts.act_fn,
-    )
-    return ExpertParallelMoE(
-        copy.deepcopy(hf_block.gate), experts, hf_block.experts.num_experts, ep_group, ep_size
-    )
-
-
 def test_single_rank_block_equals_transformers_block_forward_and_backward():
-    cfg, hf_block = _tiny_hf_block()
-    ep_block = _ep_block(hf_block)
+    cfg, hf_block = tiny_hf_block()
+    ep_block = ep_block_over(hf_block)
     x = torch.randn(3, 10, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref, out_ep = hf_block(x_ref), ep_block(x_ep)
@@ -93,11 +69,11 @@ def _two_rank_worker(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        cfg, hf_block = _tiny_hf_block()
+        cfg, hf_block = tiny_hf_block()
         # Bias the router so that every row goes to rank 0's experts: rank 1 receives zero rows.
         with torch.no_grad():
             hf_block.gate.weight[cfg.num_experts // world :] -= 10.0 * hf_block.gate.weight[0].sign()
-        ep_block = _ep_block(hf_block, dist.group.WORLD, world, rank)
+        ep_block = ep_block_over(hf_block, dist.group.WORLD, world, rank)
         generator = torch.Generator().manual_seed(10 + rank)  # every rank holds different tokens
         x = torch.randn(2, 7 + rank, cfg.hidden_size, generator=generator)
         x = x.abs() * hf_block.gate.weight[0].detach().sign()  # aligned with the bias above

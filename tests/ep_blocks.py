@@ -1,0 +1,37 @@
+"""The tiny preset's MoE block from transformers, and the EP block built over copies of its weights: what
+the dispatch tests compare, on one process and on gloo ranks."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from moectl.config import build_config
+from moectl.model import build_meta_model, materialize, random_init_source
+from moectl.parallel.ep_dispatch import ExpertParallelMoE, GroupedExperts
+
+
+def tiny_hf_block(seed: int = 0):
+    """(model config, transformers' Qwen3-MoE block of layer 0) of the tiny preset, initialised from `seed`."""
+    cfg = build_config("tiny").model
+    model = build_meta_model(cfg, torch.float32)
+    materialize(model, torch.device("cpu"), random_init_source(cfg, seed))
+    return cfg, model.model.layers[0].mlp
+
+
+def ep_block_over(
+    hf_block, ep_group=None, ep_size: int = 1, ep_rank: int = 0, **options
+) -> ExpertParallelMoE:
+    """The EP block over copies of the HF block's weights, keeping expert slice `ep_rank` of `ep_size`;
+    `options` go to ExpertParallelMoE (chunks, stats, load limit, layer index)."""
+    local = hf_block.experts.num_experts // ep_size
+    mine = slice(ep_rank * local, (ep_rank + 1) * local)
+    experts = GroupedExperts(
+        torch.nn.Parameter(hf_block.experts.gate_up_proj.detach()[mine].clone()),
+        torch.nn.Parameter(hf_block.experts.down_proj.detach()[mine].clone()),
+        hf_block.experts.act_fn,
+    )
+    return ExpertParallelMoE(
+        copy.deepcopy(hf_block.gate), experts, hf_block.experts.num_experts, ep_group, ep_size, **options
+    )
