@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.util import REPO, run_moectl, run_moectl_in_process, train_run
+from tests.util import REPO, refused_in_process, run_moectl, run_moectl_in_process, train_run
 
 TINY_RUN = ["--steps", "2", "--global-batch", "8", "--micro-batch", "2"]
 
@@ -351,19 +351,10 @@ def _argv(case: str, inputs: Inputs) -> list[str]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_in_process(case, tmp_path, checkpointed_run, monkeypatch, capsys):
-    from moectl.cli import main
-
     monkeypatch.chdir(tmp_path)  # a default runs/ directory would land here and be caught
     argv = _argv(case, Inputs(tmp_path, checkpointed_run))
     before = _snapshot(tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    assert CASES[case][1] in lines[0], lines[0]
+    refused_in_process(argv, capsys, CASES[case][1])
     assert _snapshot(tmp_path) == before, "bad input left files behind or changed them"
 
 

@@ -13,7 +13,7 @@ import pytest
 from moectl.bench import RunRecord, _loss_mismatch, degrees_for
 from moectl.config import build_config
 from moectl.registry import available_strategies, get_strategy
-from tests.util import README_BENCH_SHOWCASE, REPO, assert_same_training, run_moectl
+from tests.util import README_BENCH_SHOWCASE, REPO, assert_same_training, refused_in_process, run_moectl
 
 TINY_RUN = ["--steps", "2", "--global-batch", "8", "--micro-batch", "2"]
 
@@ -138,21 +138,6 @@ def test_bench_passes_lr_to_every_run(tmp_path):
 
 
 # ---- each defect a first user hit ----------------------------------------------------------------
-def _refused(argv: list[str], capsys, *expected: str) -> str:
-    from moectl.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.mark.parametrize("array", [None, np.array([], dtype=np.int64)], ids=["zero-bytes", "no-tokens"])
 def test_an_empty_npy_file_is_bad_input_not_an_interrupt(tmp_path, capsys, array):
     data = tmp_path / "empty.npy"
@@ -160,7 +145,9 @@ def test_an_empty_npy_file_is_bad_input_not_an_interrupt(tmp_path, capsys, array
         data.write_bytes(b"")
     else:
         np.save(data, array)
-    _refused(["train", "--data", str(data), "--run-dir", str(tmp_path / "run")], capsys, "empty.npy")
+    refused_in_process(
+        ["train", "--data", str(data), "--run-dir", str(tmp_path / "run")], capsys, "empty.npy"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -178,8 +165,8 @@ def test_an_empty_npy_file_is_bad_input_not_an_interrupt(tmp_path, capsys, array
         (["--set", "data.noise=.inf"], "data.noise must be a finite number"),
     ],
 )
-def test_non_finite_and_negative_numbers_are_refused(tmp_path, capsys, flags, names):
-    _refused(["train", *flags, "--run-dir", str(tmp_path / "run")], capsys, names)
+def test_non_finite_and_negative_numbers_arerefused_in_process(tmp_path, capsys, flags, names):
+    refused_in_process(["train", *flags, "--run-dir", str(tmp_path / "run")], capsys, names)
     assert not (tmp_path / "run").exists()
 
 
@@ -187,7 +174,7 @@ def test_non_finite_and_negative_numbers_are_refused(tmp_path, capsys, flags, na
 def test_a_run_directory_under_a_pseudo_file_system_is_refused_as_unwritable(tmp_path, capsys, place):
     if not Path(place).is_dir():
         pytest.skip(f"no {place} here")
-    line = _refused(
+    line = refused_in_process(
         ["train", "--run-dir", f"{place}/moectl-run", *TINY_RUN], capsys, f"cannot write under {place}"
     )
     assert "GiB" not in line
@@ -221,7 +208,7 @@ class Quitter(DDP):
 def test_a_plugin_that_exits_at_import_is_refused_in_one_line(tmp_path, capsys):
     plugin = tmp_path / "quitter.py"
     plugin.write_text(SYSTEM_EXIT_PLUGIN.format(condition="True"))
-    _refused(
+    refused_in_process(
         ["train", "--strategy", str(plugin), "--run-dir", str(tmp_path / "run")],
         capsys,
         "quitter.py",
@@ -307,21 +294,23 @@ def _hf_checkpoint(directory: Path, **fields) -> Path:
     ],
     ids=lambda value: next(iter(value)) if isinstance(value, dict) else None,
 )
-def test_a_checkpoint_config_moectl_does_not_implement_is_refused(tmp_path, capsys, fields, named):
+def test_a_checkpoint_config_moectl_does_not_implement_isrefused_in_process(tmp_path, capsys, fields, named):
     model = _hf_checkpoint(tmp_path / "hf", **fields)
     run_dir = tmp_path / "run"
-    line = _refused(["train", "--model", str(model), "--run-dir", str(run_dir), *TINY_RUN], capsys, named)
+    line = refused_in_process(
+        ["train", "--model", str(model), "--run-dir", str(run_dir), *TINY_RUN], capsys, named
+    )
     assert "does not implement" in line
     assert not run_dir.exists()
 
 
-def test_a_scaled_rope_is_refused(tmp_path, capsys):
+def test_a_scaled_rope_isrefused_in_process(tmp_path, capsys):
     model = _hf_checkpoint(tmp_path / "hf")
     config = json.loads((model / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}
     config["rope_scaling"] = config["rope_parameters"]
     (model / "config.json").write_text(json.dumps(config))
-    _refused(["train", "--model", str(model), "--run-dir", str(tmp_path / "run")], capsys, "yarn")
+    refused_in_process(["train", "--model", str(model), "--run-dir", str(tmp_path / "run")], capsys, "yarn")
     assert not (tmp_path / "run").exists()
 
 
@@ -332,7 +321,7 @@ def test_weights_the_config_does_not_describe_are_refused_never_dropped(tmp_path
     config = json.loads((model / "config.json").read_text())
     config["attention_bias"] = False
     (model / "config.json").write_text(json.dumps(config))
-    line = _refused(
+    line = refused_in_process(
         ["train", "--model", str(model), "--run-dir", str(tmp_path / "run")], capsys, "holds 8 tensor(s)"
     )
     assert ".bias" in line

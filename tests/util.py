@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -83,6 +84,23 @@ def run_moectl(*args: str, timeout: float = 300, env: dict | None = None) -> sub
         env=full_env,
         cwd=REPO,
     )
+
+
+def refused_in_process(argv: list[str], capsys, *expected: str) -> str:
+    """`moectl ARGV` in this process must refuse: exit 2 and one line `error: …` on stderr holding every
+    `expected` text; returns that line."""
+    from moectl.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
 
 
 def run_moectl_in_process(*args: str) -> subprocess.CompletedProcess:
