@@ -187,12 +187,7 @@ recipe_one_gpu_headline() {
   run head_ep1_off 200 $q --set train.aux_loss_coef=0 --set train.expert_load_stats=false
   run head_ep1_on 200 $q --set train.max_grad_norm=0.001 --set train.lr_schedule=cosine --set train.lr_warmup_steps=2 \
     --set train.aux_loss_coef=0.001 --set train.router_bias_update=0.001
-  run speed_ep_8l_mb16_chunk 200 $CUT8 $SPEED $CHUNK --strategy ep --ep-size 1 --global-batch 16 --micro-batch 16 --steps 8
-  run speed_single_8l_ref 200 $CUT8 $SPEED --strategy single --global-batch 16 --micro-batch 4 --steps 8
-  compare speed_ep_8l_mb16_chunk speed_single_8l_ref
-  rm -rf "$RUNS"/speed_*/model
-  run speed_proxy48_mb3_chunk 240 $FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false \
-    --strategy ep --ep-size 1 --global-batch 6 --micro-batch 3 --steps 7
+  recipe_one_gpu_speed
   run head_ep1_ac 200 $q --set train.aux_loss_coef=0 --set train.expert_load_stats=false --set train.activation_checkpointing=full
 }
 
