@@ -288,3 +288,40 @@ recipe_four_gpu_dispatch_more() {  # the ep 2 pair again, the whole model before
   CUDA_VISIBLE_DEVICES=0,1 run disp_ep2_chunks2_after 150 $DISPATCH8 --ep-size 2 --nproc 2 --global-batch 16 --set parallel.ep_chunks=2
   run disp_ep4_chunks2_after 150 $DISPATCH8 --ep-size 4 --nproc 4 --global-batch 32 --set parallel.ep_chunks=2
 }
+
+# FP8 (`train.fp8`) beside bf16, same flags otherwise, one after the other on the same GPU. The wheel of
+# torchao travels with the tree where the image lacks it (BENCHMARKS.md, "FP8 GEMMs").
+FP8="--set train.fp8=true"
+PROXY="$FULL --set model.num_experts=32 $SPEED $CHUNK --set train.save_model=false --strategy ep --ep-size 1"
+
+fp8_smoke() {  # 4 FP8 steps on the cut; fails (with the log's end) if they do not run
+  run fp8_smoke_8l 200 $CUT8 $SPEED $FP8 --set train.save_model=false --strategy ep --ep-size 1 \
+    --global-batch 4 --micro-batch 2 --steps 4
+  [ -f "$RUNS/fp8_smoke_8l/summary.json" ] || { tail -30 "$RUNS/fp8_smoke_8l.log"; return 1; }
+}
+
+recipe_one_gpu_fp8() {  # the proxy's goal run with FP8 q/o projections and in bf16, then the cut's 50-step curves
+  run fp8_proxy48_mb3_chunk 240 $PROXY $FP8 --global-batch 6 --micro-batch 3 --steps 7
+  [ -f "$RUNS/fp8_proxy48_mb3_chunk/summary.json" ] || tail -30 "$RUNS/fp8_proxy48_mb3_chunk.log"
+  run bf16_proxy48_mb3_chunk 240 $PROXY --global-batch 6 --micro-batch 3 --steps 7
+  fp8_curves 16
+}
+
+fp8_curves() {  # MICRO_BATCH: 50 steps of the cut, FP8 and bf16, global batch 16: loss curves and speed
+  local q="$CUT8 $SPEED $CHUNK --set train.save_model=false --strategy ep --ep-size 1 --global-batch 16 --micro-batch $1 --steps 50"
+  run fp8_8l_mb$1_50 300 $q $FP8
+  run bf16_8l_mb$1_50 300 $q
+}
+
+recipe_one_gpu_fp8_curves() {  # the FP8 smoke, then 50-step curves of the cut (MB=16 on an H200, 8 on an H100)
+  fp8_smoke || return 1
+  fp8_curves "${MB:-16}"
+}
+
+recipe_one_gpu_fp8_profile() {  # where FP8's time goes: the cut at micro-batch 8, FP8 and bf16, two profiled steps each
+  local q="$CUT8 $SPEED $CHUNK --set train.save_model=false --strategy ep --ep-size 1 --global-batch 8 --micro-batch 8 --steps 6 --set train.profile_steps=2"
+  run fp8_8l_mb8_prof 240 $q $FP8
+  profile fp8_8l_mb8_prof
+  run bf16_8l_mb8_prof 240 $q
+  profile bf16_8l_mb8_prof
+}

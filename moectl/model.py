@@ -267,7 +267,8 @@ CheckpointContexts = Callable[[], tuple[contextlib.AbstractContextManager, conte
 def apply_layer_wrappers(
     model: nn.Module, train, checkpoint_contexts: CheckpointContexts | None = None
 ) -> None:
-    """Activation checkpointing, then torch.compile, per decoder layer (the fixed middle of the wrap order).
+    """FP8 linears, activation checkpointing, then torch.compile, per decoder layer (the fixed middle of
+    the wrap order).
 
     Full checkpointing goes through transformers' own switch (non-reentrant), which keeps parameter names
     unchanged; compile is per layer so that graph breaks stay local and FSDP can still wrap layers.
@@ -277,6 +278,10 @@ def apply_layer_wrappers(
     around a layer's first forward and around its recompute (`ep` uses them to replay its exchanges
     instead of redoing them).
     """
+    if train.fp8:  # first: checkpointing and compile then see the FP8 modules
+        from moectl.fp8 import convert_linears
+
+        convert_linears(model)
     mode = checkpointing_mode(train.activation_checkpointing)
     if mode == "full":
         kwargs = {"use_reentrant": False}

@@ -6,7 +6,8 @@ rule of its own), (2) parallelises the meta-device model in place on the named m
 no-sync context for micro-batches whose gradients must not be reduced yet and a hook after backward
 for reductions it does by hand, and (4) returns the full, unsharded state dict with HF keys on rank 0.
 
-Wrap order, stated once for every strategy: TP / EP -> activation checkpointing -> compile -> FSDP/DDP.
+Wrap order, stated once for every strategy: TP / EP -> FP8 linears (`train.fp8`) -> activation
+checkpointing -> compile -> FSDP/DDP.
 """
 
 from __future__ import annotations

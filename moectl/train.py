@@ -198,6 +198,11 @@ def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> RunPlan:
             raise UsageError(
                 f"{nproc_per_node} processes per node but {torch.cuda.device_count()} GPUs; lower --nproc"
             )
+    if train.fp8 or train.fp8_experts:
+        from moectl import fp8
+
+        on_gpu = runtime.uses_gpu(train)
+        fp8.check(train, on_gpu, runtime.training_dtype(train, on_gpu), strategy.name, strategy.dims.tp)
     if cfg.data.source != "synthetic":
         check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint

@@ -100,6 +100,7 @@ class ExpertParallel(Strategy):
                 count_group=count_group,
                 stats=self.dispatch_stats,
                 compile=train.compile,
+                fp8=train.fp8_experts,
             )
         apply_layer_wrappers(model, train, checkpoint_contexts)
         # Materialise before FSDP: the expert DTensors carry their global shape only until then. The

@@ -7,7 +7,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moectl.parallel.ep_dispatch import grouped_linear, grouped_mm_kernel
+from moectl.parallel.ep_dispatch import (
+    FP8_GROUP_ALIGNMENT,
+    align_groups,
+    grouped_linear,
+    grouped_mm_kernel,
+    pair_index,
+)
 from tests.ep_blocks import ep_block_over, tiny_hf_block
 
 
@@ -48,9 +54,45 @@ def test_grouped_kernel_call_equals_fallback_forward_and_backward(dtype):
     assert torch.count_nonzero(w_kernel.grad[1]) == 0  # the empty group gets a zero gradient
 
 
-def test_single_rank_block_equals_transformers_block_forward_and_backward():
+def test_aligned_groups_start_at_multiples_and_keep_every_pair():
+    """FP8's padded layout: each expert's pairs in the same order, starting at a multiple of 16 rows, zero
+    rows (row R, choice R·k) between groups, every slot pointing at its pair's new place."""
+    generator = torch.Generator().manual_seed(3)
+    num_experts, num_rows, top_k = 5, 23, 3
+    ids = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(num_rows)])
+    ids[ids == 3] = -1  # choices living on another rank; expert 3 gets no pair
+    num_pairs = int((ids >= 0).sum())
+    index = pair_index(ids, num_experts, num_pairs)
+    counts = torch.bincount(ids[ids >= 0], minlength=num_experts)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    padded, ends = align_groups(index, offsets, FP8_GROUP_ALIGNMENT)
+
+    assert ends.dtype == torch.int32 and int(ends[-1]) == padded.pair_row.numel()
+    assert padded.pair_row.numel() % FP8_GROUP_ALIGNMENT == 0
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    assert bool((starts % FP8_GROUP_ALIGNMENT == 0).all())
+    old_starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
+    for expert in range(num_experts):
+        count, start, old_start = int(counts[expert]), int(starts[expert]), int(old_starts[expert])
+        assert int(ends[expert]) - start >= count
+        kept = slice(old_start, old_start + count)
+        assert torch.equal(padded.pair_row[start : start + count], index.pair_row[kept])
+        assert torch.equal(padded.pair_choice[start : start + count], index.pair_choice[kept])
+    is_gap = padded.pair_row == num_rows
+    assert int((~is_gap).sum()) == num_pairs
+    assert bool((padded.pair_choice[is_gap] == num_rows * top_k).all())
+    present = ids >= 0
+    assert torch.equal(padded.pair_choice[padded.slots[present]], index.pair_choice[index.slots[present]])
+    assert bool((padded.slots[~present] == padded.pair_row.numel()).all())
+
+
+@pytest.mark.parametrize("group_alignment", [1, FP8_GROUP_ALIGNMENT])
+def test_single_rank_block_equals_transformers_block_forward_and_backward(group_alignment):
+    """The EP block on one rank, its expert groups as they are and padded to FP8's alignment (zero rows
+    between groups), against transformers' block: output and every gradient."""
     cfg, hf_block = tiny_hf_block()
     ep_block = ep_block_over(hf_block)
+    ep_block.group_alignment = group_alignment
     x = torch.randn(3, 10, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref, out_ep = hf_block(x_ref), ep_block(x_ep)
@@ -73,27 +115,35 @@ def _two_rank_worker(rank: int, world: int, init_file: str) -> None:
         # Bias the router so that every row goes to rank 0's experts: rank 1 receives zero rows.
         with torch.no_grad():
             hf_block.gate.weight[cfg.num_experts // world :] -= 10.0 * hf_block.gate.weight[0].sign()
-        ep_block = ep_block_over(hf_block, dist.group.WORLD, world, rank)
         generator = torch.Generator().manual_seed(10 + rank)  # every rank holds different tokens
         x = torch.randn(2, 7 + rank, cfg.hidden_size, generator=generator)
         x = x.abs() * hf_block.gate.weight[0].detach().sign()  # aligned with the bias above
-        x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out_ref, out_ep = hf_block(x_ref), ep_block(x_ep)
-        torch.testing.assert_close(out_ep, out_ref, rtol=1e-5, atol=1e-6)
+        x_ref = x.clone().requires_grad_()
+        out_ref = hf_block(x_ref)
         upstream = torch.randn(out_ref.shape, generator=generator)
         (out_ref * upstream).sum().backward()
-        (out_ep * upstream).sum().backward()
-        torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ep_block.gate.weight.grad, hf_block.gate.weight.grad, rtol=1e-5, atol=1e-6)
         local = cfg.num_experts // world
+        summed = {}
         for name in ("gate_up_proj", "down_proj"):
             # Expert gradients already hold every rank's tokens (the all-to-all backward brought them).
-            summed = getattr(hf_block.experts, name).grad.clone()
-            dist.all_reduce(summed)
-            got = getattr(ep_block.experts, name).grad
-            torch.testing.assert_close(got, summed[rank * local : (rank + 1) * local], rtol=1e-5, atol=1e-6)
-            if rank == 1:
-                assert torch.count_nonzero(got) == 0  # no rows here: zero (not missing) gradients
+            summed[name] = getattr(hf_block.experts, name).grad.clone()
+            dist.all_reduce(summed[name])
+        for group_alignment in (1, FP8_GROUP_ALIGNMENT):  # as they are, and padded as FP8 needs them
+            ep_block = ep_block_over(hf_block, dist.group.WORLD, world, rank)
+            ep_block.group_alignment = group_alignment
+            x_ep = x.clone().requires_grad_()
+            out_ep = ep_block(x_ep)
+            torch.testing.assert_close(out_ep, out_ref, rtol=1e-5, atol=1e-6)
+            (out_ep * upstream).sum().backward()
+            torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                ep_block.gate.weight.grad, hf_block.gate.weight.grad, rtol=1e-5, atol=1e-6
+            )
+            for name, want in summed.items():
+                got = getattr(ep_block.experts, name).grad
+                torch.testing.assert_close(got, want[rank * local : (rank + 1) * local], rtol=1e-5, atol=1e-6)
+                if rank == 1:
+                    assert torch.count_nonzero(got) == 0  # no rows here: zero (not missing) gradients
     finally:
         dist.destroy_process_group()
 

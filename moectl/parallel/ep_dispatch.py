@@ -54,22 +54,35 @@ def route(gate: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 # ---- grouped GEMM -------------------------------------------------------------------------------------
+#: FP8 grouped GEMMs take groups that start at multiples of this many rows (16 bytes of FP8).
+FP8_GROUP_ALIGNMENT = 16
+
+
 def uses_grouped_kernel(x: torch.Tensor) -> bool:
     """CUDA bf16 runs torch's grouped GEMM; anything else (the CPU, fp32) the per-expert fallback."""
     return x.is_cuda and x.dtype == torch.bfloat16
 
 
 def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, rows_per_group: list[int] | None, offsets: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rows_per_group: list[int] | None,
+    offsets: torch.Tensor | None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """x [R, K] sorted into len(weight) contiguous groups; group g is multiplied by weight[g].T ([N, K]).
 
     Without host group sizes (`rows_per_group` None): one grouped GEMM with int32 cumulative `offsets`,
     which bf16 runs without per-group padding given 16-byte aligned strides (K and N multiples of 8) and
-    base pointers, which freshly allocated contiguous buffers have. With them: a loop over the groups,
-    correct everywhere and cheap on the CPU.
+    base pointers, which freshly allocated contiguous buffers have; `fp8`: torchao's rowwise-scaled FP8
+    grouped GEMM, whose groups must start at multiples of 16 rows (`align_groups`). With host sizes: a
+    loop over the groups, correct everywhere and cheap on the CPU.
     """
     if rows_per_group is None:
+        if fp8:
+            from moectl.fp8 import grouped_mm_fp8
+
+            return grouped_mm_fp8(x, weight, offsets)
         return grouped_mm_kernel(x, weight, offsets)
     chunks = x.split(rows_per_group)
     return torch.cat([chunk @ weight[group].t() for group, chunk in enumerate(chunks)])
@@ -110,17 +123,20 @@ def sum_slots(source: torch.Tensor, slots: torch.Tensor, source_has_zero_row: bo
 
 class GatherRows(torch.autograd.Function):
     """out[i] = rows[index[i]] (one row copied into several places); the backward sums the copies of
-    each row, which `slots` [rows, m] lists (len(out) where a row has fewer than m copies)."""
+    each row, which `slots` [rows, m] lists (len(out) where a row has fewer than m copies). With `gaps`,
+    index len(rows) stands for a zero row (the padding between aligned groups)."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, slots: torch.Tensor, gaps: bool = False):
         ctx.save_for_backward(slots)
+        if gaps:
+            rows = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
         return rows.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (slots,) = ctx.saved_tensors
-        return sum_slots(grad, slots, source_has_zero_row=False), None, None
+        return sum_slots(grad, slots, source_has_zero_row=False), None, None, None
 
 
 class SumSlots(torch.autograd.Function):
@@ -149,23 +165,32 @@ class WeightedSumSlots(torch.autograd.Function):
     is the dot product of its pair's output with the row's gradient.
 
     Saves the pairs (N·H), as autograd would for the weighted sum; the [R, k, H] gather is transient.
+    With `gaps`, pairs whose row is len(grad) and whose choice is weights.numel() are padding: they get
+    a zero gradient and give none.
     """
 
     @staticmethod
-    def forward(ctx, pairs, weights, slots, pair_row, pair_choice) -> torch.Tensor:
+    def forward(ctx, pairs, weights, slots, pair_row, pair_choice, gaps: bool = False) -> torch.Tensor:
         ctx.save_for_backward(pairs, weights, pair_row, pair_choice)
+        ctx.gaps = gaps
         present = slots.clamp(max=pairs.shape[0] - 1)  # an empty slot reads any pair, weighted by 0
         return sum_gathered(pairs, present, weights)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         pairs, weights, pair_row, pair_choice = ctx.saved_tensors
+        flat_weights = weights.reshape(-1)
+        if ctx.gaps:
+            grad = torch.cat([grad, grad.new_zeros(1, grad.shape[-1])])
+            flat_weights = torch.cat([flat_weights, flat_weights.new_zeros(1)])
         grad_per_pair = grad.index_select(0, pair_row)
-        pair_weights = weights.reshape(-1).index_select(0, pair_choice).to(grad.dtype)
+        pair_weights = flat_weights.index_select(0, pair_choice).to(grad.dtype)
         grad_pairs = grad_per_pair * pair_weights.unsqueeze(-1)
         grad_pair_weights = (grad_per_pair * pairs).sum(-1).to(weights.dtype)
-        grad_weights = weights.new_zeros(weights.numel()).index_copy(0, pair_choice, grad_pair_weights)
-        return grad_pairs, grad_weights.view_as(weights), None, None, None
+        grad_weights = flat_weights.new_zeros(flat_weights.numel()).index_copy(
+            0, pair_choice, grad_pair_weights
+        )
+        return grad_pairs, grad_weights[: weights.numel()].view_as(weights), None, None, None, None
 
 
 @dataclass
@@ -193,6 +218,33 @@ def pair_index(local_ids: torch.Tensor, num_local: int, num_pairs: int) -> PairI
     return PairIndex(pair_row=chosen // top_k, pair_choice=chosen, slots=slots)
 
 
+def align_groups(index: PairIndex, offsets: torch.Tensor, alignment: int) -> tuple[PairIndex, torch.Tensor]:
+    """The same pairs with every group starting at a multiple of `alignment` rows (FP8 grouped GEMMs
+    need 16: the weight gradient's groups are its inner dimension). Group g moves down by the gaps before
+    it; a gap is a zero row (row index R, choice index R·k: see GatherRows and WeightedSumSlots), and the
+    last group runs to the end of a buffer of a size known on the host: N + (alignment − 1)·G, rounded up.
+
+    Returns the padded index and the padded groups' int32 cumulative ends.
+    """
+    num_rows, top_k = index.slots.shape
+    num_pairs, num_groups = index.pair_row.numel(), offsets.numel()
+    num_padded = -(-(num_pairs + (alignment - 1) * num_groups) // alignment) * alignment
+    ends = offsets.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    aligned_ends = torch.cumsum((counts + alignment - 1) // alignment * alignment, 0)
+    shift = aligned_ends - ends  # where a group's pairs start minus where they started, for every group
+    group_start_shift = torch.cat([shift.new_zeros(1), shift[:-1]])
+    group = torch.searchsorted(ends, torch.arange(num_pairs, device=ends.device), right=True)
+    moved = torch.arange(num_pairs, device=ends.device) + group_start_shift.index_select(0, group)
+    pair_row = index.pair_row.new_full((num_padded,), num_rows).index_copy(0, moved, index.pair_row)
+    pair_choice = index.pair_choice.new_full((num_padded,), num_rows * top_k)
+    pair_choice = pair_choice.index_copy(0, moved, index.pair_choice)
+    moved_or_empty = torch.cat([moved, moved.new_full((1,), num_padded)])
+    slots = moved_or_empty.index_select(0, index.slots.reshape(-1)).view_as(index.slots)
+    padded_ends = torch.cat([aligned_ends[:-1], aligned_ends.new_full((1,), num_padded)])
+    return PairIndex(pair_row=pair_row, pair_choice=pair_choice, slots=slots), padded_ends.to(torch.int32)
+
+
 def expert_rows(
     rows: torch.Tensor,
     weights: torch.Tensor,
@@ -204,13 +256,16 @@ def expert_rows(
     down_proj: torch.Tensor,
     act_fn: Callable[[torch.Tensor], torch.Tensor],
     pairs_per_expert: list[int] | None,
+    fp8: bool = False,
+    gaps: bool = False,
 ) -> torch.Tensor:
-    """Rows [R, H] with their choices (a `PairIndex`) → each row's weighted sum over the local experts it
-    chose [R, H]. Tensors only, so that one compiled graph serves every layer."""
-    pairs = GatherRows.apply(rows, pair_row, slots)
-    gate, up = grouped_linear(pairs, gate_up_proj, pairs_per_expert, offsets).chunk(2, dim=-1)
-    out = grouped_linear(act_fn(gate) * up, down_proj, pairs_per_expert, offsets)
-    return WeightedSumSlots.apply(out, weights, slots, pair_row, pair_choice)
+    """Rows [R, H] with their choices (a `PairIndex`, with zero rows between groups if `gaps`) → each
+    row's weighted sum over the local experts it chose [R, H]. Tensors only, so that one compiled graph
+    serves every layer."""
+    pairs = GatherRows.apply(rows, pair_row, slots, gaps)
+    gate, up = grouped_linear(pairs, gate_up_proj, pairs_per_expert, offsets, fp8).chunk(2, dim=-1)
+    out = grouped_linear(act_fn(gate) * up, down_proj, pairs_per_expert, offsets, fp8)
+    return WeightedSumSlots.apply(out, weights, slots, pair_row, pair_choice, gaps)
 
 
 def gather_send_rows(x: torch.Tensor, send_token: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -546,6 +601,7 @@ class ExpertParallelMoE(nn.Module):
         count_group: dist.ProcessGroup | None = None,
         stats: DispatchStats | None = None,
         compile: bool = False,
+        fp8: bool = False,
     ):
         super().__init__()
         self.gate = gate
@@ -561,6 +617,9 @@ class ExpertParallelMoE(nn.Module):
         self.count_group = count_group if count_group is not None else ep_group
         self.stats = stats if stats is not None else DispatchStats()
         self.compile = compile
+        self.fp8 = fp8  # FP8 grouped GEMMs (CUDA bf16 only)
+        # Each expert's group of pairs starts at a multiple of this many rows, zero rows between groups.
+        self.group_alignment = FP8_GROUP_ALIGNMENT if fp8 else 1
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
         self._tapes = TapeDeck()
         self._count_layout: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
@@ -602,6 +661,10 @@ class ExpertParallelMoE(nn.Module):
         self, experts: GroupedExperts, rows, weights, index: PairIndex, offsets, pairs_per_expert
     ) -> torch.Tensor:
         kernel = uses_grouped_kernel(rows)
+        gaps = self.group_alignment > 1
+        if gaps:
+            index, offsets = align_groups(index, offsets, self.group_alignment)
+            pairs_per_expert = None if kernel else torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
         activation = _plain_activation(experts.act_fn)
         compile_it = self.compile and kernel and activation is not None
         function = tensor_function(expert_rows, compile_it)
@@ -616,6 +679,8 @@ class ExpertParallelMoE(nn.Module):
             experts.down_proj,
             activation or experts.act_fn,
             None if kernel else pairs_per_expert,
+            self.fp8 and kernel,
+            gaps,
         )
 
     def _local_schedule(self, expert_ids, experts: GroupedExperts, x, scores) -> torch.Tensor:
@@ -805,9 +870,11 @@ def _split(values: list[int], sizes: list[int]) -> list[list[int]]:
 
 
 __all__ = [
+    "FP8_GROUP_ALIGNMENT",
     "DispatchStats",
     "ExpertParallelMoE",
     "GroupedExperts",
+    "align_groups",
     "chunk_bounds",
     "grouped_linear",
     "grouped_mm_kernel",
