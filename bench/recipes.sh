@@ -300,11 +300,10 @@ fp8_smoke() {  # 4 FP8 steps on the cut; fails (with the log's end) if they do n
   [ -f "$RUNS/fp8_smoke_8l/summary.json" ] || { tail -30 "$RUNS/fp8_smoke_8l.log"; return 1; }
 }
 
-recipe_one_gpu_fp8() {  # the proxy's goal run with FP8 q/o projections and in bf16, then the cut's 50-step curves
+recipe_one_gpu_fp8() {  # the proxy's goal run with FP8 q/o projections and in bf16, side by side (H200: 118 GiB)
   run fp8_proxy48_mb3_chunk 240 $PROXY $FP8 --global-batch 6 --micro-batch 3 --steps 7
   [ -f "$RUNS/fp8_proxy48_mb3_chunk/summary.json" ] || tail -30 "$RUNS/fp8_proxy48_mb3_chunk.log"
   run bf16_proxy48_mb3_chunk 240 $PROXY --global-batch 6 --micro-batch 3 --steps 7
-  fp8_curves 16
 }
 
 fp8_curves() {  # MICRO_BATCH: 50 steps of the cut, FP8 and bf16, global batch 16: loss curves and speed
