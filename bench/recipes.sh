@@ -324,3 +324,9 @@ recipe_one_gpu_fp8_profile() {  # where FP8's time goes: the cut at micro-batch 
   run bf16_8l_mb8_prof 240 $q
   profile bf16_8l_mb8_prof
 }
+
+recipe_one_gpu_fp8_h100() {  # what fits an H100 (80 GB): the cut's 50-step curves at micro-batch 8 and the proxy at micro-batch 1, FP8 q/o and bf16
+  fp8_curves 8
+  run fp8_proxy48_mb1_chunk 240 $PROXY $FP8 --global-batch 4 --micro-batch 1 --steps 7
+  run bf16_proxy48_mb1_chunk 240 $PROXY --global-batch 4 --micro-batch 1 --steps 7
+}
