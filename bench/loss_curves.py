@@ -41,13 +41,20 @@ def plot(named: dict[str, list[float]], out: Path) -> None:
 
     (reference_name, reference), *others = named.items()
     figure, (curves, gaps) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-    for name, values in named.items():
-        curves.plot(range(1, len(values) + 1), values, label=name)
-    for name, values in others:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (name, values) in enumerate(named.items()):
+        curves.plot(range(1, len(values) + 1), values, label=name, color=colors[index % len(colors)])
+    for index, (name, values) in enumerate(others, start=1):
         steps = min(len(values), len(reference))
-        gaps.plot(range(1, steps + 1), [values[i] - reference[i] for i in range(steps)], label=name)
+        gaps.plot(
+            range(1, steps + 1),
+            [values[i] - reference[i] for i in range(steps)],
+            label=name,
+            color=colors[index % len(colors)],
+        )
     curves.set_ylabel("loss")
     curves.legend()
+    gaps.legend(fontsize="small")
     gaps.axhline(0, color="grey", linewidth=0.5)
     gaps.set_ylabel(f"loss − {reference_name}")
     gaps.set_xlabel("step")
