@@ -1,11 +1,14 @@
 """The tiny preset's MoE block from transformers, and the EP block built over copies of its weights: what
-the dispatch tests compare, on one process and on gloo ranks."""
+the dispatch tests compare, on one process and on gloo ranks (`gloo_ranks`)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from moectl.config import build_config
 from moectl.model import build_meta_model, materialize, random_init_source
@@ -35,3 +38,24 @@ def ep_block_over(
     return ExpertParallelMoE(
         copy.deepcopy(hf_block.gate), experts, hf_block.experts.num_experts, ep_group, ep_size, **options
     )
+
+
+@contextlib.contextmanager
+def gloo_ranks(init_file: str, rank: int, world: int) -> Iterator[None]:
+    """This process as rank `rank` of a gloo group of `world` ranks (torch.multiprocessing.spawn), its
+    rendezvous a file store; the group is destroyed on the way out.
+
+    After a body that ran through, every rank first waits on the file store until all ranks are done.
+    Why: a rank that shuts gloo down while its peer is still finishing the last collective (a send
+    still in flight) can abort the peer ("terminate called without an active exception"). The
+    handshake uses the store, not gloo, so no gloo message is in flight when the first rank closes its
+    connections. After an error there is no handshake: spawn stops the other ranks.
+    """
+    store = dist.FileStore(init_file, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        yield
+        store.set(f"done/{rank}", "1")
+        store.wait([f"done/{peer}" for peer in range(world)])
+    finally:
+        dist.destroy_process_group()
