@@ -12,20 +12,26 @@ import json
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moectl.config import ModelConfig, checkpointing_mode
 from moectl.errors import UsageError
-from moectl.routing import install_routers
+
+# transformers is imported where a model or its HF config is built: the strategies import this module,
+# and the launching process, which builds neither, need not pay for importing it.
+if TYPE_CHECKING:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
 def hf_config(cfg: ModelConfig) -> Qwen3MoeConfig:
+    from transformers import Qwen3MoeConfig
+
     return Qwen3MoeConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -122,6 +128,8 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
     missing = [key for key in required if key not in raw]
     if missing:
         raise UsageError(f"{config_file} lacks the key {missing[0]!r}; it is not a complete Qwen3-MoE config")
+    from transformers import Qwen3MoeConfig
+
     try:
         hf = Qwen3MoeConfig.from_dict(raw)  # maps every transformers version's key names
         rope = getattr(hf, "rope_parameters", None) or {}
@@ -156,6 +164,10 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
 def build_meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Qwen3MoeForCausalLM:
     """The HF module tree on the meta device: shapes only, no memory, no initialisation cost. Each
     layer's router is moectl's `Router` (transformers' math; it can also balance and measure routing)."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from moectl.routing import install_routers
+
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(hf_config(cfg))
     model = model.to(dtype)

@@ -22,9 +22,6 @@ from moectl.checkpoint import CheckpointInfo, latest_checkpoint
 from moectl.config import ParallelConfig, RunConfig, build_config, merge_overrides
 from moectl.data import check_data
 from moectl.errors import UsageError
-from moectl.hf_io import HFCheckpoint
-from moectl.launch import launch_workers
-from moectl.loop import run_training
 from moectl.metrics import (
     count_params,
     estimate_memory_gib,
@@ -206,6 +203,8 @@ def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> RunPlan:
     if cfg.data.source != "synthetic":
         check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
+        from moectl.hf_io import HFCheckpoint
+
         HFCheckpoint(Path(cfg.model.path)).check_fits(cfg.model)
     if train.tensorboard:
         check_tensorboard_available()
@@ -272,18 +271,28 @@ def run(p: RunPlan, run_dir: Path | None) -> Path:
         if dist.is_initialized():
             dist.broadcast_object_list(target, src=0)
         try:
-            run_training(cfg, p.strategy, Path(target[0]))
+            _train_here(cfg, p.strategy, Path(target[0]))
             return Path(target[0])
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
     target = _prepare_run_dir(p, run_dir)
     if p.world_size == 1 and cfg.parallel.nnodes == 1:
-        run_training(cfg, p.strategy, target)
+        _train_here(cfg, p.strategy, target)
         return target
+    from moectl.launch import launch_workers
+
     node_dir = _node_dir(cfg, target)
     launch_workers(cfg.parallel, p.nproc_per_node, node_dir / "config.yaml", node_dir)
     return target
+
+
+def _train_here(cfg: RunConfig, strategy: Strategy, run_dir: Path) -> None:
+    # Imported only by the processes that train: a launcher checks and starts workers, and the training
+    # loop's imports (transformers among them) would add seconds to every launch.
+    from moectl.loop import run_training
+
+    run_training(cfg, strategy, run_dir)
 
 
 def _node_dir(cfg: RunConfig, target: Path) -> Path:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,26 +55,68 @@ def trained(tmp_path_factory) -> Callable[[str], Path]:
 
 class ReadmeRuns:
     """README commands run as printed (installed console script, shell) from `cwd`, a fresh directory
-    that holds only a link to the repository's examples; each command runs on first use, then its
-    result is shared."""
+    that holds only a link to the repository's examples. Each command runs once, on a background
+    thread, one after another: `start` queues it, and calling the object with a command waits for its
+    result (queuing it first if needed); the result is then shared."""
 
     def __init__(self, cwd: Path):
         self.cwd = cwd
-        self.results: dict[str, subprocess.CompletedProcess] = {}
+        # The environment as the session starts: tests change os.environ (monkeypatch) while a queued
+        # command may be starting on the background thread.
+        self.environ = dict(os.environ)
+        self.results: dict[str, Future[subprocess.CompletedProcess]] = {}
+        self.lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readme-commands")
+
+    def start(self, command: str) -> None:
+        if command not in self.results:
+            self.results[command] = self.lane.submit(run_as_printed, command, self.cwd, 1500, self.environ)
 
     def __call__(self, command: str) -> subprocess.CompletedProcess:
-        if command not in self.results:
-            self.results[command] = run_as_printed(command, self.cwd, timeout=1500)
-        return self.results[command]
+        self.start(command)
+        return self.results[command].result()
 
 
 @pytest.fixture(scope="session")
-def readme_run(tmp_path_factory) -> ReadmeRuns:
+def readme_run(tmp_path_factory) -> Iterator[ReadmeRuns]:
     """The README's commands, each run once per session: test_out_of_the_box runs every one, and
     test_bench reads the bench showcase's output, test_layout the plugin example's run."""
     cwd = tmp_path_factory.mktemp("readme")
     (cwd / "examples").symlink_to(REPO / "examples")
-    return ReadmeRuns(cwd)
+    runs = ReadmeRuns(cwd)
+    yield runs
+    runs.lane.shutdown(wait=True, cancel_futures=True)  # a session that ended early: drop what is queued
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "readme(*commands): README commands the test reads through `readme_run`; they start on a "
+        "background thread as the session starts, and the test runs last",
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `readme` run last, so that their commands, started as the session starts
+    (`readme_commands_ahead`), run beside the other tests. Why: the suite's own processes keep about
+    1.4 of 2 cores busy, and the bench showcase alone takes a minute and a half."""
+    reads_readme = [item for item in items if item.get_closest_marker("readme")]
+    items[:] = [item for item in items if not item.get_closest_marker("readme")] + reads_readme
+
+
+@pytest.fixture(scope="session", autouse=True)
+def readme_commands_ahead(request: pytest.FixtureRequest) -> None:
+    """Queue the README commands that the session's `readme` tests read, in the order they are read."""
+    commands = [
+        command
+        for item in request.session.items
+        for marker in item.iter_markers("readme")
+        for command in marker.args
+    ]
+    if commands:
+        runs = request.getfixturevalue("readme_run")
+        for command in commands:
+            runs.start(command)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,19 @@
 """The tiny preset's MoE block from transformers, and the EP block built over copies of its weights: what
-the dispatch tests compare, on one process and on gloo ranks."""
+the dispatch tests compare, on one process and on gloo ranks (`gloo_ranks`)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from moectl.config import build_config
 from moectl.model import build_meta_model, materialize, random_init_source
 from moectl.parallel.ep_dispatch import ExpertParallelMoE, GroupedExperts
+from moectl.worker import exit_without_finalization
 
 
 def tiny_hf_block(seed: int = 0):
@@ -35,3 +39,31 @@ def ep_block_over(
     return ExpertParallelMoE(
         copy.deepcopy(hf_block.gate), experts, hf_block.experts.num_experts, ep_group, ep_size, **options
     )
+
+
+@contextlib.contextmanager
+def gloo_ranks(init_file: str, rank: int, world: int) -> Iterator[None]:
+    """This process as rank `rank` of a gloo group of `world` ranks (torch.multiprocessing.spawn), its
+    rendezvous a file store. After a body that ran through, the process leaves at once: code after the
+    `with` block does not run. After an error the group is destroyed and the error goes up to spawn,
+    which stops the other ranks.
+
+    Why, on the way out of a body that ran through:
+    - every rank first waits on the file store until all ranks are done, so no rank closes its gloo
+      connections while a peer may still be finishing the last collective (the store, not gloo, so no
+      gloo message is in flight then);
+    - then the group is destroyed and the process exits without interpreter finalization, as a launched
+      worker does (`moectl.worker.exit_without_finalization`): anything still holding the group (the EP
+      blocks, kept by an expected exception's traceback) would destroy it during finalization, where
+      gloo's worker thread can no longer take the GIL and the process aborts ("terminate called without
+      an active exception").
+    """
+    store = dist.FileStore(init_file, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        yield
+        store.set(f"done/{rank}", "1")
+        store.wait([f"done/{peer}" for peer in range(world)])
+    finally:
+        dist.destroy_process_group()
+    exit_without_finalization(0)

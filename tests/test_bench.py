@@ -186,6 +186,7 @@ def full_bench(readme_run):
     return result, out, payload, BUILTINS
 
 
+@pytest.mark.readme(README_BENCH_SHOWCASE)
 def test_every_strategy_runs_and_matches_the_reference(full_bench):
     result, out, payload, builtins = full_bench
     assert result.returncode == 0, result.stderr[-2000:]
@@ -218,6 +219,7 @@ def test_every_strategy_runs_and_matches_the_reference(full_bench):
     assert (out / "bench.png").stat().st_size > 10_000  # matplotlib is installed in the dev extra
 
 
+@pytest.mark.readme(README_BENCH_SHOWCASE)
 def test_bench_json_matches_the_documented_schema(full_bench):
     _, _, payload, _ = full_bench
     check_bench_json(payload)

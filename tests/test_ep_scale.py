@@ -28,7 +28,7 @@ from moectl.parallel.ep_dispatch import (
     expert_rows,
     pair_index,
 )
-from tests.ep_blocks import ep_block_over, tiny_hf_block
+from tests.ep_blocks import ep_block_over, gloo_ranks, tiny_hf_block
 from tests.util import (
     NUMERICS_ARGS,
     assert_same_training,
@@ -211,8 +211,7 @@ def _expected_bytes(hf_block, x, rank, world, top_k, hidden) -> int:
 
 
 def _block_worker(rank: int, world: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_ranks(init_file, rank, world):
         torch.set_num_threads(1)
         cfg, hf_block = tiny_hf_block()
         with torch.no_grad():  # a skewed router: rank 0's experts get most rows
@@ -272,8 +271,6 @@ def _block_worker(rank: int, world: int, init_file: str) -> None:
         message = str(stopped.value)
         assert "layer 3" in message and "EP rank 0 (rank 0)" in message and "2.00×" in message, message
         assert "parallel.ep_max_rows_factor=1.5" in message, message
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_rank_block_matches_transformers_with_chunks_and_checkpointing(tmp_path):

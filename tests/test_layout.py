@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from moectl.registry import get_strategy
 from moectl.strategy import Strategy
 from tests.util import REPO, assert_same_training, load_weights, run_moectl, train_run
@@ -64,6 +66,7 @@ def _readme_commands(section: str) -> list[str]:
     return [line.strip() for line in block.strip().splitlines()]
 
 
+@pytest.mark.readme(_readme_commands("### Writing a strategy")[0])
 def test_the_strategy_writing_section_works_as_printed(tmp_path, readme_run):
     """Both README commands: the plugin as a file (run as printed, shared with test_out_of_the_box),
     then packaged with its entry point. The package goes into a scratch directory rather than this

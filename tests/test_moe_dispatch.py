@@ -14,7 +14,7 @@ from moectl.parallel.ep_dispatch import (
     grouped_mm_kernel,
     pair_index,
 )
-from tests.ep_blocks import ep_block_over, tiny_hf_block
+from tests.ep_blocks import ep_block_over, gloo_ranks, tiny_hf_block
 
 
 def test_grouped_linear_fallback_equals_per_row_reference():
@@ -108,8 +108,7 @@ def test_single_rank_block_equals_transformers_block_forward_and_backward(group_
 
 
 def _two_rank_worker(rank: int, world: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_ranks(init_file, rank, world):
         torch.set_num_threads(1)
         cfg, hf_block = tiny_hf_block()
         # Bias the router so that every row goes to rank 0's experts: rank 1 receives zero rows.
@@ -144,8 +143,6 @@ def _two_rank_worker(rank: int, world: int, init_file: str) -> None:
                 torch.testing.assert_close(got, want[rank * local : (rank + 1) * local], rtol=1e-5, atol=1e-6)
                 if rank == 1:
                     assert torch.count_nonzero(got) == 0  # no rows here: zero (not missing) gradients
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_rank_dispatch_with_an_idle_rank_equals_dense_reference(tmp_path):

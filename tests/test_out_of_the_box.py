@@ -41,6 +41,7 @@ def test_the_readme_prints_the_default_train_and_the_bench_showcase():
     assert README_BENCH_SHOWCASE in commands
 
 
+@pytest.mark.readme(*[command for command in readme_commands() if not needs_a_gpu(command)])
 def test_every_cpu_command_of_the_readme_runs_as_printed(readme_run):
     """From a fresh directory with only the repository's examples beside it, every README command that
     does not need a GPU exits 0 exactly as printed: `moectl train` (the default), the bench showcase

@@ -57,15 +57,19 @@ README_BENCH_SHOWCASE = (
 )
 
 
-def run_as_printed(command: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """A README command line through the shell, with the installed console script first on PATH."""
+def run_as_printed(
+    command: str, cwd: Path, timeout: float, environ: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """A README command line through the shell, with the installed console script first on PATH, in
+    `environ` (default: this process's environment)."""
+    environ = os.environ if environ is None else environ
     env = {
-        **os.environ,
+        **environ,
         "CUDA_VISIBLE_DEVICES": "",
-        "PATH": f"{MOECTL_SCRIPT.parent}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{MOECTL_SCRIPT.parent}{os.pathsep}{environ['PATH']}",
         # The console script imports the checkout under test, even where the venv's editable install
         # points at another checkout (a worktree, or planted_faults.py's copy).
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), environ.get("PYTHONPATH", "")]),
     }
     return subprocess.run(
         command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
