@@ -326,19 +326,23 @@ def main(argv: list[str] | None = None) -> None:
     `argv` (default: sys.argv[1:]) lets tests run the CLI in-process. Click's own usage errors (an
     unknown flag, `--steps abc`) are reduced to one line as well, instead of a boxed usage screen.
     A process started by an outside torchrun leaves as moectl's own workers do (see
-    `moectl.worker.exit_without_finalization`).
+    `moectl.worker.exit_without_finalization`), and so does a launcher once its workers are done and its
+    summary is out: finalizing a process that imported torch.distributed takes about a second and
+    writes nothing.
     """
-    if argv is not None or not under_torchrun():
+    if argv is not None:
         _main(argv)
         return
-    from moectl.worker import exit_without_finalization
-
     try:
         _main(argv)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    exit_without_finalization(code)
+    if under_torchrun() or "moectl.launch" in sys.modules:  # the elastic launcher ran here
+        from moectl.worker import exit_without_finalization
+
+        exit_without_finalization(code)
+    sys.exit(code)
 
 
 def _main(argv: list[str] | None) -> None:
