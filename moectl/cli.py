@@ -335,14 +335,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         _main(argv)
-        code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    if under_torchrun() or "moectl.launch" in sys.modules:  # the elastic launcher ran here
+        _leave_if_launched(exc.code)
+        raise
+    _leave_if_launched(0)
+
+
+def _leave_if_launched(code: int | str | None) -> None:
+    """Exit without interpreter finalization where torch.distributed's elastic machinery ran in this
+    process (an outside torchrun's worker, or a launcher whose workers are done); elsewhere return."""
+    if under_torchrun() or "moectl.launch" in sys.modules:
         from moectl.worker import exit_without_finalization
 
-        exit_without_finalization(code)
-    sys.exit(code)
+        exit_without_finalization(code if isinstance(code, int) else int(code is not None))
 
 
 def _main(argv: list[str] | None) -> None:

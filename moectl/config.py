@@ -82,9 +82,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     compile: bool = False
     loss_chunk_tokens: int = 0  # > 0: lm_head + loss chunk by chunk over this many tokens (never all logits)
-    fp8: bool = (
-        False  # attention q/o projections in float8, rowwise scales (torchao; compute capability >= 8.9)
-    )
+    fp8: bool = False  # attention q/o projections in float8, rowwise scales (torchao; capability >= 8.9)
     fp8_experts: bool = False  # ep's expert grouped GEMMs in float8 too (slower at Qwen3-30B-A3B's shapes)
     peak_tflops: float | None = None  # overrides the device table for MFU
     on_nonfinite: str = "stop"  # stop or skip a step whose loss or gradient is not finite

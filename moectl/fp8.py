@@ -24,6 +24,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from moectl.config import TrainConfig
 from moectl.errors import UsageError
 
 MIN_CAPABILITY = (8, 9)
@@ -31,7 +32,7 @@ MIN_CAPABILITY = (8, 9)
 FP8_LINEARS = ("self_attn.q_proj", "self_attn.o_proj")
 
 
-def check(train, on_gpu: bool, dtype: torch.dtype, strategy: str, tp_degree: int) -> None:
+def check(train: TrainConfig, on_gpu: bool, dtype: torch.dtype, strategy: str, tp_degree: int) -> None:
     """Refuse `train.fp8` / `train.fp8_experts` where they cannot run, with the fix, before anything starts."""
     flag = "train.fp8" if train.fp8 else "train.fp8_experts"
     if train.fp8_experts and strategy != "ep":

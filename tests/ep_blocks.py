@@ -16,11 +16,18 @@ from moectl.parallel.ep_dispatch import ExpertParallelMoE, GroupedExperts
 from moectl.worker import exit_without_finalization
 
 
-def tiny_hf_block(seed: int = 0):
-    """(model config, transformers' Qwen3-MoE block of layer 0) of the tiny preset, initialised from `seed`."""
+def tiny_model(seed: int = 0):
+    """(model config, transformers' Qwen3-MoE model) of the tiny preset in fp32 on the CPU, initialised
+    from `seed`."""
     cfg = build_config("tiny").model
     model = build_meta_model(cfg, torch.float32)
     materialize(model, torch.device("cpu"), random_init_source(cfg, seed))
+    return cfg, model
+
+
+def tiny_hf_block(seed: int = 0):
+    """(model config, transformers' Qwen3-MoE block of layer 0) of the tiny preset, initialised from `seed`."""
+    cfg, model = tiny_model(seed)
     return cfg, model.model.layers[0].mlp
 
 

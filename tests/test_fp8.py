@@ -12,17 +12,10 @@ import torch
 from moectl import fp8
 from moectl.config import build_config
 from moectl.errors import UsageError
-from moectl.model import build_meta_model, materialize, random_init_source
+from tests.ep_blocks import tiny_model
 from tests.util import refused_in_process
 
 pytest.importorskip("torchao.float8")  # the dev extra installs it
-
-
-def _tiny_model():
-    cfg = build_config("tiny").model
-    model = build_meta_model(cfg, torch.float32)
-    materialize(model, torch.device("cpu"), random_init_source(cfg, 0))
-    return cfg, model
 
 
 def _loss_and_grads(model, tokens):
@@ -36,7 +29,7 @@ def _loss_and_grads(model, tokens):
 def test_attention_projections_run_quantised_and_nothing_else_changes():
     """Exactly the attention q and o projections become Float8Linear (k, v, router, experts, lm_head stay); names and
     values are unchanged; the loss and gradients move by FP8's rounding, not more and not zero."""
-    cfg, model = _tiny_model()
+    cfg, model = tiny_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     loss_ref, grads_ref = _loss_and_grads(model, tokens)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moectl.faults import ExpertOverload
+from moectl.fp8 import grouped_mm_fp8
 from moectl.parallel.ep_checkpoint import Tape, TapeDeck
 
 
@@ -80,8 +81,6 @@ def grouped_linear(
     """
     if rows_per_group is None:
         if fp8:
-            from moectl.fp8 import grouped_mm_fp8
-
             return grouped_mm_fp8(x, weight, offsets)
         return grouped_mm_kernel(x, weight, offsets)
     chunks = x.split(rows_per_group)
