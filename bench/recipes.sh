@@ -330,3 +330,7 @@ recipe_one_gpu_fp8_h100() {  # what fits an H100 (80 GB): the cut's 50-step curv
   run fp8_proxy48_mb1_chunk 240 $PROXY $FP8 --global-batch 4 --micro-batch 1 --steps 7
   run bf16_proxy48_mb1_chunk 240 $PROXY --global-batch 4 --micro-batch 1 --steps 7
 }
+
+recipe_forked_workers() {  # workers forked from the launcher's worker server use the GPU (bench/forked_workers.py)
+  $PY bench/forked_workers.py "$RUNS/forked_workers" 2>&1 | tee "$OUT/forked_workers.log"
+}

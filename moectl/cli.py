@@ -125,6 +125,16 @@ def train(
     ] = False,
 ) -> None:
     """Train with one strategy and write a run directory (config.yaml, metrics.jsonl, summary.json, model/)."""
+    if (
+        not dry_run
+        and not under_torchrun()
+        and any((d or 1) > 1 for d in (nproc, dp_size, tp_size, ep_size, nnodes))
+    ):
+        # Workers will be launched: the server they are forked from imports torch and the training code
+        # while this process checks the config (moectl.worker.start_worker_server).
+        from moectl.worker import start_worker_server
+
+        start_worker_server()
     from rich.console import Console
 
     from moectl.config import merge_overrides, parse_set_option
@@ -345,7 +355,13 @@ def _leave_if_launched(code: int | str | None) -> None:
     """Exit without interpreter finalization where torch.distributed's elastic machinery ran in this
     process (an outside torchrun's worker, or a launcher whose workers are done); elsewhere return."""
     if under_torchrun() or "moectl.launch" in sys.modules:
+        import atexit
+
         from moectl.worker import exit_without_finalization
+
+        # The exit handlers still run (milliseconds): multiprocessing's remove the worker server's
+        # socket directory and release the agent's semaphores, which would otherwise be reported leaked.
+        atexit._run_exitfuncs()
 
         exit_without_finalization(code if isinstance(code, int) else int(code is not None))
 

@@ -1,7 +1,9 @@
 """Starting workers through torch.distributed's elastic launcher (the machinery behind torchrun).
 
 The agent watches its workers: when one dies, it stops the rest and raises, so a crashed rank ends
-the job with a non-zero code instead of leaving peers blocked in a collective.
+the job with a non-zero code instead of leaving peers blocked in a collective. The workers are forked
+from a server process that has already imported torch and the training code
+(`moectl.worker.start_worker_server`), so none of them spends seconds importing it again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import uuid
 from pathlib import Path
 
@@ -21,14 +22,12 @@ from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, Signa
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from moectl import worker
 from moectl.checkpoint import resume_hint
 from moectl.config import ParallelConfig
 from moectl.errors import WorkerFailed
 from moectl.faults import AGREED_STOP_LABEL, last_error_line
-from moectl.worker import PROGRESS_LINE, rank_log_path
-
-# Never let NCCL use NVLink multicast (NVLS): on shared hosts it can take the GPUs out of service.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+from moectl.worker import PROGRESS_LINE, rank_log_path, start_worker_server
 
 
 class ConsoleLogs(LogsSpecs):
@@ -62,7 +61,8 @@ def _agent_log(path: Path):
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     loggers = [
-        logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher")
+        logging.getLogger(name)
+        for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
     ]
     saved = [(logger.propagate, logger.level) for logger in loggers]
     for logger in loggers:
@@ -85,9 +85,8 @@ def _free_port() -> int:
 
 
 def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: Path, run_dir: Path) -> None:
-    """Run `python -m moectl.worker` on nproc_per_node local processes; rank 0's output on the console."""
-    for key, value in SAFE_ENV.items():
-        os.environ.setdefault(key, value)
+    """Run `moectl.worker.run` on nproc_per_node local processes; rank 0's output on the console."""
+    start_worker_server()
     # On SIGINT/SIGTERM the agent forwards the signal and waits this long before SIGKILL: the
     # workers finish their step and write a checkpoint (torch's default, 30 s, is short for big models).
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(parallel.timeout_s))
@@ -107,16 +106,14 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
         rdzv_configs={"rank": parallel.node_rank} if parallel.nnodes > 1 else {},
         max_restarts=0,
         monitor_interval=0.2,
-        start_method="spawn",
+        start_method="forkserver",
         logs_specs=logs,
     )
     if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:  # torch >= 2.12
         config.shutdown_timeout = parallel.timeout_s
     try:
         with _agent_log(run_dir / "logs" / "launcher.log"):
-            elastic_launch(config, sys.executable)(
-                "-u", "-m", "moectl.worker", str(config_path), str(run_dir)
-            )
+            elastic_launch(config, worker.run)(str(config_path), str(run_dir))
     except ChildFailedError as exc:
         raise _describe_failure(exc.failures, run_dir) from None
     except SignalException as exc:
@@ -124,38 +121,22 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
         raise WorkerFailed(f"stopped by {name}; {resume_hint(run_dir)}", 128 + exc.sigval) from None
 
 
-# Exit codes a worker returns on purpose after a clean, agreed stop (bad input, non-finite numbers,
-# a stop signal): every rank returns the same one and its message is the whole story.
+# Exit codes a worker returns on purpose after a clean stop (bad input, non-finite numbers, a stop
+# signal): its message is the whole story.
 CLEAN_STOP_CODES = {2, 3, 128 + signal.SIGINT, 128 + signal.SIGTERM}
 
 
-def _likely_cause(item: tuple[int, ProcessFailure], run_dir: Path) -> tuple[int, float, int]:
-    """Sort key, most likely root cause first. Once one worker fails, its peers fail *because* of
-    it: they lose their connection (an exception, exit code 1) or the agent stops them (SIGTERM).
-    So: killed by any other signal (SIGKILL, SIGSEGV, ...) < exited with an error < SIGTERM; within a
-    kind, the rank whose log was written last the earliest (the peers' "connection closed" tracebacks
-    come after the cause's own), then the agent's detection time."""
-    rank, failure = item
-    if failure.exitcode < 0:
-        kind = 2 if -failure.exitcode == signal.SIGTERM else 0
-    else:
-        kind = 1
-    try:
-        last_written = rank_log_path(run_dir, rank).stat().st_mtime
-    except OSError:
-        last_written = float(failure.timestamp)
-    return kind, last_written, rank
-
-
 def _describe_failure(failures: dict[int, ProcessFailure], run_dir: Path) -> WorkerFailed:
-    """Name the rank that failed first, with the last line of its log (its traceback stays there)."""
-    rank, failure = min(failures.items(), key=lambda item: _likely_cause(item, run_dir))
+    """Name the rank that failed, with the last line of its log (its traceback stays there).
+
+    The agent reports the first worker it finds ended, and that one is the cause: a peer that loses
+    it in a collective stays up until the agent stops it (`moectl.worker.PEER_FAILURE_GRACE_S`).
+    """
+    rank, failure = min(failures.items())
     detail = _last_error_line(rank_log_path(run_dir, rank))
-    # All ranks agreed on the stop; a peer may still have been stopped by the agent (SIGTERM) first.
-    agreed = all(f.exitcode in (failure.exitcode, -signal.SIGTERM) for f in failures.values())
-    if failure.exitcode in CLEAN_STOP_CODES and agreed and detail:
+    if failure.exitcode in CLEAN_STOP_CODES and detail:
         return WorkerFailed(f"{detail.partition(': ')[2] or detail} (rank {rank})", failure.exitcode)
-    if agreed and detail.startswith(f"{AGREED_STOP_LABEL}: "):  # the message names the rank at fault
+    if detail.startswith(f"{AGREED_STOP_LABEL}: "):  # the message names the rank at fault
         return WorkerFailed(f"{detail.partition(': ')[2]}; {resume_hint(run_dir)}", failure.exitcode)
     how = (
         f"was killed by signal {failure.signal_name()}"

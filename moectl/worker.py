@@ -1,21 +1,46 @@
-"""Entry point of one worker process started by the elastic launcher: `python -m moectl.worker CONFIG RUN_DIR`.
+"""Entry point of one worker process started by the elastic launcher (`run`, forked by the launcher's
+worker server, see moectl.launch).
 
 Every rank writes its stdout and stderr (tracebacks, warnings, C-level output) to
-`RUN_DIR/logs/rank<k>.log`; global rank 0 also keeps the console for its progress. The log is set up
-before anything heavy is imported, so even an import-time warning lands in it.
+`RUN_DIR/logs/rank<k>.log`; global rank 0 also keeps the console for its progress. What the worker
+server's imports printed (import-time warnings) is written there too.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+# Never let NCCL use NVLink multicast (NVLS): on shared hosts it can take the GPUs out of service.
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
 #: lines a rank log holds that are progress, not errors: the header below and rank 0's step lines
 PROGRESS_LINE = re.compile(r"(== moectl worker rank |step \d+: |resumed at step )")
+
+
+def start_worker_server() -> None:
+    """Start the process the launcher's workers are forked from (multiprocessing's fork server), now.
+
+    It imports what every worker needs (moectl.worker_imports) once, beside the launcher's own start-up,
+    instead of each worker importing it again: seconds of CPU per worker. The server copies this
+    process's environment as it starts, so the workers' environment is set first. Calling it again
+    does nothing. Imports nothing heavy, so the launcher calls it before it imports torch.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    for key, value in SAFE_ENV.items():
+        os.environ.setdefault(key, value)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__", "moectl.worker_imports"])
+    forkserver.ensure_running()
 
 
 def rank_log_path(run_dir: Path, rank: int) -> Path:
@@ -40,13 +65,90 @@ def redirect_output_to_log(run_dir: Path, rank: int) -> TextIO | None:
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
+    # A forked worker inherits block-buffered streams: line buffering keeps the log current for a
+    # rank that is killed.
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
     world = os.environ.get("WORLD_SIZE", "?")
     print(f"== moectl worker rank {rank} of {world}, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return console
 
 
+def import_capturing_output(import_modules: Callable[[], None]) -> bytes:
+    """Run `import_modules` with file descriptors 1 and 2 sent to a buffer; return what it printed
+    (the worker server's imports, `moectl.worker_imports`).
+
+    An import that fails is printed there too and otherwise ignored: each worker imports again and
+    reports the error in its own log.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 1)
+        os.dup2(capture.fileno(), 2)
+        try:
+            import_modules()
+        except Exception:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+        capture.seek(0)
+        return capture.read()
+
+
+def run(config_path: str, run_dir: str) -> None:
+    """The elastic launcher's entry point: return on success, leave with the exit code otherwise.
+
+    The launcher's agent reads a worker's success from its return (it waits for every rank's); any
+    other outcome is the process's exit code, with the traceback of an unexpected error in the log.
+    """
+    try:
+        code = main(config_path, run_dir)
+    except BaseException as exc:
+        traceback.print_exc()
+        code = 1
+        if _lost_a_peer(exc):
+            _wait_to_be_stopped(PEER_FAILURE_GRACE_S)
+    if code:
+        exit_without_finalization(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+#: How long a worker whose collective failed stays up before it exits. The agent reports the first
+#: worker it sees end (it checks every 0.2 s): the rank that crashed or was killed, not the peers that
+#: lost it a moment later. The agent stops the waiting peers itself, so nothing waits this long but a
+#: node whose failed peer sits on another node.
+PEER_FAILURE_GRACE_S = 3.0
+
+
+def _lost_a_peer(exc: BaseException) -> bool:
+    """A collective failed: a peer died or hung (gloo raises RuntimeErrors from its transport, NCCL
+    and the store torch.distributed's errors)."""
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError) or isinstance(exc, RuntimeError) and "gloo/transport" in str(exc)
+
+
+def _wait_to_be_stopped(seconds: float) -> None:
+    """Sleep, ended at once by the agent's SIGTERM (or a Ctrl-C): the signals' default actions again."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    time.sleep(seconds)
+
+
 def main(config_path: str, run_dir: str) -> int:
     console = redirect_output_to_log(Path(run_dir), int(os.environ.get("RANK", "0")))
+    server_imports = sys.modules.get("moectl.worker_imports")  # forked from the worker server
+    if server_imports is not None and server_imports.OUTPUT:
+        sys.stderr.write(server_imports.OUTPUT.decode(errors="replace"))
 
     import torch.distributed as dist
 

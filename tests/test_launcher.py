@@ -11,6 +11,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+import torch.distributed as dist
+
+from moectl.worker import _lost_a_peer, import_capturing_output
 from tests.util import (
     NUMERICS_ARGS,
     NUMERICS_STEPS,
@@ -65,8 +69,19 @@ def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_re
     plugin = tmp_path / "killer.py"
     plugin.write_text(KILLER_PLUGIN)
     run_dir = tmp_path / "run"
+    scratch = tmp_path / "tmp"  # the launcher's temporary files (its worker server's socket) go here
+    scratch.mkdir()
     flags = ["--nproc", "2", "--checkpoint-every", "2", "--set", f"parallel.timeout_s={COLLECTIVE_TIMEOUT_S}"]
-    result = run_moectl("train", "--strategy", str(plugin), "--run-dir", str(run_dir), *flags, *NUMERICS_ARGS)
+    result = run_moectl(
+        "train",
+        "--strategy",
+        str(plugin),
+        "--run-dir",
+        str(run_dir),
+        *flags,
+        *NUMERICS_ARGS,
+        env={"TMPDIR": str(scratch)},
+    )
     ended = time.time()
     assert plugin.with_suffix(".killed").exists(), f"rank 1 never reached step 3:\n{result.stderr[-3000:]}"
     killed = float(plugin.with_suffix(".killed").read_text())
@@ -81,6 +96,7 @@ def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_re
     assert not (run_dir / "model").exists()
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["launcher.log", "rank0.log", "rank1.log"]
     assert "step 1:" in (run_dir / "logs" / "rank0.log").read_text()
+    assert list(scratch.iterdir()) == [], "the launcher left temporary files"
 
     complete = [p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()]
     assert complete == [f"step_{KILLED_AT_STEP - 1:06d}"], complete
@@ -150,3 +166,47 @@ def test_two_nodes_on_localhost_train_like_single(tmp_path, single_reference):
     assert (run_dir / "logs" / "rank0.log").is_file(), "node 0 wrote no worker log"
     assert (run_dir / "node1" / "logs" / "rank1.log").is_file(), "node 1 wrote no worker log"
     assert sorted(p.name for p in (run_dir / "node1").iterdir()) == ["config.yaml", "logs"]
+
+
+def test_the_worker_servers_import_output_is_kept_for_the_rank_logs(capfd, monkeypatch):
+    """What the worker server's imports print (through Python's streams, as warnings do, or straight to
+    the file descriptors, as C code does; a failed import's traceback) is kept for the workers' logs,
+    never shown on the launcher's console."""
+    # Python's streams on file descriptors 1 and 2, as in the server (pytest's own capture bypasses them).
+    monkeypatch.setattr(sys, "stdout", open(1, "w", closefd=False))  # noqa: SIM115
+    monkeypatch.setattr(sys, "stderr", open(2, "w", closefd=False))  # noqa: SIM115
+
+    def noisy_imports():
+        print("printed by Python")
+        print("UserWarning: an import-time warning", file=sys.stderr)
+        os.write(1, b"written to fd 1\n")
+        os.write(2, b"written to fd 2\n")
+        raise ImportError("a module that fails to import")
+
+    kept = import_capturing_output(noisy_imports).decode()
+    for text in ("printed by Python", "an import-time warning", "written to fd 1", "written to fd 2"):
+        assert text in kept, kept
+    assert "ImportError: a module that fails to import" in kept
+    console = capfd.readouterr()
+    assert (console.out, console.err) == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("error", "lost_a_peer"),
+    [
+        (
+            RuntimeError(
+                "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"
+            ),
+            True,
+        ),
+        (dist.DistBackendError("NCCL error: remote process exited or there was a network error"), True),
+        (dist.DistNetworkError("failed to recv, got 0 bytes"), True),
+        (RuntimeError("rank one exploded on purpose"), False),
+        (ValueError("a bug of the worker's own"), False),
+    ],
+)
+def test_only_a_worker_that_lost_a_peer_waits_to_be_stopped(error, lost_a_peer):
+    """A worker whose collective failed stays up so the agent reports the rank that failed first (the
+    dead-worker tests above and in test_console check the whole story); its own errors end it at once."""
+    assert _lost_a_peer(error) is lost_a_peer
