@@ -1,18 +1,22 @@
 """Session fixtures: each parallel layout trains once, and every test that needs it (numerics against
 `single`, the checkpoint/resume ring, loading in transformers) reads that one run.
 
-Why: a run's cost is almost all process start-up (a 2-process run pays for three interpreters
-importing torch and transformers); its steps are cheap. So the suite trains each layout once, for
-NUMERICS_STEPS steps with checkpoints along the way, instead of re-running it in every file.
+Why: a run's cost is mostly start-up (a launched run pays for two interpreters importing torch and
+transformers: the launcher and the worker server its workers are forked from); its steps are cheap.
+So the suite trains each layout once, for NUMERICS_STEPS steps with checkpoints along the way, instead
+of re-running it in every file, and starts the multi-process ones ahead on a background lane.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,83 +39,150 @@ from tests.util import NUMERICS_ARGS, REPO, run_as_printed, train_run  # noqa: E
 EXPERT_PREFERENCE = torch.tensor([3.0, 2.5, 1.0, 0.5, -6.0, -6.0, -6.0, -6.0])
 
 
+class BackgroundLane:
+    """One background thread that runs the session's long subprocess work one job after another,
+    beside the tests: `start(key, fn, *args)` queues a job once, `result(key)` waits for it.
+
+    Why: with workers forked from a preloaded server, a launched run keeps about one of the two cores
+    busy (the server's imports, then the workers' short steps), so a run started ahead on the other
+    core is mostly free. Only subprocesses run here: an in-process run redirects this process's output."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-runs")
+        self.jobs: dict[Hashable, Future] = {}
+
+    def start(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> None:
+        if key not in self.jobs:
+            self.jobs[key] = self.executor.submit(fn, *args)
+
+    def started(self, key: Hashable) -> bool:
+        return key in self.jobs
+
+    def result(self, key: Hashable) -> Any:
+        return self.jobs[key].result()
+
+
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Callable[[str], Path]:
+def background_lane() -> Iterator[BackgroundLane]:
+    lane = BackgroundLane()
+    yield lane
+    lane.executor.shutdown(wait=True, cancel_futures=True)  # a session that ended early: drop the queue
+
+
+class TrainedLayouts:
     """`trained(name)`: the run directory of layout `name` (tests/layouts.py) trained with
-    NUMERICS_ARGS and checkpoints (LAYOUT_RUN_ARGS); made on first use, then shared, its console output
-    too (tests/util.py `console_output`). Treat it as read-only: copy it before resuming from it."""
-    made: dict[str, Path] = {}
+    NUMERICS_ARGS and checkpoints (LAYOUT_RUN_ARGS); made once, then shared, its console output too
+    (tests/util.py `console_output`). Treat it as read-only: copy it before resuming from it.
 
-    def get(name: str) -> Path:
-        if name not in made:
-            run_dir = tmp_path_factory.mktemp(f"layout-{name}") / "run"
-            args = [*LAYOUTS[name], *NUMERICS_ARGS, *LAYOUT_RUN_ARGS]
-            one_process = runs_in_one_process(LAYOUTS[name])
-            made[name] = train_run(run_dir, *args, in_process=one_process, keep_output=True)
-        return made[name]
+    A multi-process layout may be started ahead on the background lane (`start`); a one-process layout
+    runs in this process when first asked for."""
 
-    return get
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, lane: BackgroundLane) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.lane = lane
+        self.made: dict[str, Path] = {}
+
+    def _command(self, name: str) -> list[Path | str]:
+        # The directory is made here, on the test thread: pytest's temporary directories are not
+        # thread-safe (the session's base directory is made on first use).
+        run_dir = self.tmp_path_factory.mktemp(f"layout-{name}") / "run"
+        return [run_dir, *LAYOUTS[name], *NUMERICS_ARGS, *LAYOUT_RUN_ARGS]
+
+    def start(self, name: str) -> None:
+        if not runs_in_one_process(LAYOUTS[name]) and not self.lane.started(("layout", name)):
+            self.lane.start(
+                ("layout", name), functools.partial(train_run, keep_output=True), *self._command(name)
+            )
+
+    def __call__(self, name: str) -> Path:
+        if name not in self.made:
+            if self.lane.started(("layout", name)):
+                self.made[name] = self.lane.result(("layout", name))
+            else:
+                in_process = runs_in_one_process(LAYOUTS[name])
+                self.made[name] = train_run(*self._command(name), in_process=in_process, keep_output=True)
+        return self.made[name]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, background_lane) -> TrainedLayouts:
+    return TrainedLayouts(tmp_path_factory, background_lane)
 
 
 class ReadmeRuns:
     """README commands run as printed (installed console script, shell) from `cwd`, a fresh directory
-    that holds only a link to the repository's examples. Each command runs once, on a background
-    thread, one after another: `start` queues it, and calling the object with a command waits for its
-    result (queuing it first if needed); the result is then shared."""
+    that holds only a link to the repository's examples. Each command runs once, on the background
+    lane: `start` queues it, and calling the object with a command waits for its result (queuing it
+    first if needed); the result is then shared."""
 
-    def __init__(self, cwd: Path):
+    def __init__(self, cwd: Path, lane: BackgroundLane):
         self.cwd = cwd
+        self.lane = lane
         # The environment as the session starts: tests change os.environ (monkeypatch) while a queued
         # command may be starting on the background thread.
         self.environ = dict(os.environ)
-        self.results: dict[str, Future[subprocess.CompletedProcess]] = {}
-        self.lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readme-commands")
 
     def start(self, command: str) -> None:
-        if command not in self.results:
-            self.results[command] = self.lane.submit(run_as_printed, command, self.cwd, 1500, self.environ)
+        self.lane.start(("readme", command), run_as_printed, command, self.cwd, 1500, self.environ)
 
     def __call__(self, command: str) -> subprocess.CompletedProcess:
         self.start(command)
-        return self.results[command].result()
+        return self.lane.result(("readme", command))
 
 
 @pytest.fixture(scope="session")
-def readme_run(tmp_path_factory) -> Iterator[ReadmeRuns]:
+def readme_run(tmp_path_factory, background_lane) -> ReadmeRuns:
     """The README's commands, each run once per session: test_out_of_the_box runs every one, and
     test_bench reads the bench showcase's output, test_layout the plugin example's run."""
     cwd = tmp_path_factory.mktemp("readme")
     (cwd / "examples").symlink_to(REPO / "examples")
-    runs = ReadmeRuns(cwd)
-    yield runs
-    runs.lane.shutdown(wait=True, cancel_futures=True)  # a session that ended early: drop what is queued
+    return ReadmeRuns(cwd, background_lane)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "readme(*commands): README commands the test reads through `readme_run`; they start on a "
-        "background thread as the session starts, and the test runs last",
+        "readme(*commands): README commands the test reads through `readme_run`; they start on the "
+        "background lane as the session starts, and the test runs last",
+    )
+    config.addinivalue_line(
+        "markers",
+        "layouts(*names): layouts of tests/layouts.py the test reads through `trained` other than its "
+        "parameters; they start on the background lane as the session starts",
     )
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked `readme` run last, so that their commands, started as the session starts
-    (`readme_commands_ahead`), run beside the other tests. Why: the suite's own processes keep about
-    1.4 of 2 cores busy, and the bench showcase alone takes a minute and a half."""
+    (`background_runs_ahead`), run beside the other tests. Why: the bench showcase alone takes a minute
+    and a half."""
     reads_readme = [item for item in items if item.get_closest_marker("readme")]
     items[:] = [item for item in items if not item.get_closest_marker("readme")] + reads_readme
 
 
+def _layouts_read(item: pytest.Item) -> list[str]:
+    """The layouts a test reads through `trained`: its `layouts` marker, and its parameters that name one."""
+    if "trained" not in inspect.signature(getattr(item, "function", lambda: None)).parameters:
+        return []
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec is not None else ()
+    named = [value for value in params if isinstance(value, str) and value in LAYOUTS]
+    return [name for marker in item.iter_markers("layouts") for name in marker.args] + named
+
+
 @pytest.fixture(scope="session", autouse=True)
-def readme_commands_ahead(request: pytest.FixtureRequest) -> None:
-    """Queue the README commands that the session's `readme` tests read, in the order they are read."""
+def background_runs_ahead(request: pytest.FixtureRequest) -> None:
+    """Queue, as the session starts, the multi-process layouts its tests read (in the order the tests
+    come), then the README commands its `readme` tests read (those tests run last)."""
+    items = request.session.items
+    layouts = [name for item in items for name in _layouts_read(item)]
+    if layouts:
+        trained = request.getfixturevalue("trained")
+        for name in layouts:
+            trained.start(name)
     commands = [
-        command
-        for item in request.session.items
-        for marker in item.iter_markers("readme")
-        for command in marker.args
+        command for item in items for marker in item.iter_markers("readme") for command in marker.args
     ]
     if commands:
         runs = request.getfixturevalue("readme_run")

@@ -77,6 +77,7 @@ def test_resume_under_another_layout_matches_single(
     assert f"strategy: {RING[resumed_by][1]}" in saved_config  # the run now records its new layout
 
 
+@pytest.mark.layouts("ddp")
 def test_checkpoint_contents_are_canonical_and_pruned(trained):
     """Keys are plain HF names (no wrapper prefixes), so any strategy can load them; only the newest
     `keep_checkpoints` survive; each holds the step, the world size and every rank's RNG."""

@@ -150,6 +150,7 @@ def test_a_terminal_gets_a_progress_bar_with_eta(tmp_path):
     assert "done: run directory" in text
 
 
+@pytest.mark.layouts("ddp")
 def test_a_launched_run_prints_rank_0_unprefixed_and_logs_each_rank(trained):
     """The suite's shared ddp run on 2 processes (tests/layouts.py): what its console showed."""
     run_dir = trained("ddp")

@@ -17,6 +17,7 @@ def test_ep_matches_single(trained, single_reference, layout):
     assert_same_training(trained(layout), single_reference)
 
 
+@pytest.mark.layouts("ep")
 def test_full_state_dict_has_single_keys_shapes_and_every_expert(trained, single_reference):
     ep_weights, single_weights = (
         load_weights(trained("ep") / "model"),

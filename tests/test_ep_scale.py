@@ -315,6 +315,7 @@ def test_ep_at_scale_trains_what_single_trains(tmp_path, skewed_model, skewed_si
     assert_exchanged_tokens(run)
 
 
+@pytest.mark.layouts("ep")
 def test_the_shared_ep_layout_counts_its_exchanges(trained):
     """(Its numerics: test_ep.py.)"""
     assert_exchanged_tokens(trained("ep"))

@@ -17,6 +17,7 @@ from strategies.fsdp import FSDP
 from tests.util import assert_same_training, run_moectl_in_process
 
 
+@pytest.mark.layouts("fsdp")
 def test_fsdp_matches_single(trained, single_reference):
     """2 processes, 4 micro-batches each (the reduce-scatter deferred to the last), activation
     checkpointing and the chunked loss on (tests/layouts.py); fsdp on 4 processes runs under ep_fsdp
