@@ -44,9 +44,13 @@ def test_accumulation_equals_one_big_micro_batch(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
-def test_compiled_layers_and_loss_train_the_same_model(tmp_path, single_reference):
-    """train.compile=true (each decoder layer and the loss through Inductor) changes speed, not the model."""
-    run = train_run(tmp_path / "compiled", *NUMERICS_ARGS, "--set", "train.compile=true")
+def test_compiled_layers_and_loss_with_selective_recompute_train_the_same_model(tmp_path, single_reference):
+    """train.compile=true (each decoder layer and the loss through Inductor) with
+    activation_checkpointing=selective (the partitioner's recompute flags on those compiled graphs)
+    changes speed, not the model. One run for both: selective adds only the flags to the compiled
+    layers (tests/test_speed_levers.py checks what they save), and each compile costs seconds here."""
+    compiled = ["--set", "train.compile=true", "--set", "train.activation_checkpointing=selective"]
+    run = train_run(tmp_path / "compiled", *NUMERICS_ARGS, *compiled)
     assert_same_training(run, single_reference)
 
 
@@ -86,6 +90,7 @@ def _expected_per_expert(fused: dict[str, torch.Tensor], num_experts: int) -> di
     return out
 
 
+@pytest.mark.layouts("ep_fsdp")
 def test_a_distributed_run_loads_in_transformers_with_its_weights_and_logits(trained, single_reference):
     """ep 2 on 4 processes with FSDP: experts gathered from shards over replicas and EP ranks. Plain
     from_pretrained finds every key (it would fill a missing one with random values and only warn),
