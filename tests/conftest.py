@@ -61,6 +61,11 @@ class BackgroundLane:
     def result(self, key: Hashable) -> Any:
         return self.jobs[key].result()
 
+    def result_or_run(self, key: Hashable, job: Callable[[], Any]) -> Any:
+        """The result of the job started ahead under `key`, or of `job` run here and now (a session
+        that did not start it: running it behind the lane's queue would wait for everything before it)."""
+        return self.result(key) if self.started(key) else job()
+
 
 @pytest.fixture(scope="session")
 def background_lane() -> Iterator[BackgroundLane]:
@@ -174,13 +179,25 @@ def _layouts_read(item: pytest.Item) -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def background_runs_ahead(request: pytest.FixtureRequest) -> None:
     """Queue, as the session starts, the multi-process layouts its tests read (in the order the tests
-    come), then the README commands its `readme` tests read (those tests run last)."""
+    come), then each test module's own long runs (a module's `start_ahead(lane, request, items)`,
+    given its collected tests and this request for session fixtures; its tests and fixtures read them
+    with `result_or_run`), then the README commands its `readme` tests read
+    (those tests run last)."""
     items = request.session.items
     layouts = [name for item in items for name in _layouts_read(item)]
     if layouts:
         trained = request.getfixturevalue("trained")
         for name in layouts:
             trained.start(name)
+    # Modules in the order their first test reads the lane comes (the readme tests come last).
+    first_read: dict = {}
+    for index, item in enumerate(items):
+        if "background_lane" in getattr(item, "fixturenames", ()):
+            first_read.setdefault(item.module, index)
+    for module in sorted(first_read, key=first_read.get):
+        if hasattr(module, "start_ahead"):
+            lane = request.getfixturevalue("background_lane")
+            module.start_ahead(lane, request, [item for item in items if item.module is module])
     commands = [
         command for item in items for marker in item.iter_markers("readme") for command in marker.args
     ]

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from tests.util import (
     REPO,
     assert_same_training,
     losses,
+    run_moectl,
     run_moectl_in_process,
 )
 
@@ -242,29 +244,31 @@ def test_the_default_strategies_are_the_builtins_single_first():
     assert found[0] == "single" and set(BUILTINS) <= set(found), found
 
 
-@pytest.fixture(scope="module")
-def drift_and_broken_bench(tmp_path_factory):
+def _drift_and_broken_bench(tmp_path_factory) -> Callable[[], tuple]:
     """A plugin that fails, then one that trains another model, with --verify and --prune-models."""
     root = tmp_path_factory.mktemp("drift_bench")
     drift, broken = root / "drift.py", root / "broken_plugin.py"
     drift.write_text(DRIFT_PLUGIN)
     broken.write_text(BROKEN_PLUGIN)
     out = root / "out"
-    result = run_moectl_in_process(
-        "bench",
-        "--strategies",
-        f"{broken},{drift}",
-        "--strategy-args",
-        "drift:--nproc 1",
-        "--nproc",
-        "2",
-        *SMALL,
-        "--verify",
-        "--prune-models",
-        "--out",
-        str(out),
-    )
-    return result, out, json.loads((out / "bench.json").read_text())
+    strategies = ["--strategies", f"{broken},{drift}", "--strategy-args", "drift:--nproc 1", "--nproc", "2"]
+
+    def bench() -> tuple:
+        result = run_moectl("bench", *strategies, *SMALL, "--verify", "--prune-models", "--out", str(out))
+        return result, out, json.loads((out / "bench.json").read_text())
+
+    return bench
+
+
+def start_ahead(lane, request, items) -> None:
+    tmp_path_factory = request.getfixturevalue("tmp_path_factory")
+    if any("drift_and_broken_bench" in item.fixturenames for item in items):
+        lane.start("drift-bench", _drift_and_broken_bench(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def drift_and_broken_bench(background_lane, tmp_path_factory):
+    return background_lane.result_or_run("drift-bench", lambda: _drift_and_broken_bench(tmp_path_factory)())
 
 
 def test_separate_reference_a_model_that_trains_differently_and_pruned_models(drift_and_broken_bench):

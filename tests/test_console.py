@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,14 +60,28 @@ def test_help_shows_flags_plainly():
     assert "--set SECTION.KEY=VALUE" in train
 
 
+def _plain_run(tmp_path_factory) -> Callable[[], tuple[Path, subprocess.CompletedProcess]]:
+    run_dir = tmp_path_factory.mktemp("console") / "run"
+
+    def run() -> tuple[Path, subprocess.CompletedProcess]:
+        result = run_moectl("train", "--run-dir", str(run_dir), *TINY_RUN, "--checkpoint-every", "3")
+        assert result.returncode == 0, result.stderr
+        return run_dir, result
+
+    return run
+
+
+def start_ahead(lane, request, items) -> None:
+    tmp_path_factory = request.getfixturevalue("tmp_path_factory")
+    if any("plain_run" in item.fixturenames for item in items):
+        lane.start("console-plain-run", _plain_run(tmp_path_factory))
+
+
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def plain_run(background_lane, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One `moectl train` of 3 steps as a subprocess (output not a terminal), with a checkpoint at the
     end: its console output and run directory, shared by the tests below (copy it to change it)."""
-    run_dir = tmp_path_factory.mktemp("console") / "run"
-    result = run_moectl("train", "--run-dir", str(run_dir), *TINY_RUN, "--checkpoint-every", "3")
-    assert result.returncode == 0, result.stderr
-    return run_dir, result
+    return background_lane.result_or_run("console-plain-run", lambda: _plain_run(tmp_path_factory)())
 
 
 def test_step_lines_say_per_device_and_warm_up_is_not_timed(plain_run):

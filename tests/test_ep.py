@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,11 +47,25 @@ SKEWED_LAYOUTS = {
 }
 
 
+def _skewed_run(request, layout: str) -> Callable[[], Path]:
+    run_dir = request.getfixturevalue("tmp_path_factory").mktemp(f"skewed-{layout}") / "run"
+    args = [*SKEWED_LAYOUTS[layout], "--model", str(request.getfixturevalue("skewed_model")), *NUMERICS_ARGS]
+    return lambda: train_run(run_dir, *args)
+
+
+def start_ahead(lane, request, items) -> None:
+    """The skewed runs start on the background lane."""
+    for item in items:
+        if item.originalname == "test_unbalanced_routing_still_matches_single":
+            layout = item.callspec.params["layout"]
+            lane.start(("skewed", layout), _skewed_run(request, layout))
+
+
 @pytest.mark.parametrize("layout", list(SKEWED_LAYOUTS))
-def test_unbalanced_routing_still_matches_single(tmp_path, skewed_model, skewed_single, layout):
+def test_unbalanced_routing_still_matches_single(request, background_lane, skewed_single, layout):
     """Idle experts, an idle EP rank and a hot one: still the same training, no hang."""
-    args = [*SKEWED_LAYOUTS[layout], "--model", str(skewed_model), *NUMERICS_ARGS]
-    assert_same_training(train_run(tmp_path / "run", *args), skewed_single)
+    run = background_lane.result_or_run(("skewed", layout), lambda: _skewed_run(request, layout)())
+    assert_same_training(run, skewed_single)
 
 
 # ---- validation ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -305,12 +306,25 @@ def assert_exchanged_tokens(run: Path) -> None:
     assert all(record["a2a_bytes_per_step"] > 0 for record in metrics)
 
 
+def _scale_run(request, layout: str) -> Callable[[], Path]:
+    run_dir = request.getfixturevalue("tmp_path_factory").mktemp(f"scale-{layout}") / "run"
+    args = [*SCALE_LAYOUTS[layout], "--model", str(request.getfixturevalue("skewed_model"))]
+    return lambda: train_run(run_dir, "--strategy", "ep", *args, *NUMERICS_ARGS)
+
+
+def start_ahead(lane, request, items) -> None:
+    """The runs at scale (4 processes each) start on the background lane."""
+    for item in items:
+        if item.originalname == "test_ep_at_scale_trains_what_single_trains":
+            layout = item.callspec.params["layout"]
+            lane.start(("scale", layout), _scale_run(request, layout))
+
+
 @pytest.mark.parametrize("layout", list(SCALE_LAYOUTS))
-def test_ep_at_scale_trains_what_single_trains(tmp_path, skewed_model, skewed_single, layout):
+def test_ep_at_scale_trains_what_single_trains(request, background_lane, skewed_single, layout):
     """ep at 2 and 4, with and without FSDP (with expert replicas, and without: experts then stay out of
     FSDP), with checkpointing, chunks and skewed routing: every tensor's update as `single`'s."""
-    args = [*SCALE_LAYOUTS[layout], "--model", str(skewed_model)]
-    run = train_run(tmp_path / "run", "--strategy", "ep", *args, *NUMERICS_ARGS)
+    run = background_lane.result_or_run(("scale", layout), lambda: _scale_run(request, layout)())
     assert_same_training(run, skewed_single)
     assert_exchanged_tokens(run)
 

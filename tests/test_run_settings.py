@@ -6,6 +6,7 @@ resharded), each time against `single` with the same flags.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,29 +29,72 @@ from tests.util import (
 SEED = 1
 
 
+_settings: list[str] = []
+
+
+def _settings_args(tmp_path_factory) -> list[str]:
+    """The flags every run of this file shares, with its token file (written once per session)."""
+    if not _settings:
+        tokens = tmp_path_factory.mktemp("data") / "tokens.bin"
+        rng = np.random.default_rng(0)
+        # A learnable stream: a fixed walk through the vocabulary with 10 % random tokens.
+        stream = (np.arange(20_000) * 37 % 128).astype(np.uint16)
+        noisy = rng.random(stream.size) < 0.1
+        stream[noisy] = rng.integers(0, 128, noisy.sum(), dtype=np.uint16)
+        stream.tofile(tokens)
+        _settings.extend(
+            [
+                "--seed",
+                str(SEED),
+                "--data",
+                str(tokens),
+                "--set",
+                "train.optimizer=adamw",
+                "--set",
+                "train.lr=0.01",
+                "--set",
+                "model.tie_word_embeddings=true",
+                *NUMERICS_ARGS,
+                *LAYOUT_RUN_ARGS,
+            ]
+        )
+    return _settings
+
+
+def _ep_run(tmp_path_factory) -> Callable[[], Path]:
+    run_dir = tmp_path_factory.mktemp("settings-ep4") / "run"
+    args = ["--strategy", "ep", "--ep-size", "4", *_settings_args(tmp_path_factory)]
+    return lambda: train_run(run_dir, *args)
+
+
+def _resumed_under_tp(tmp_path_factory, ep_run: Callable[[], Path]) -> Callable[[], Path]:
+    """ep 4's run from its step-4 checkpoint, finished under tp 2."""
+    run_dir = tmp_path_factory.mktemp("settings-resumed") / "run"
+
+    def resume_under_tp() -> Path:
+        run = rewind(ep_run(), run_dir, RESUME_STEP)
+        result = resume(run, LAYOUTS["tp"])
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert f"resumed at step {RESUME_STEP} of {NUMERICS_STEPS}" in result.stdout
+        return run
+
+    return resume_under_tp
+
+
+def start_ahead(lane, request, items) -> None:
+    """The two multi-process runs start on the background lane, the resume after the run it resumes."""
+    tmp_path_factory = request.getfixturevalue("tmp_path_factory")
+    if any("ep_run" in item.fixturenames for item in items):
+        lane.start("settings-ep4", _ep_run(tmp_path_factory))
+    if any("resumed_under_tp" in item.fixturenames for item in items):
+        lane.start(
+            "settings-resumed", _resumed_under_tp(tmp_path_factory, lambda: lane.result("settings-ep4"))
+        )
+
+
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory) -> list[str]:
-    tokens = tmp_path_factory.mktemp("data") / "tokens.bin"
-    rng = np.random.default_rng(0)
-    # A learnable stream: a fixed walk through the vocabulary with 10 % random tokens.
-    stream = (np.arange(20_000) * 37 % 128).astype(np.uint16)
-    noisy = rng.random(stream.size) < 0.1
-    stream[noisy] = rng.integers(0, 128, noisy.sum(), dtype=np.uint16)
-    stream.tofile(tokens)
-    return [
-        "--seed",
-        str(SEED),
-        "--data",
-        str(tokens),
-        "--set",
-        "train.optimizer=adamw",
-        "--set",
-        "train.lr=0.01",
-        "--set",
-        "model.tie_word_embeddings=true",
-        *NUMERICS_ARGS,
-        *LAYOUT_RUN_ARGS,
-    ]
+    return _settings_args(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +103,15 @@ def single_run(tmp_path_factory, settings) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ep_run(tmp_path_factory, settings) -> Path:
-    return train_run(
-        tmp_path_factory.mktemp("settings-ep4") / "run", "--strategy", "ep", "--ep-size", "4", *settings
-    )
+def ep_run(background_lane, tmp_path_factory) -> Path:
+    return background_lane.result_or_run("settings-ep4", lambda: _ep_run(tmp_path_factory)())
 
 
 @pytest.fixture(scope="module")
-def resumed_under_tp(tmp_path_factory, ep_run) -> Path:
-    """ep 4's run from its step-4 checkpoint, finished under tp 2."""
-    run = rewind(ep_run, tmp_path_factory.mktemp("settings-resumed") / "run", RESUME_STEP)
-    result = resume(run, LAYOUTS["tp"])
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert f"resumed at step {RESUME_STEP} of {NUMERICS_STEPS}" in result.stdout
-    return run
+def resumed_under_tp(background_lane, tmp_path_factory, ep_run) -> Path:
+    return background_lane.result_or_run(
+        "settings-resumed", lambda: _resumed_under_tp(tmp_path_factory, lambda: ep_run)()
+    )
 
 
 def test_ep_honours_seed_data_file_adamw_and_tied_embeddings(single_run, ep_run):
