@@ -178,26 +178,26 @@ def _layouts_read(item: pytest.Item) -> list[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def background_runs_ahead(request: pytest.FixtureRequest) -> None:
-    """Queue, as the session starts, the multi-process layouts its tests read (in the order the tests
-    come), then each test module's own long runs (a module's `start_ahead(lane, request, items)`,
-    given its collected tests and this request for session fixtures; its tests and fixtures read them
-    with `result_or_run`), then the README commands its `readme` tests read
-    (those tests run last)."""
+    """Queue, as the session starts, the long runs its tests will read, in the order the tests come:
+    the multi-process layouts they read through `trained`, and each test module's own runs (a module's
+    `start_ahead(lane, request, items)`, given its collected tests and this request for session
+    fixtures; its tests and fixtures read them with `result_or_run`). Then the README commands its
+    `readme` tests read (those tests run last)."""
     items = request.session.items
-    layouts = [name for item in items for name in _layouts_read(item)]
-    if layouts:
-        trained = request.getfixturevalue("trained")
-        for name in layouts:
-            trained.start(name)
-    # Modules in the order their first test reads the lane comes (the readme tests come last).
-    first_read: dict = {}
+    lane = request.getfixturevalue("background_lane")
+    starts: list[tuple[int, Callable[[], None]]] = []
+    first_read: dict = {}  # module -> index of its first test that reads the lane
     for index, item in enumerate(items):
+        for name in _layouts_read(item):
+            starts.append((index, functools.partial(request.getfixturevalue("trained").start, name)))
         if "background_lane" in getattr(item, "fixturenames", ()):
             first_read.setdefault(item.module, index)
-    for module in sorted(first_read, key=first_read.get):
+    for module, index in first_read.items():
         if hasattr(module, "start_ahead"):
-            lane = request.getfixturevalue("background_lane")
-            module.start_ahead(lane, request, [item for item in items if item.module is module])
+            module_items = [item for item in items if item.module is module]
+            starts.append((index, functools.partial(module.start_ahead, lane, request, module_items)))
+    for _, start in sorted(starts, key=lambda pair: pair[0]):
+        start()
     commands = [
         command for item in items for marker in item.iter_markers("readme") for command in marker.args
     ]
