@@ -13,6 +13,7 @@ import functools
 import inspect
 import os
 import subprocess
+import threading
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,25 +42,42 @@ EXPERT_PREFERENCE = torch.tensor([3.0, 2.5, 1.0, 0.5, -6.0, -6.0, -6.0, -6.0])
 
 class BackgroundLane:
     """One background thread that runs the session's long subprocess work one job after another,
-    beside the tests: `start(key, fn, *args)` queues a job once, `result(key)` waits for it.
+    beside the tests: `start(key, fn, *args)` queues a job once, `result(key)` returns its result.
 
     Why: with workers forked from a preloaded server, a launched run keeps about one of the two cores
     busy (the server's imports, then the workers' short steps), so a run started ahead on the other
-    core is mostly free. Only subprocesses run here: an in-process run redirects this process's output."""
+    core is mostly free. A test that needs a job the lane has not begun yet takes it off the queue and
+    runs it itself, so neither side waits for work the other has not started. Only subprocesses run
+    here: an in-process run redirects this process's output."""
 
     def __init__(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-runs")
-        self.jobs: dict[Hashable, Future] = {}
+        self.jobs: dict[Hashable, tuple[Future, Callable[[], Any], threading.Lock]] = {}
+        self.done: dict[Hashable, Any] = {}
 
     def start(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> None:
         if key not in self.jobs:
-            self.jobs[key] = self.executor.submit(fn, *args)
+            job = functools.partial(fn, *args)
+            self.jobs[key] = (self.executor.submit(job), job, threading.Lock())
 
     def started(self, key: Hashable) -> bool:
         return key in self.jobs
 
     def result(self, key: Hashable) -> Any:
-        return self.jobs[key].result()
+        """The job's result: waited for if the lane is running it or ran it, else run here and now.
+        (A job may read another's result from the lane's thread: one lock per job.)"""
+        future, job, lock = self.jobs[key]
+        with lock:
+            if key not in self.done:
+                self.done[key] = job() if future.cancel() else future.result()
+        return self.done[key]
+
+    def start_if_read(
+        self, items: list[pytest.Item], fixture: str, key: Hashable, make_job: Callable[[], Callable[[], Any]]
+    ) -> None:
+        """Queue `make_job()` under `key` when one of `items` reads `fixture` (a `start_ahead` helper)."""
+        if any(fixture in item.fixturenames for item in items):
+            self.start(key, make_job())
 
     def result_or_run(self, key: Hashable, job: Callable[[], Any]) -> Any:
         """The result of the job started ahead under `key`, or of `job` run here and now (a session
@@ -178,26 +196,29 @@ def _layouts_read(item: pytest.Item) -> list[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def background_runs_ahead(request: pytest.FixtureRequest) -> None:
-    """Queue, as the session starts, the long runs its tests will read, in the order the tests come:
-    the multi-process layouts they read through `trained`, and each test module's own runs (a module's
-    `start_ahead(lane, request, items)`, given its collected tests and this request for session
-    fixtures; its tests and fixtures read them with `result_or_run`). Then the README commands its
-    `readme` tests read (those tests run last)."""
+    """Queue, as the session starts, the long runs its tests will read: the multi-process layouts they
+    read through `trained` (in the order the tests come), the README commands its `readme` tests read,
+    then each test module's own runs (a module's `start_ahead(lane, request, items)`, given its
+    collected tests and this request for session fixtures; its tests and fixtures read them with
+    `result_or_run`), in the order the tests come."""
     items = request.session.items
     lane = request.getfixturevalue("background_lane")
-    starts: list[tuple[int, Callable[[], None]]] = []
+    layout_starts: list[tuple[int, Callable[[], None]]] = []
+    module_starts: list[tuple[int, Callable[[], None]]] = []
     first_read: dict = {}  # module -> index of its first test that reads the lane
     for index, item in enumerate(items):
         for name in _layouts_read(item):
-            starts.append((index, functools.partial(request.getfixturevalue("trained").start, name)))
+            layout_starts.append((index, functools.partial(request.getfixturevalue("trained").start, name)))
         if "background_lane" in getattr(item, "fixturenames", ()):
             first_read.setdefault(item.module, index)
     for module, index in first_read.items():
         if hasattr(module, "start_ahead"):
             module_items = [item for item in items if item.module is module]
-            starts.append((index, functools.partial(module.start_ahead, lane, request, module_items)))
-    for _, start in sorted(starts, key=lambda pair: pair[0]):
+            module_starts.append((index, functools.partial(module.start_ahead, lane, request, module_items)))
+    for _, start in sorted(layout_starts, key=lambda pair: pair[0]):
         start()
+    # The README commands next, though their tests run last: they are the longest jobs, and a test
+    # takes any job the lane has not begun yet (`BackgroundLane.result`), so the lane should hold them.
     commands = [
         command for item in items for marker in item.iter_markers("readme") for command in marker.args
     ]
@@ -205,6 +226,8 @@ def background_runs_ahead(request: pytest.FixtureRequest) -> None:
         runs = request.getfixturevalue("readme_run")
         for command in commands:
             runs.start(command)
+    for _, start in sorted(module_starts, key=lambda pair: pair[0]):
+        start()
 
 
 @pytest.fixture(scope="session")

@@ -261,9 +261,10 @@ def _drift_and_broken_bench(tmp_path_factory) -> Callable[[], tuple]:
 
 
 def start_ahead(lane, request, items) -> None:
-    tmp_path_factory = request.getfixturevalue("tmp_path_factory")
-    if any("drift_and_broken_bench" in item.fixturenames for item in items):
-        lane.start("drift-bench", _drift_and_broken_bench(tmp_path_factory))
+    factory = request.getfixturevalue("tmp_path_factory")
+    lane.start_if_read(
+        items, "drift_and_broken_bench", "drift-bench", lambda: _drift_and_broken_bench(factory)
+    )
 
 
 @pytest.fixture(scope="module")

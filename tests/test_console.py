@@ -72,9 +72,8 @@ def _plain_run(tmp_path_factory) -> Callable[[], tuple[Path, subprocess.Complete
 
 
 def start_ahead(lane, request, items) -> None:
-    tmp_path_factory = request.getfixturevalue("tmp_path_factory")
-    if any("plain_run" in item.fixturenames for item in items):
-        lane.start("console-plain-run", _plain_run(tmp_path_factory))
+    factory = request.getfixturevalue("tmp_path_factory")
+    lane.start_if_read(items, "plain_run", "console-plain-run", lambda: _plain_run(factory))
 
 
 @pytest.fixture(scope="module")

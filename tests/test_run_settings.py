@@ -83,13 +83,13 @@ def _resumed_under_tp(tmp_path_factory, ep_run: Callable[[], Path]) -> Callable[
 
 def start_ahead(lane, request, items) -> None:
     """The two multi-process runs start on the background lane, the resume after the run it resumes."""
-    tmp_path_factory = request.getfixturevalue("tmp_path_factory")
-    if any("ep_run" in item.fixturenames for item in items):
-        lane.start("settings-ep4", _ep_run(tmp_path_factory))
-    if any("resumed_under_tp" in item.fixturenames for item in items):
-        lane.start(
-            "settings-resumed", _resumed_under_tp(tmp_path_factory, lambda: lane.result("settings-ep4"))
-        )
+    factory = request.getfixturevalue("tmp_path_factory")
+    lane.start_if_read(items, "ep_run", "settings-ep4", lambda: _ep_run(factory))
+
+    def resume_job() -> Callable[[], Path]:
+        return _resumed_under_tp(factory, lambda: lane.result("settings-ep4"))
+
+    lane.start_if_read(items, "resumed_under_tp", "settings-resumed", resume_job)
 
 
 @pytest.fixture(scope="module")
