@@ -22,12 +22,12 @@ from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, Signa
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from moectl import worker
 from moectl.checkpoint import resume_hint
 from moectl.config import ParallelConfig
 from moectl.errors import WorkerFailed
 from moectl.faults import AGREED_STOP_LABEL, last_error_line
 from moectl.worker import PROGRESS_LINE, rank_log_path, start_worker_server
+from moectl.worker import run as run_worker
 
 
 class ConsoleLogs(LogsSpecs):
@@ -113,7 +113,7 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
         config.shutdown_timeout = parallel.timeout_s
     try:
         with _agent_log(run_dir / "logs" / "launcher.log"):
-            elastic_launch(config, worker.run)(str(config_path), str(run_dir))
+            elastic_launch(config, run_worker)(str(config_path), str(run_dir))
     except ChildFailedError as exc:
         raise _describe_failure(exc.failures, run_dir) from None
     except SignalException as exc:

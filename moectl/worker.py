@@ -101,6 +101,13 @@ def import_capturing_output(import_modules: Callable[[], None]) -> bytes:
         return capture.read()
 
 
+#: How long a worker whose collective failed stays up before it exits. The agent reports the first
+#: worker it sees end (it checks every 0.2 s): the rank that crashed or was killed, not the peers that
+#: lost it a moment later. The agent stops the waiting peers itself, so nothing waits this long but a
+#: node whose failed peer sits on another node.
+PEER_FAILURE_GRACE_S = 3.0
+
+
 def run(config_path: str, run_dir: str) -> None:
     """The elastic launcher's entry point: return on success, leave with the exit code otherwise.
 
@@ -118,13 +125,6 @@ def run(config_path: str, run_dir: str) -> None:
         exit_without_finalization(code)
     sys.stdout.flush()
     sys.stderr.flush()
-
-
-#: How long a worker whose collective failed stays up before it exits. The agent reports the first
-#: worker it sees end (it checks every 0.2 s): the rank that crashed or was killed, not the peers that
-#: lost it a moment later. The agent stops the waiting peers itself, so nothing waits this long but a
-#: node whose failed peer sits on another node.
-PEER_FAILURE_GRACE_S = 3.0
 
 
 def _lost_a_peer(exc: BaseException) -> bool:
@@ -190,7 +190,3 @@ def exit_without_finalization(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-if __name__ == "__main__":
-    exit_without_finalization(main(sys.argv[1], sys.argv[2]))
