@@ -79,6 +79,16 @@ class BackgroundLane:
         if any(fixture in item.fixturenames for item in items):
             self.start(key, make_job())
 
+    def start_per_param(
+        self, items: list[pytest.Item], test: str, param: str, make_job: Callable[[Any], Callable[[], Any]]
+    ) -> None:
+        """Queue `make_job(value)` under `(test, value)` for each collected case of the parametrized
+        `test`, `value` its parameter `param` (a `start_ahead` helper)."""
+        for item in items:
+            if item.originalname == test:
+                value = item.callspec.params[param]
+                self.start((test, value), make_job(value))
+
     def result_or_run(self, key: Hashable, job: Callable[[], Any]) -> Any:
         """The result of the job started ahead under `key`, or of `job` run here and now (a session
         that did not start it: running it behind the lane's queue would wait for everything before it)."""
@@ -119,11 +129,12 @@ class TrainedLayouts:
 
     def __call__(self, name: str) -> Path:
         if name not in self.made:
-            if self.lane.started(("layout", name)):
-                self.made[name] = self.lane.result(("layout", name))
-            else:
+
+            def here() -> Path:
                 in_process = runs_in_one_process(LAYOUTS[name])
-                self.made[name] = train_run(*self._command(name), in_process=in_process, keep_output=True)
+                return train_run(*self._command(name), in_process=in_process, keep_output=True)
+
+            self.made[name] = self.lane.result_or_run(("layout", name), here)
         return self.made[name]
 
 
@@ -203,20 +214,9 @@ def background_runs_ahead(request: pytest.FixtureRequest) -> None:
     `result_or_run`), in the order the tests come."""
     items = request.session.items
     lane = request.getfixturevalue("background_lane")
-    layout_starts: list[tuple[int, Callable[[], None]]] = []
-    module_starts: list[tuple[int, Callable[[], None]]] = []
-    first_read: dict = {}  # module -> index of its first test that reads the lane
-    for index, item in enumerate(items):
+    for item in items:
         for name in _layouts_read(item):
-            layout_starts.append((index, functools.partial(request.getfixturevalue("trained").start, name)))
-        if "background_lane" in getattr(item, "fixturenames", ()):
-            first_read.setdefault(item.module, index)
-    for module, index in first_read.items():
-        if hasattr(module, "start_ahead"):
-            module_items = [item for item in items if item.module is module]
-            module_starts.append((index, functools.partial(module.start_ahead, lane, request, module_items)))
-    for _, start in sorted(layout_starts, key=lambda pair: pair[0]):
-        start()
+            request.getfixturevalue("trained").start(name)
     # The README commands next, though their tests run last: they are the longest jobs, and a test
     # takes any job the lane has not begun yet (`BackgroundLane.result`), so the lane should hold them.
     commands = [
@@ -226,8 +226,13 @@ def background_runs_ahead(request: pytest.FixtureRequest) -> None:
         runs = request.getfixturevalue("readme_run")
         for command in commands:
             runs.start(command)
-    for _, start in sorted(module_starts, key=lambda pair: pair[0]):
-        start()
+    # Modules in the order their first test that reads the lane comes.
+    readers = dict.fromkeys(
+        item.module for item in items if "background_lane" in getattr(item, "fixturenames", ())
+    )
+    for module in readers:
+        if hasattr(module, "start_ahead"):
+            module.start_ahead(lane, request, [item for item in items if item.module is module])
 
 
 @pytest.fixture(scope="session")

@@ -55,16 +55,19 @@ def _skewed_run(request, layout: str) -> Callable[[], Path]:
 
 def start_ahead(lane, request, items) -> None:
     """The skewed runs start on the background lane."""
-    for item in items:
-        if item.originalname == "test_unbalanced_routing_still_matches_single":
-            layout = item.callspec.params["layout"]
-            lane.start(("skewed", layout), _skewed_run(request, layout))
+    lane.start_per_param(
+        items,
+        "test_unbalanced_routing_still_matches_single",
+        "layout",
+        lambda layout: _skewed_run(request, layout),
+    )
 
 
 @pytest.mark.parametrize("layout", list(SKEWED_LAYOUTS))
 def test_unbalanced_routing_still_matches_single(request, background_lane, skewed_single, layout):
     """Idle experts, an idle EP rank and a hot one: still the same training, no hang."""
-    run = background_lane.result_or_run(("skewed", layout), lambda: _skewed_run(request, layout)())
+    key = ("test_unbalanced_routing_still_matches_single", layout)
+    run = background_lane.result_or_run(key, lambda: _skewed_run(request, layout)())
     assert_same_training(run, skewed_single)
 
 

@@ -314,17 +314,20 @@ def _scale_run(request, layout: str) -> Callable[[], Path]:
 
 def start_ahead(lane, request, items) -> None:
     """The runs at scale (4 processes each) start on the background lane."""
-    for item in items:
-        if item.originalname == "test_ep_at_scale_trains_what_single_trains":
-            layout = item.callspec.params["layout"]
-            lane.start(("scale", layout), _scale_run(request, layout))
+    lane.start_per_param(
+        items,
+        "test_ep_at_scale_trains_what_single_trains",
+        "layout",
+        lambda layout: _scale_run(request, layout),
+    )
 
 
 @pytest.mark.parametrize("layout", list(SCALE_LAYOUTS))
 def test_ep_at_scale_trains_what_single_trains(request, background_lane, skewed_single, layout):
     """ep at 2 and 4, with and without FSDP (with expert replicas, and without: experts then stay out of
     FSDP), with checkpointing, chunks and skewed routing: every tensor's update as `single`'s."""
-    run = background_lane.result_or_run(("scale", layout), lambda: _scale_run(request, layout)())
+    key = ("test_ep_at_scale_trains_what_single_trains", layout)
+    run = background_lane.result_or_run(key, lambda: _scale_run(request, layout)())
     assert_same_training(run, skewed_single)
     assert_exchanged_tokens(run)
 

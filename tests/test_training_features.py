@@ -102,18 +102,17 @@ def _layout_run(tmp_path_factory, layout: str) -> Callable[[], Path]:
 
 def start_ahead(lane, request, items) -> None:
     """Each layout's run starts on the background lane (the reference runs here, in-process)."""
-    tmp_path_factory = request.getfixturevalue("tmp_path_factory")
-    for item in items:
-        if item.originalname == "test_every_kind_of_layout_trains_and_logs_what_single_does":
-            layout = item.callspec.params["layout"]
-            lane.start(("features", layout), _layout_run(tmp_path_factory, layout))
+    factory = request.getfixturevalue("tmp_path_factory")
+    test = "test_every_kind_of_layout_trains_and_logs_what_single_does"
+    lane.start_per_param(items, test, "layout", lambda layout: _layout_run(factory, layout))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_kind_of_layout_trains_and_logs_what_single_does(
     layout, feature_reference, background_lane, tmp_path_factory
 ):
-    run = background_lane.result_or_run(("features", layout), lambda: _layout_run(tmp_path_factory, layout)())
+    key = ("test_every_kind_of_layout_trains_and_logs_what_single_does", layout)
+    run = background_lane.result_or_run(key, lambda: _layout_run(tmp_path_factory, layout)())
     assert_same_training(run, feature_reference)  # every tensor's update, the whole model, each loss
     ours, reference = records(run), records(feature_reference)
     assert len(ours) == len(reference) == STEPS
