@@ -134,7 +134,7 @@ def write_checkpoints(directory: Path, size_gb: float, shard_gb: float) -> tuple
     """Write A (fused, sharded) and B (per-expert, sharded, A + noise) into ``directory``."""
     from safetensors.torch import save_file
 
-    from moectl.hf_layout import split_expert_tensors
+    from moectl.io.hf_layout import split_expert_tensors
 
     path_a, path_b = directory / "a_fused", directory / "b_per_expert"
     if (path_a / "model.safetensors.index.json").exists() and (
@@ -189,7 +189,7 @@ def cpu_seconds() -> float:
 
 def child_main(path_a: str, path_b: str) -> None:
     """One comparison in this fresh process; prints a JSON RunResult."""
-    from moectl.compare import compare_checkpoints
+    from moectl.compare.checkpoints import compare_checkpoints
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cpu_started, started = cpu_seconds(), time.perf_counter()

@@ -1,13 +1,13 @@
 """Re-fit `moectl plan`'s fitted figures from the measured runs and print predicted against measured.
 
-    python3 bench/fit_plan.py            # the tables with the figures in moectl/plan_data.py
+    python3 bench/fit_plan.py            # the tables with the figures in moectl/plan/calibration.py
     python3 bench/fit_plan.py --fit      # least-squares re-fit (relative step time), then write the figures
-                                         # into moectl/plan_data.py and the tables into BENCHMARKS.md
+                                         # into moectl/plan/calibration.py and the tables into BENCHMARKS.md
     python3 bench/fit_plan.py --fit --dry-run   # re-fit and print, write nothing
     python3 bench/fit_plan.py --docs     # write the tables of the current figures into BENCHMARKS.md
     python3 bench/fit_plan.py --pending  # only the predictions of the runs scripted but not run yet
 
-New runs: add their `MeasuredRun` lines to moectl/plan_data.py (role "fit" or "holdout"; runs of code that
+New runs: add their `MeasuredRun` lines to moectl/plan/calibration.py (role "fit" or "holdout"; runs of code that
 has changed since: role "superseded" with the note), then `--fit`. Each fitted figure enters the step time
 linearly (a time per token and layer or per pair, an idle time per layer, 1 / bandwidth, an exposed share),
 so each group is one weighted linear least-squares solve over the runs whose role is "fit"; runs with any
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from moectl.config import build_config
-from moectl.plan import a2a_bytes_per_step, predict, run_config
-from moectl.plan_data import CALIBRATION, MEASURED_RUNS, Calibration, MeasuredRun
-from moectl.plan_table import make_plan, shown_rows
+from moectl.plan.calibration import CALIBRATION, MEASURED_RUNS, Calibration, MeasuredRun
+from moectl.plan.predict import a2a_bytes_per_step, predict, run_config
+from moectl.plan.table import make_plan, shown_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA, DOCS = ROOT / "moectl" / "plan_data.py", ROOT / "BENCHMARKS.md"
+DATA, DOCS = ROOT / "moectl" / "plan" / "calibration.py", ROOT / "BENCHMARKS.md"
 CHECKED = ("fit", "holdout", "profiled")  # the roles held to the bounds (tests/test_plan.py)
 
 # (figures, the runs that set them); each group is solved with the figures of the groups before it.
@@ -107,7 +107,7 @@ def fit(cal: Calibration, verbose: bool = True) -> Calibration:
 
 
 def _literal(value: float) -> str:
-    """Three significant digits, as plan_data.py writes its figures (125e9, 2.35e-7, 0.045)."""
+    """Three significant digits, as moectl/plan/calibration.py writes its figures (125e9, 2.35e-7, 0.045)."""
     if value == 0 or 1e-3 <= abs(value) < 1e4:
         return f"{float(f'{value:.3g}'):g}"
     mantissa, exponent = f"{value:.2e}".split("e")
@@ -115,7 +115,7 @@ def _literal(value: float) -> str:
 
 
 def write_figures(cal: Calibration, path: Path = DATA) -> None:
-    """Rewrite the value of every fitted figure in plan_data.py's `Calibration` (its comment stays)."""
+    """Rewrite the value of every fitted figure in moectl/plan/calibration.py's `Calibration` (its comment stays)."""
     text = path.read_text()
     for names, _ in GROUPS:
         for name in names:
@@ -127,7 +127,7 @@ def write_figures(cal: Calibration, path: Path = DATA) -> None:
 
 
 def rounded(cal: Calibration) -> Calibration:
-    """The figures as plan_data.py stores them."""
+    """The figures as moectl/plan/calibration.py stores them."""
     names = [n for names, _ in GROUPS for n in names]
     return dataclasses.replace(cal, **{n: float(_literal(getattr(cal, n))) for n in names})
 

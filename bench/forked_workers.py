@@ -2,7 +2,7 @@
 
 `python bench/forked_workers.py RUN_DIR` (recipe `forked-workers`) checks, on a GPU machine:
 
-1. the worker server's imports (moectl.worker_imports) leave CUDA untouched, so a process forked from
+1. the worker server's imports (moectl.run.worker_imports) leave CUDA untouched, so a process forked from
    the server initialises CUDA itself and computes on it;
 2. a run launched through the elastic agent trains on the GPUs: `moectl train --strategy ddp --nproc N`
    on N ≥ 2 GPUs, or on one GPU the launcher's own path with one worker (`launch_workers`).
@@ -22,14 +22,14 @@ from pathlib import Path
 def _probe(results) -> None:
     import torch
 
-    preloaded = "moectl.loop" in sys.modules and "transformers" in sys.modules
+    preloaded = "moectl.run.loop" in sys.modules and "transformers" in sys.modules
     bad_fork = torch.cuda._is_in_bad_fork()
     product = (torch.ones(64, 64, device="cuda") @ torch.ones(64, 64, device="cuda"))[0, 0].item()
     results.put((preloaded, bad_fork, product))
 
 
 def check_fork_server() -> bool:
-    from moectl.worker import start_worker_server
+    from moectl.run.worker import start_worker_server
 
     start_worker_server()
     context = multiprocessing.get_context("forkserver")
@@ -56,8 +56,9 @@ def check_launched_run(run_dir: Path) -> bool:
         result = subprocess.run([*command, "--steps", "8", "--run-dir", str(run_dir)], check=False)
         ok = result.returncode == 0
     else:
-        from moectl.launch import launch_workers
-        from moectl.train import _prepare_run_dir, prepare
+        from moectl.run.launch import launch_workers
+        from moectl.run.prepare import prepare
+        from moectl.run.start import _prepare_run_dir
 
         plan, _ = prepare(None, {"train": {"steps": 8}}, None, run_dir)
         target = _prepare_run_dir(plan, run_dir)

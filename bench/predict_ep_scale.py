@@ -1,11 +1,11 @@
 """Predicted bytes and step time of `ep` with the once-per-rank dispatch and `parallel.ep_chunks`, written
 before any run on 4 or 8 GPUs (BENCHMARKS.md, "ep at scale: predictions"). Run: `python3 bench/predict_ep_scale.py`.
 
-What it rests on: moectl.plan's compute model with the figures fitted before any once-per-rank run
+What it rests on: moectl.plan.predict's compute model with the figures fitted before any once-per-rank run
 (`WRITTEN_WITH`, the fit of the morning of 2026-11-29: grouped-GEMM efficiency by rows per expert, the
 all-to-all's 125 GB/s per GPU and direction on NVLink, the per-layer idle time, no dispatch work; the
 refitted model is `moectl plan`'s, BENCHMARKS.md "`moectl plan`: predicted against measured"), the
-exchange's bytes of moectl.plan (`exchange_bytes`), uniform routing (each token's top-k experts a uniformly random k-subset: real routing is
+exchange's bytes of moectl.plan.predict (`exchange_bytes`), uniform routing (each token's top-k experts a uniformly random k-subset: real routing is
 less even, so more ranks per token or hotter ranks), and three assumptions of this script, each named:
 a small collective (counts, choices, weight gradients) costs LATENCY_S; a transfer that overlaps compute
 slows that compute by INTERFERENCE of the transfer's time (NCCL's kernels take SMs); with C chunks what is
@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 
 from moectl.config import build_config
-from moectl.plan import (
+from moectl.plan.calibration import Calibration
+from moectl.plan.predict import (
     BYTES_PER_PARAM,
     GPU_KINDS,
     Layout,
@@ -27,7 +28,6 @@ from moectl.plan import (
     exchange_bytes,
     ranks_per_token,
 )
-from moectl.plan_data import Calibration
 
 LATENCY_S = 30e-6  # one small NCCL collective within a node (assumed)
 INTERFERENCE = 0.10  # share of an overlapped transfer's time added to the compute it overlaps (assumed)
@@ -84,7 +84,7 @@ def predict(
     rest = sum(seconds for name, seconds in comm.items() if name != "all-to-all")
 
     # Bytes per layer and micro-batch leaving this rank: before, one row per chosen expert on another rank,
-    # 4 exchanges; now once per rank (moectl.plan.exchange_bytes: rows with their choices, rows back, and
+    # 4 exchanges; now once per rank (moectl.plan.predict.exchange_bytes: rows with their choices, rows back, and
     # the gradients of both).
     per_rank = ranks_per_token(model.num_experts, top_k, ep)
     old_layer = 4 * tokens * top_k * others * hidden * BYTES_PER_PARAM

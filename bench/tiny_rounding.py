@@ -16,10 +16,10 @@ import time
 import torch
 
 from moectl.config import build_config
-from moectl.data import build_data
-from moectl.loop import build_optimizer, train_step
-from moectl.model import build_meta_model, materialize, random_init_source
-from moectl.train import build_strategy
+from moectl.data.sources import build_data
+from moectl.model.build import build_meta_model, materialize, random_init_source
+from moectl.registry import build_strategy
+from moectl.run.loop import build_optimizer, train_step
 
 
 def train(cfg, micro_batch: int, marks: list[int]) -> tuple[dict[int, dict[str, torch.Tensor]], list[float]]:

@@ -131,15 +131,16 @@ def train(
         and any((d or 1) > 1 for d in (nproc, dp_size, tp_size, ep_size, nnodes))
     ):
         # Workers will be launched: the server they are forked from imports torch and the training code
-        # while this process checks the config (moectl.worker.start_worker_server).
-        from moectl.worker import start_worker_server
+        # while this process checks the config (moectl.run.worker.start_worker_server).
+        from moectl.run.worker import start_worker_server
 
         start_worker_server()
     from rich.console import Console
 
     from moectl.config import merge_overrides, parse_set_option
-    from moectl.report import print_run_summary
-    from moectl.train import describe, prepare, run
+    from moectl.run.prepare import describe, prepare
+    from moectl.run.report import print_run_summary
+    from moectl.run.start import run
 
     overrides = merge_overrides(
         parse_set_option(set_ or []),
@@ -190,7 +191,7 @@ def compare_weights(
     ] = None,
 ) -> None:
     """Prove two checkpoints equal: exit 0 match, 1 mismatch, 2 bad input. Per-expert and fused layouts agree."""
-    from moectl.compare import compare_command
+    from moectl.compare.checkpoints import compare_command
 
     raise typer.Exit(
         compare_command(a, b, rtol=rtol, per_tensor_rtol=per_tensor_rtol, top=top, json_path=json_path)
@@ -250,7 +251,7 @@ def bench(
     """Time every strategy on the same config and batch; with --verify, check each against the reference."""
     import time
 
-    from moectl.bench import (
+    from moectl.bench.runner import (
         BenchOptions,
         bench_command,
         default_nproc,
@@ -301,7 +302,7 @@ def plan(
     json_out: Annotated[bool, Opt("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Predict tokens/s, MFU and peak memory of every parallel layout, best first; no GPU needed."""
-    from moectl.plan_table import plan_command
+    from moectl.plan.table import plan_command
 
     plan_command(config, gpus, nodes, gpu, gpu_mem, seq_len, global_batch, set_ or [], all_variants, json_out)
 
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     `argv` (default: sys.argv[1:]) lets tests run the CLI in-process. Click's own usage errors (an
     unknown flag, `--steps abc`) are reduced to one line as well, instead of a boxed usage screen.
     A process started by an outside torchrun leaves as moectl's own workers do (see
-    `moectl.worker.exit_without_finalization`), and so does a launcher once its workers are done and its
+    `moectl.run.worker.exit_without_finalization`), and so does a launcher once its workers are done and its
     summary is out: finalizing a process that imported torch.distributed takes about a second and
     writes nothing.
     """
@@ -354,10 +355,10 @@ def main(argv: list[str] | None = None) -> None:
 def _leave_if_launched(code: int | str | None) -> None:
     """Exit without interpreter finalization where torch.distributed's elastic machinery ran in this
     process (an outside torchrun's worker, or a launcher whose workers are done); elsewhere return."""
-    if under_torchrun() or "moectl.launch" in sys.modules:
+    if under_torchrun() or "moectl.run.launch" in sys.modules:
         import atexit
 
-        from moectl.worker import exit_without_finalization
+        from moectl.run.worker import exit_without_finalization
 
         # The exit handlers still run (milliseconds): multiprocessing's remove the worker server's
         # socket directory and release the agent's semaphores, which would otherwise be reported leaked.

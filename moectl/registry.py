@@ -16,6 +16,7 @@ from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, e
 from pathlib import Path
 from types import ModuleType
 
+from moectl.config import RunConfig
 from moectl.errors import UsageError
 from moectl.strategy import Strategy
 
@@ -128,3 +129,14 @@ def get_strategy(spec: str) -> type[Strategy]:
         f"unknown strategy {spec!r}; choose one of {', '.join(known)}, "
         "or give package.module:Class or a .py file"
     )
+
+
+def build_strategy(
+    cfg: RunConfig, world_size: int | None, strategy_cls: type[Strategy] | None = None
+) -> Strategy:
+    """The strategy (`cfg.parallel.strategy` unless given) with its degrees checked against the world
+    and the model: the one place they are checked."""
+    strategy_cls = strategy_cls or get_strategy(cfg.parallel.strategy)
+    dims = strategy_cls.parallel_dims(cfg.parallel, world_size)
+    dims.check(cfg.model, strategy_cls.name)
+    return strategy_cls(dims, cfg.model, cfg.parallel)

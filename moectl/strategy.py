@@ -24,8 +24,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
-from moectl.metrics import ParamCounts
-from moectl.model import canonical_name, local_shard
+from moectl.model.build import canonical_name, local_shard
+from moectl.model.sizing import ParamCounts
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.gradients import grad_sum_of_squares
 
@@ -130,7 +130,7 @@ class Strategy:
         ordinary tensor) must return a DTensor view of it here (`DTensor.from_local(tensor, mesh,
         [Shard(0)], run_check=False)`), or checkpoints would hold one rank's experts only. A local
         shard that is several pieces of the HF tensor (rows kept in a permuted order) returns
-        `moectl.dcp_layouts.LocalBoxes` of them (see `permuted_blocks_view`). Default: unchanged,
+        `moectl.io.dcp_layouts.LocalBoxes` of them (see `permuted_blocks_view`). Default: unchanged,
         right for replicated tensors and for DTensor parameters (FSDP2, TP) in HF order.
         """
         return tensor

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from moectl.config import TrainConfig
-from moectl.model import apply_layer_wrappers
+from moectl.model.build import apply_layer_wrappers
 from moectl.strategy import Materialize, Strategy
 
 

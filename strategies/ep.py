@@ -24,12 +24,12 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
-from moectl.metrics import ParamCounts
-from moectl.model import apply_layer_wrappers, decoder_layers
+from moectl.model.build import apply_layer_wrappers, decoder_layers
+from moectl.model.sizing import ParamCounts
 from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers
 from moectl.parallel.dims import ParallelDims
-from moectl.parallel.ep_checkpoint import checkpoint_contexts
 from moectl.parallel.ep_dispatch import DispatchStats, ExpertParallelMoE, GroupedExperts
+from moectl.parallel.ep_recompute import checkpoint_contexts
 from moectl.parallel.expert_parallel import gather_full_state, is_expert_key, localize, shard_on_meta
 from moectl.parallel.gradients import grad_sum_of_squares
 from moectl.strategy import Materialize, Strategy

@@ -15,8 +15,8 @@ from __future__ import annotations
 from torch import nn
 
 from moectl.config import TrainConfig
-from moectl.metrics import ParamCounts
-from moectl.model import apply_layer_wrappers
+from moectl.model.build import apply_layer_wrappers
+from moectl.model.sizing import ParamCounts
 from moectl.parallel.data_parallel import fully_shard_layers
 from moectl.strategy import Materialize, Strategy
 

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
-from moectl.dcp_layouts import LocalBoxes
 from moectl.errors import UsageError
-from moectl.metrics import ParamCounts
-from moectl.model import apply_layer_wrappers, local_shard
+from moectl.io.dcp_layouts import LocalBoxes
+from moectl.model.build import apply_layer_wrappers, local_shard
+from moectl.model.sizing import ParamCounts
 from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.tensor_parallel import (

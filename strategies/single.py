@@ -6,7 +6,7 @@ from torch import nn
 
 from moectl.config import ParallelConfig, TrainConfig
 from moectl.errors import UsageError
-from moectl.model import apply_layer_wrappers
+from moectl.model.build import apply_layer_wrappers
 from moectl.parallel.dims import ParallelDims
 from moectl.strategy import Materialize, Strategy
 

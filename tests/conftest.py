@@ -250,9 +250,9 @@ def skewed_model(tmp_path_factory) -> Path:
     all (under ep 4 two ranks idle) while one rank gets most of them; checked on the first batch.
     """
     from moectl.config import build_config
-    from moectl.data import build_data
-    from moectl.hf_io import save_hf_model
-    from moectl.model import build_meta_model, hf_config, init_full_tensor, materialize
+    from moectl.data.sources import build_data
+    from moectl.io.hf import save_hf_model
+    from moectl.model.build import build_meta_model, hf_config, init_full_tensor, materialize
 
     cfg = build_config("tiny").model
     meta = build_meta_model(cfg, torch.float32)

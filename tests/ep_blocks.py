@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from moectl.config import build_config
-from moectl.model import build_meta_model, materialize, random_init_source
+from moectl.model.build import build_meta_model, materialize, random_init_source
 from moectl.parallel.ep_dispatch import ExpertParallelMoE, GroupedExperts
-from moectl.worker import exit_without_finalization
+from moectl.run.worker import exit_without_finalization
 
 
 def tiny_model(seed: int = 0):
@@ -60,7 +60,7 @@ def gloo_ranks(init_file: str, rank: int, world: int) -> Iterator[None]:
       connections while a peer may still be finishing the last collective (the store, not gloo, so no
       gloo message is in flight then);
     - then the group is destroyed and the process exits without interpreter finalization, as a launched
-      worker does (`moectl.worker.exit_without_finalization`): anything still holding the group (the EP
+      worker does (`moectl.run.worker.exit_without_finalization`): anything still holding the group (the EP
       blocks, kept by an expected exception's traceback) would destroy it during finalization, where
       gloo's worker thread can no longer take the GIL and the process aborts ("terminate called without
       an active exception").

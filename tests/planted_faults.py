@@ -64,7 +64,7 @@ FAULTS = [
     Fault(
         "rank-1-reads-rank-0-slice",
         "data-parallel rank 1 trains on rank 0's slice of the global batch",
-        "moectl/data.py",
+        "moectl/data/sources.py",
         "    per_rank = batch.shape[0] // dp_size\n",
         "    per_rank = batch.shape[0] // dp_size\n    dp_rank = 0 if dp_rank == 1 else dp_rank\n",
         ["tests/test_ddp.py::test_data_parallel_matches_single"],
@@ -72,7 +72,7 @@ FAULTS = [
     Fault(
         "loss-over-local-tokens",
         "the loss is divided by the rank's own token count instead of the global batch's",
-        "moectl/loop.py",
+        "moectl/run/loop.py",
         "local.split(train.micro_batch), num_target_tokens, loss_fn",
         "local.split(train.micro_batch), local[:, 1:].numel(), loss_fn",
         ["tests/test_ddp.py::test_data_parallel_matches_single"],
@@ -80,7 +80,7 @@ FAULTS = [
     Fault(
         "optimizer-step-off-by-one-after-resume",
         "a resumed optimizer counts one step more than it took (AdamW's bias correction)",
-        "moectl/checkpoint.py",
+        "moectl/io/checkpoint.py",
         "    # The config, not the checkpoint, owns the hyperparameters: a resume may change them. The learning\n",
         "    for param_state in optimizer.state.values():\n"
         '        if "step" in param_state:\n'
@@ -91,7 +91,7 @@ FAULTS = [
     Fault(
         "momentum-not-restored-after-resume",
         "a resume starts SGD's momentum from zero instead of the checkpoint's",
-        "moectl/checkpoint.py",
+        "moectl/io/checkpoint.py",
         "    # The config, not the checkpoint, owns the hyperparameters: a resume may change them. The learning\n",
         "    for param_state in optimizer.state.values():\n"
         '        if "momentum_buffer" in param_state:\n'
@@ -129,7 +129,7 @@ FAULTS = [
     Fault(
         "lr-warmup-starts-at-zero",
         "the warm-up's first step takes learning rate 0 (lr · s / W instead of lr · (s + 1) / W)",
-        "moectl/schedule.py",
+        "moectl/run/schedule.py",
         "        return train.lr * (step + 1) / warmup\n",
         "        return train.lr * step / warmup\n",
         [
@@ -140,7 +140,7 @@ FAULTS = [
     Fault(
         "lr-decay-ends-a-step-late",
         "the decay reaches min_lr_ratio · lr a step after the last (steps − W decay steps, not steps − 1 − W)",
-        "moectl/schedule.py",
+        "moectl/run/schedule.py",
         "    decay_steps = max(1, train.steps - 1 - warmup)\n",
         "    decay_steps = max(1, train.steps - warmup)\n",
         [
@@ -152,7 +152,7 @@ FAULTS = [
         "aux-loss-over-micro-batch-sequences",
         "each micro-batch's auxiliary loss is divided by its own sequences, not the global batch's "
         "(wrong the same way in every layout: a comparison with single cannot see it)",
-        "moectl/loop.py",
+        "moectl/run/loop.py",
         "                objective = objective + routing.aux_loss_term(aux_sum) * strategy.loss_scale\n",
         "                objective = objective + aux_sum * (routing.aux_loss_coef / tokens.shape[0]) * strategy.loss_scale\n",
         [

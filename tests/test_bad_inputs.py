@@ -51,7 +51,7 @@ class Inputs:
     def hf_dir(self, config: dict | str | None = "tiny", safetensors: bytes | None = None) -> Path:
         """An HF model directory: config "tiny" (valid), a dict, raw text, or None (no config.json)."""
         from moectl.config import build_config
-        from moectl.model import hf_config
+        from moectl.model.build import hf_config
 
         path = self.tmp / "hf"
         path.mkdir()
@@ -74,7 +74,7 @@ class Inputs:
 
 def _tiny_config_without(key: str) -> dict:
     from moectl.config import build_config
-    from moectl.model import hf_config
+    from moectl.model.build import hf_config
 
     config = hf_config(build_config("tiny").model).to_dict()
     del config[key]

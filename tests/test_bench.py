@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from moectl.bench import (
+from moectl.bench.report import PLOT_SKIPPED, write_plot
+from moectl.bench.runner import (
     BenchOptions,
     RunSpec,
     bench_command,
@@ -23,11 +24,10 @@ from moectl.bench import (
     row_name,
     run_one,
 )
-from moectl.bench_report import PLOT_SKIPPED, write_plot
 from moectl.config import build_config
 from moectl.errors import UsageError
-from moectl.faults import last_error_line
 from moectl.registry import get_strategy
+from moectl.run.faults import last_error_line
 from tests.util import (
     README_BENCH_SHOWCASE,
     REPO,
@@ -80,7 +80,7 @@ class Sleepy(DDP):
         time.sleep(600)
 """
 
-# The documented bench.json schema (moectl/bench.py docstring, README "moectl bench"), written out
+# The documented bench.json schema (moectl/bench/runner.py docstring, README "moectl bench"), written out
 # independently of the code: key -> allowed JSON types.
 NUM, NULL = (int, float), type(None)
 TOP_LEVEL = {
@@ -231,11 +231,11 @@ def test_bench_json_matches_the_documented_schema(full_bench):
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("`bench.json`, `schema_version` 1") :]
     section = section[: section.index("\n## ")]
-    docstring = sys.modules["moectl.bench"].__doc__
+    docstring = sys.modules["moectl.bench.runner"].__doc__
     for key in {*TOP_LEVEL, *SETTINGS, *VERIFY, *RUN, *RUN_VERIFY}:
         assert f"`{key}`" in section, f"bench.json key {key} is not in the README's bench.json tables"
         assert re.search(rf"(^\s*|[(,] ?|object |and ){key}\b", docstring, re.MULTILINE), (
-            f"{key} is not in moectl.bench's docstring"
+            f"{key} is not in moectl.bench.runner's docstring"
         )
 
 
@@ -469,7 +469,7 @@ def test_plugin_rows_are_named_after_the_file(tmp_path):
 
 
 def test_reference_auto_picks_fsdp_when_the_model_does_not_fit(monkeypatch):
-    import moectl.bench as bench
+    import moectl.bench.runner as bench
 
     monkeypatch.setattr(bench, "gpu_memory_gib", lambda: 139.8)
     available = ["fsdp", "single"]

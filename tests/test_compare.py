@@ -1,4 +1,4 @@
-"""Tests for ``moectl compare-weights`` (moectl.compare) and the expert key layout (moectl.hf_layout)."""
+"""Tests for ``moectl compare-weights`` (moectl.compare.checkpoints) and the expert key layout (moectl.io.hf_layout)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-import moectl.compare as compare
-from moectl.compare import compare_checkpoints, compare_command
+import moectl.compare.checkpoints as compare
+from moectl.compare.checkpoints import compare_checkpoints, compare_command
 from moectl.errors import UsageError
-from moectl.hf_layout import canonical_units, fuse_expert_tensors, split_expert_tensors, unit_view
-from moectl.outputs import write_json_atomic
+from moectl.io.hf_layout import canonical_units, fuse_expert_tensors, split_expert_tensors, unit_view
+from moectl.io.outputs import write_json_atomic
 from tests.util import run_moectl, run_moectl_in_process
 
 TINY_CONFIG = dict(

@@ -4,8 +4,8 @@ import pytest
 
 from moectl.config import CONFIGS_DIR, build_config, list_presets, parse_set_option
 from moectl.errors import UsageError
-from moectl.metrics import count_params
-from moectl.model import build_meta_model
+from moectl.model.build import build_meta_model
+from moectl.model.sizing import count_params
 
 PRESETS = list_presets()
 

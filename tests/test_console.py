@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moectl.report import summary_lines
+from moectl.run.report import summary_lines
 from tests.util import NUMERICS_STEPS, REPO, console_output, run_moectl
 
 TINY_RUN = ["--steps", "3", "--global-batch", "8", "--micro-batch", "2"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moectl.config import DataConfig
-from moectl.data import SyntheticData, build_data, rank_slice
+from moectl.data.sources import SyntheticData, build_data, rank_slice
 from moectl.errors import UsageError
 
 

@@ -15,9 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.checkpoint import checkpoint
 
-from moectl.faults import ExpertOverload
 from moectl.parallel import ep_dispatch
-from moectl.parallel.ep_checkpoint import checkpoint_contexts
 from moectl.parallel.ep_dispatch import (
     DispatchStats,
     ExpertParallelMoE,
@@ -29,6 +27,8 @@ from moectl.parallel.ep_dispatch import (
     expert_rows,
     pair_index,
 )
+from moectl.parallel.ep_recompute import checkpoint_contexts
+from moectl.run.faults import ExpertOverload
 from tests.ep_blocks import ep_block_over, gloo_ranks, tiny_hf_block
 from tests.util import (
     NUMERICS_ARGS,
@@ -343,7 +343,7 @@ HOT_ROUTER_PLUGIN = '''
 import torch
 from torch import nn
 
-from moectl.model import decoder_layers
+from moectl.model.build import decoder_layers
 from moectl.registry import get_strategy
 
 

@@ -137,10 +137,10 @@ def test_nonfinite_skip_leaves_the_weights_of_the_good_steps(tmp_path):
 
 def test_save_outputs_refuses_nonfinite_weights(tmp_path):
     from moectl.config import build_config
-    from moectl.faults import NonFiniteLoss
-    from moectl.loop import Summary, save_outputs
-    from moectl.model import build_meta_model, materialize, random_init_source
+    from moectl.model.build import build_meta_model, materialize, random_init_source
     from moectl.parallel.dims import ParallelDims
+    from moectl.run.faults import NonFiniteLoss
+    from moectl.run.loop import Summary, save_outputs
     from strategies.single import Single
 
     cfg = build_config("tiny")
@@ -157,7 +157,7 @@ def test_save_outputs_refuses_nonfinite_weights(tmp_path):
 
 
 def test_grad_check_and_stop_signals_in_process():
-    from moectl.faults import StopSignals, agree_on_step
+    from moectl.run.faults import StopSignals, agree_on_step
 
     model = torch.nn.Linear(3, 2)
     model(torch.ones(1, 3)).sum().backward()

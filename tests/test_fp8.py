@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from moectl import fp8
 from moectl.config import build_config
 from moectl.errors import UsageError
+from moectl.model import fp8
 from tests.ep_blocks import tiny_model
 from tests.util import refused_in_process
 

@@ -9,8 +9,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from moectl.config import ModelConfig, ParallelConfig, build_config
-from moectl.metrics import count_params
-from moectl.model import build_meta_model, materialize, random_init_source
+from moectl.model.build import build_meta_model, materialize, random_init_source
+from moectl.model.sizing import count_params
 from moectl.parallel.data_parallel import fully_shard_layers
 from moectl.parallel.dims import ParallelDims
 from strategies.fsdp import FSDP

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from moectl.worker import _lost_a_peer, import_capturing_output
+from moectl.run.worker import _lost_a_peer, import_capturing_output
 from tests.util import (
     NUMERICS_ARGS,
     NUMERICS_STEPS,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moectl.config import ModelConfig, build_config
-from moectl.metrics import (
+from moectl.model.sizing import (
     count_params,
     device_peak_flops,
     estimate_memory_gib,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moectl.bench import RunRecord, _loss_mismatch, degrees_for
+from moectl.bench.runner import RunRecord, _loss_mismatch, degrees_for
 from moectl.config import build_config
 from moectl.registry import available_strategies, get_strategy
 from tests.util import README_BENCH_SHOWCASE, REPO, assert_same_training, refused_in_process, run_moectl
@@ -131,7 +131,7 @@ def test_bench_compares_the_loss_of_every_step():
 
 
 def test_bench_passes_lr_to_every_run(tmp_path):
-    from moectl.bench import BenchOptions, plan_bench
+    from moectl.bench.runner import BenchOptions, plan_bench
 
     plan = plan_bench(BenchOptions(strategies=["single", "ddp"], nproc=2, out=tmp_path / "out", lr=0.05))
     assert plan.cfg.train.lr == 0.05
@@ -183,7 +183,7 @@ def test_a_run_directory_under_a_pseudo_file_system_is_refused_as_unwritable(tmp
 
 
 def test_a_disk_that_is_too_small_is_named_in_human_units():
-    from moectl.metrics import format_bytes
+    from moectl.model.sizing import format_bytes
 
     assert [format_bytes(n) for n in (0, 512, 3 * 2**20 + 2**19, 61 * 2**30)] == [
         "0 B",
@@ -274,7 +274,7 @@ def _hf_checkpoint(directory: Path, **fields) -> Path:
     """A real transformers Qwen3-MoE checkpoint of the tiny shapes, with `fields` set in its config."""
     from transformers import Qwen3MoeForCausalLM
 
-    from moectl.model import hf_config
+    from moectl.model.build import hf_config
 
     config = hf_config(build_config("tiny").model)
     for key, value in fields.items():
@@ -345,7 +345,7 @@ def test_the_plot_leaves_out_the_mfu_panel_where_no_device_peak_is_known(tmp_pat
 
     from rich.console import Console
 
-    from moectl.bench_report import write_plot
+    from moectl.bench.report import write_plot
 
     pytest.importorskip("matplotlib")
     row = {

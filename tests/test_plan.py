@@ -17,7 +17,8 @@ import yaml
 
 from moectl.cli import main
 from moectl.config import ParallelConfig, TrainConfig, build_config
-from moectl.plan import (
+from moectl.plan.calibration import CALIBRATION, MEASURED_RUNS, OLD_DISPATCH, ONE_ROW_PER_CHOICE, MeasuredRun
+from moectl.plan.predict import (
     Layout,
     a2a_bytes_per_step,
     gpu_kind_for_device,
@@ -27,7 +28,6 @@ from moectl.plan import (
     ranks_per_token,
     run_config,
 )
-from moectl.plan_data import CALIBRATION, MEASURED_RUNS, OLD_DISPATCH, ONE_ROW_PER_CHOICE, MeasuredRun
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ("fit", "holdout", "profiled")  # the roles held to the bounds
@@ -154,7 +154,7 @@ def test_fitted_figures_are_what_the_fit_gives():
 
 
 def test_benchmarks_tables_are_the_fit_scripts_output():
-    """BENCHMARKS.md's plan tables are bench/fit_plan.py's output for the runs and figures in plan_data.py
+    """BENCHMARKS.md's plan tables are bench/fit_plan.py's output for the runs and figures in moectl/plan/calibration.py
     (after a change to either, `python3 bench/fit_plan.py --fit` or `--docs` writes them)."""
     fit_plan = _fit_plan()
     assert fit_plan.documented_blocks() == fit_plan.blocks(CALIBRATION)
@@ -162,8 +162,8 @@ def test_benchmarks_tables_are_the_fit_scripts_output():
 
 def test_refit_writes_its_figures_into_the_data_file(tmp_path):
     fit_plan = _fit_plan()
-    data = tmp_path / "plan_data.py"
-    data.write_text((ROOT / "moectl" / "plan_data.py").read_text())
+    data = tmp_path / "calibration.py"
+    data.write_text((ROOT / "moectl" / "plan" / "calibration.py").read_text())
     changed = dataclasses.replace(CALIBRATION, ep_dispatch_seconds_per_pair=1.234567e-8, ddp_overlap=0.5)
     fit_plan.write_figures(fit_plan.rounded(changed), data)
     text = data.read_text()
@@ -301,8 +301,8 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
 )
 def test_plan_counts_parameters_as_the_strategies_do(layout):
     """The plan's per-rank parameters and accumulated gradients are the strategies' own counts."""
-    from moectl.metrics import count_params
-    from moectl.plan import _params, parallel_config
+    from moectl.model.sizing import count_params
+    from moectl.plan.predict import _params, parallel_config
     from moectl.registry import get_strategy
 
     strategy_cls = get_strategy(layout.strategy)
@@ -319,7 +319,7 @@ def test_a_gpu_run_writes_the_plans_prediction_beside_its_measurement(monkeypatc
     has no figures."""
     import torch
 
-    from moectl.loop import plan_prediction
+    from moectl.run.loop import plan_prediction
 
     cfg = build_config(
         "qwen3-30b-a3b", {"parallel": {"strategy": "ep", "ep_size": 2}, "train": {"micro_batch": 2}}
@@ -336,7 +336,7 @@ def test_a_gpu_run_writes_the_plans_prediction_beside_its_measurement(monkeypatc
 def test_no_prediction_for_launch_bound_layers(monkeypatch):
     import torch
 
-    from moectl.loop import plan_prediction
+    from moectl.run.loop import plan_prediction
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
     assert plan_prediction(build_config("tiny"), world_size=1) is None

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from moectl.config import build_config
-from moectl.loss import (
+from moectl.model.build import SELECTIVE_RECOMPUTE_FLAGS, build_meta_model, materialize, random_init_source
+from moectl.model.loss import (
     chunk_loss_and_grad,
     chunked_linear_cross_entropy,
     fused_chunk_loss_and_grad,
     token_loss_sum,
 )
-from moectl.metrics import count_params, estimate_memory_gib
-from moectl.model import SELECTIVE_RECOMPUTE_FLAGS, build_meta_model, materialize, random_init_source
+from moectl.model.sizing import count_params, estimate_memory_gib
 from tests.layouts import CHUNKED_LOSS, LAYOUTS
 from tests.util import NUMERICS_ARGS, assert_same_training, run_moectl_in_process, train_run
 
@@ -188,7 +188,7 @@ def test_memory_estimate_counts_one_chunk_of_logits_and_fewer_selective_activati
 def test_plan_reads_the_checkpointing_mode_and_sizes_both_levers():
     """`moectl plan` (and the prediction every GPU run writes) plans full checkpointing as full, and sizes
     a selective or chunked run's memory with the estimate (it has no time figures for them)."""
-    from moectl.plan import layout_from_config, predict
+    from moectl.plan.predict import layout_from_config, predict
 
     def planned(**train_keys):
         cfg = build_config(

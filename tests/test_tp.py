@@ -89,7 +89,7 @@ def check_optimizer_groups() -> None:
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     from moectl.config import TrainConfig
-    from moectl.loop import build_optimizer
+    from moectl.run.loop import build_optimizer
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh("cpu", (1,))

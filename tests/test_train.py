@@ -11,8 +11,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from moectl.config import build_config
-from moectl.hf_io import save_hf_model
-from moectl.model import build_meta_model, hf_config, materialize, random_init_source
+from moectl.io.hf import save_hf_model
+from moectl.model.build import build_meta_model, hf_config, materialize, random_init_source
 from tests.util import (
     NUMERICS_ARGS,
     assert_same_training,

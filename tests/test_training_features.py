@@ -22,13 +22,19 @@ from safetensors.torch import load_file
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter, load_balancing_loss_func
 
 from moectl.config import ModelConfig, TrainConfig, build_config
-from moectl.data import build_data
+from moectl.data.sources import build_data
 from moectl.errors import UsageError
-from moectl.loop import train_step
-from moectl.model import apply_layer_wrappers, build_meta_model, hf_config, materialize, random_init_source
+from moectl.model.build import (
+    apply_layer_wrappers,
+    build_meta_model,
+    hf_config,
+    materialize,
+    random_init_source,
+)
+from moectl.model.routing import BIAS_KEY, Router, Routing, auxiliary_loss
 from moectl.parallel.dims import ParallelDims
-from moectl.routing import BIAS_KEY, Router, Routing, auxiliary_loss
-from moectl.schedule import lr_at
+from moectl.run.loop import train_step
+from moectl.run.schedule import lr_at
 from strategies.single import Single
 from tests.util import assert_same_training, run_moectl, run_moectl_in_process, train_run
 
@@ -425,10 +431,10 @@ def test_config_keys_defaults_and_refusals(tmp_path, monkeypatch):
         with pytest.raises(UsageError, match=message):
             build_config("tiny", {"train": {key: value}})
 
-    import moectl.tensorboard_log
+    import moectl.run.tensorboard_log
 
-    monkeypatch.setattr(moectl.tensorboard_log.importlib.util, "find_spec", lambda name: None)
-    from moectl.train import prepare
+    monkeypatch.setattr(moectl.run.tensorboard_log.importlib.util, "find_spec", lambda name: None)
+    from moectl.run.prepare import prepare
 
     with pytest.raises(UsageError, match=r"pip install 'moectl\[tensorboard\]'"):
         prepare(None, {"train": {"tensorboard": True}}, run_dir=tmp_path / "never")

@@ -166,8 +166,8 @@ def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     (`model.path`), or the seeded initialisation of its config (any preset, any seed), written once
     through the same HF saving path as every run's model."""
     from moectl.config import build_config
-    from moectl.hf_io import save_hf_model
-    from moectl.model import build_meta_model, hf_config, materialize, random_init_source
+    from moectl.io.hf import save_hf_model
+    from moectl.model.build import build_meta_model, hf_config, materialize, random_init_source
 
     cfg = build_config(str(run_dir / "config.yaml"))
     if cfg.model.path:

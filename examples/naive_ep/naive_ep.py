@@ -21,8 +21,8 @@ from torch import nn
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
-from moectl.metrics import ParamCounts
-from moectl.model import apply_layer_wrappers, decoder_layers
+from moectl.model.build import apply_layer_wrappers, decoder_layers
+from moectl.model.sizing import ParamCounts
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.ep_dispatch import route
 from moectl.parallel.expert_parallel import gather_full_state, is_expert_key, localize, shard_on_meta

@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from moectl.model import decoder_layers
+from moectl.model.build import decoder_layers
 
 #: gradients are flattened into buckets of about this size, one all-reduce each
 BUCKET_BYTES = 256 * 2**20

@@ -39,9 +39,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moectl.faults import ExpertOverload
-from moectl.fp8 import grouped_mm_fp8
-from moectl.parallel.ep_checkpoint import Tape, TapeDeck
+from moectl.model.fp8 import grouped_mm_fp8
+from moectl.parallel.ep_recompute import Tape, TapeDeck
+from moectl.run.faults import ExpertOverload
 
 
 def route(gate: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from moectl.model import canonical_name
+from moectl.model.build import canonical_name
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 

@@ -30,9 +30,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from moectl.config import ModelConfig
-from moectl.dcp_layouts import LocalBoxes, permuted_blocks_view
-from moectl.metrics import ParamCounts
-from moectl.model import decoder_layers
+from moectl.io.dcp_layouts import LocalBoxes, permuted_blocks_view
+from moectl.model.build import decoder_layers
+from moectl.model.sizing import ParamCounts
 
 GATE_UP_SUFFIX = "mlp.experts.gate_up_proj"
 #: expert weight -> the tensor dim that holds the intermediate width (the dim TP splits)

@@ -188,7 +188,7 @@ class Routing:
         if self.tracks_load and len(self.routers) != model_config.num_layers:
             raise RuntimeError(
                 f"found {len(self.routers)} moectl routers for {model_config.num_layers} MoE layers; the "
-                "model must be built with moectl.model.build_meta_model"
+                "model must be built with moectl.model.build.build_meta_model"
             )
         if self.tracks_load:
             self.recorder = RoutingRecorder(

@@ -12,7 +12,7 @@ recorded one) nor communicates, and the expert GEMMs are recomputed as usual.
 
 How a block knows which run it is in: `checkpoint_contexts` is the `context_fn` of
 `torch.utils.checkpoint`; it enters one context around the first forward and another around the
-recompute (moectl.model.apply_layer_wrappers passes it through transformers' checkpointing switch).
+recompute (moectl.model.build.apply_layer_wrappers passes it through transformers' checkpointing switch).
 Other code that must not act twice under checkpointing (say a router that counts expert loads) can ask
 `checkpoint_phase()`.
 """

@@ -3,7 +3,7 @@
 The agent watches its workers: when one dies, it stops the rest and raises, so a crashed rank ends
 the job with a non-zero code instead of leaving peers blocked in a collective. The workers are forked
 from a server process that has already imported torch and the training code
-(`moectl.worker.start_worker_server`), so none of them spends seconds importing it again.
+(`moectl.run.worker.start_worker_server`), so none of them spends seconds importing it again.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, Signa
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from moectl.checkpoint import resume_hint
 from moectl.config import ParallelConfig
 from moectl.errors import WorkerFailed
-from moectl.faults import AGREED_STOP_LABEL, last_error_line
-from moectl.worker import PROGRESS_LINE, rank_log_path, start_worker_server
-from moectl.worker import run as run_worker
+from moectl.io.checkpoint import resume_hint
+from moectl.run.faults import AGREED_STOP_LABEL, last_error_line
+from moectl.run.worker import PROGRESS_LINE, rank_log_path, start_worker_server
+from moectl.run.worker import run as run_worker
 
 
 class ConsoleLogs(LogsSpecs):
     """No redirection by the agent: each worker sends its own output to `RUN_DIR/logs/rank<k>.log`
-    (moectl.worker), so the agent neither prefixes lines (`[default_role0]:`) nor nests folders."""
+    (moectl.run.worker), so the agent neither prefixes lines (`[default_role0]:`) nor nests folders."""
 
     def __init__(self, log_dir: Path):
         super().__init__(log_dir=str(log_dir))
@@ -85,7 +85,7 @@ def _free_port() -> int:
 
 
 def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: Path, run_dir: Path) -> None:
-    """Run `moectl.worker.run` on nproc_per_node local processes; rank 0's output on the console."""
+    """Run `moectl.run.worker.run` on nproc_per_node local processes; rank 0's output on the console."""
     start_worker_server()
     # On SIGINT/SIGTERM the agent forwards the signal and waits this long before SIGKILL: the
     # workers finish their step and write a checkpoint (torch's default, 30 s, is short for big models).
@@ -130,7 +130,7 @@ def _describe_failure(failures: dict[int, ProcessFailure], run_dir: Path) -> Wor
     """Name the rank that failed, with the last line of its log (its traceback stays there).
 
     The agent reports the first worker it finds ended, and that one is the cause: a peer that loses
-    it in a collective stays up until the agent stops it (`moectl.worker.PEER_FAILURE_GRACE_S`).
+    it in a collective stays up until the agent stops it (`moectl.run.worker.PEER_FAILURE_GRACE_S`).
     """
     rank, failure = min(failures.items())
     detail = _last_error_line(rank_log_path(run_dir, rank))

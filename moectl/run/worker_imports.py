@@ -1,5 +1,5 @@
 """The launcher's worker server imports this module, and only the server: what every launched worker
-needs, imported once before the server forks the workers (`moectl.worker.start_worker_server`). Each
+needs, imported once before the server forks the workers (`moectl.run.worker.start_worker_server`). Each
 worker starts with torch, DTensor, transformers, the training loop and the parallel layers the
 strategies build on in memory, instead of spending seconds of CPU importing them itself.
 
@@ -14,7 +14,7 @@ import pkgutil
 import signal
 import sys
 
-from moectl.worker import import_capturing_output
+from moectl.run.worker import import_capturing_output
 
 
 def _die_with_the_launcher() -> None:
@@ -32,9 +32,9 @@ def _import_worker_modules() -> None:
     import torch.distributed.fsdp  # noqa: F401
     import torch.nn.parallel  # noqa: F401
 
-    import moectl.loop  # noqa: F401
     import moectl.parallel
-    import moectl.train  # noqa: F401
+    import moectl.run.loop  # noqa: F401
+    import moectl.run.start  # noqa: F401
 
     # What the strategies build on (they are plugins: each worker loads its own by name).
     for module in pkgutil.iter_modules(moectl.parallel.__path__, "moectl.parallel."):

@@ -166,7 +166,7 @@ def build_meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Qwen3MoeForCausalL
     layer's router is moectl's `Router` (transformers' math; it can also balance and measure routing)."""
     from transformers import Qwen3MoeForCausalLM
 
-    from moectl.routing import install_routers
+    from moectl.model.routing import install_routers
 
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(hf_config(cfg))
@@ -291,7 +291,7 @@ def apply_layer_wrappers(
     instead of redoing them).
     """
     if train.fp8:  # first: checkpointing and compile then see the FP8 modules
-        from moectl.fp8 import convert_linears
+        from moectl.model.fp8 import convert_linears
 
         convert_linears(model)
     mode = checkpointing_mode(train.activation_checkpointing)

@@ -3,7 +3,7 @@
 The metric is the project's numerics contract: ``‖A − B‖₂ / ‖B‖₂`` over all tensors (B is the
 reference), also per tensor, plus the largest absolute difference.
 
-Both sides are brought to the canonical per-expert layout (``moectl.hf_layout``), so a checkpoint
+Both sides are brought to the canonical per-expert layout (``moectl.io.hf_layout``), so a checkpoint
 written by ``save_pretrained`` (per-expert keys) and one saved from ``model.state_dict()`` (fused
 ``gate_up_proj`` / ``down_proj``) compare equal when their weights are.
 
@@ -60,8 +60,8 @@ from rich.progress import (
 from rich.table import Table
 
 from moectl.errors import UsageError
-from moectl.outputs import write_json_atomic
-from moectl.safetensors_reader import (
+from moectl.io.outputs import write_json_atomic
+from moectl.io.safetensors_reader import (
     DTYPES,
     FIX_DAMAGED,
     FLOAT32_EXACT,

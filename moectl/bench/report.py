@@ -1,6 +1,6 @@
 """What `moectl bench` shows: the console table and the optional `bench.png`.
 
-Both read the bench.json payload (see moectl/bench.py), so they can be redrawn from a saved file.
+Both read the bench.json payload (see moectl/bench/runner.py), so they can be redrawn from a saved file.
 matplotlib is an optional extra (`pip install 'moectl[plot]'`); without it the plot is skipped with
 one line, never an error.
 """
@@ -14,8 +14,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from moectl.metrics import format_mfu
-from moectl.outputs import save_figure_atomic
+from moectl.io.outputs import save_figure_atomic
+from moectl.model.sizing import format_mfu
 
 PLOT_SKIPPED = "plot skipped: matplotlib is not installed; pip install 'moectl[plot]' to get bench.png"
 

@@ -1,4 +1,4 @@
-"""The data behind `moectl plan` (moectl/plan.py): GPU kinds, calibrated figures, and every measured run.
+"""The data behind `moectl plan` (moectl/plan/predict.py): GPU kinds, calibrated figures, and every measured run.
 
 Everything here was measured, or fitted to what was measured, with the provenance beside it. The
 runs are the `summary.json` / log figures of BENCHMARKS.md (raw files under bench/results/); the

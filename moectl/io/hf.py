@@ -18,14 +18,14 @@ from transformers.utils import logging as hf_logging
 
 from moectl.config import ModelConfig
 from moectl.errors import UsageError
-from moectl.hf_layout import canonical_units, fuse_expert_tensors, parse_per_expert_key
-from moectl.model import hf_config
-from moectl.safetensors_reader import open_checkpoint
+from moectl.io.hf_layout import canonical_units, fuse_expert_tensors, parse_per_expert_key
+from moectl.io.safetensors_reader import open_checkpoint
+from moectl.model.build import hf_config
 
 
 class HFCheckpoint:
     """A lazy tensor source over an HF directory; per-expert keys are fused on demand into
-    transformers 5's in-memory layout. Opening it validates every header (moectl.safetensors_reader)."""
+    transformers 5's in-memory layout. Opening it validates every header (moectl.io.safetensors_reader)."""
 
     def __init__(self, model_dir: Path):
         checkpoint = open_checkpoint(model_dir)

@@ -37,10 +37,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from moectl import runtime
 from moectl.config import TrainConfig
-from moectl.dcp_layouts import LocalBoxes
-from moectl.outputs import write_json_atomic, write_text_atomic
+from moectl.io.dcp_layouts import LocalBoxes
+from moectl.io.outputs import write_json_atomic, write_text_atomic
+from moectl.run import runtime
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -97,7 +97,7 @@ def resume_hint(run_dir: Path | None) -> str:
 # ---- what goes into a checkpoint ---------------------------------------------------------------
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy) -> tuple[dict, list]:
     """{"model": …, "optimizer": …} with canonical keys, each tensor passed through the strategy's
-    `checkpoint_tensor` (a DTensor view of a plain local shard, or `LocalBoxes` of a permuted one (moectl.dcp_layouts),
+    `checkpoint_tensor` (a DTensor view of a plain local shard, or `LocalBoxes` of a permuted one (moectl.io.dcp_layouts),
     for strategies that keep one). Also returns (container, key, original) for every tensor the
     strategy replaced, so loaded values can be copied back into the tensors the model and optimizer
     really use."""
@@ -240,7 +240,7 @@ def load_checkpoint(
         options=STATE_DICT_OPTIONS,
     )
     # The config, not the checkpoint, owns the hyperparameters: a resume may change them. The learning
-    # rate needs nothing here: the loop sets each step's from the schedule (moectl/schedule.py).
+    # rate needs nothing here: the loop sets each step's from the schedule (moectl/run/schedule.py).
     for group in optimizer.param_groups:
         group["weight_decay"] = train.weight_decay
     saved_world = int(info.meta.get("world_size", 1))

@@ -18,7 +18,7 @@ import torch.profiler as tp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moectl.metrics import format_count, format_mfu
+from moectl.model.sizing import format_count, format_mfu
 
 _console_stream: TextIO | None = None
 
@@ -109,7 +109,7 @@ def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
     """The end of a run as (what, value) rows, from its summary.json and config.yaml; [] when the
     summary is not in this directory (another node of a multi-node run wrote it)."""
     from moectl.config import build_config
-    from moectl.metrics import count_params
+    from moectl.model.sizing import count_params
 
     try:
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,6 +1,6 @@
 """`moectl plan`: predict every parallel layout's speed and memory before running any, from a small model.
 
-Memory is the dry-run's estimate (`moectl.metrics.estimate_memory_gib`, fitted to H200 peaks) with the
+Memory is the dry-run's estimate (`moectl.model.sizing.estimate_memory_gib`, fitted to H200 peaks) with the
 parameters each rank holds and the gradients alive at the peak, plus the buffers a strategy adds: ep's
 exchange buffers (and under checkpointing the rows each layer records for its recompute), DDP's gradient
 buckets, FSDP's unsharded gradients under accumulation and its gathered layers.
@@ -15,7 +15,7 @@ Time per optimizer step on one GPU is compute plus the communication the step wa
 - communication: the bytes ep's exchanges send (each token once to every other rank that holds one of
   its experts), gathers and reduce-scatters (fsdp), activation all-reduces (tp), gradient reductions
   (ddp, ep's replicated part), each over NVLink within a node and the network between nodes, times the
-  share each strategy leaves exposed (moectl/plan_data.py says what was measured and what was fitted).
+  share each strategy leaves exposed (moectl/plan/calibration.py says what was measured and what was fitted).
 
 Nothing here starts a process group or needs a GPU.
 """
@@ -28,8 +28,8 @@ from math import comb
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig, build_config, checkpointing_mode
 from moectl.errors import UsageError
-from moectl.metrics import count_params, estimate_memory_gib, flops_per_token
-from moectl.plan_data import CALIBRATION, GPU_KINDS, Calibration, GpuKind, MeasuredRun
+from moectl.model.sizing import count_params, estimate_memory_gib, flops_per_token
+from moectl.plan.calibration import CALIBRATION, GPU_KINDS, Calibration, GpuKind, MeasuredRun
 from moectl.registry import get_strategy
 
 STRATEGIES = ("single", "ddp", "fsdp", "tp", "mixed", "ep")
@@ -424,7 +424,7 @@ def _train_for(train: TrainConfig, layout: Layout) -> TrainConfig:
 
 
 def run_config(run: MeasuredRun) -> tuple[ModelConfig, TrainConfig, Layout]:
-    """The model, training settings and layout of one measured run (moectl/plan_data.py)."""
+    """The model, training settings and layout of one measured run (moectl/plan/calibration.py)."""
     train = {**run.train, "seq_len": run.seq_len, "global_batch": run.global_batch}
     cfg = build_config("qwen3-30b-a3b", {"model": dict(run.model), "train": train})
     layout = Layout(

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from moectl.checkpoint import CheckpointInfo
 from moectl.config import RunConfig
 from moectl.errors import UsageError
-from moectl.metrics import count_params, format_bytes, optimizer_states_per_param
-from moectl.model import build_meta_model
+from moectl.io.checkpoint import CheckpointInfo
+from moectl.model.build import build_meta_model
+from moectl.model.sizing import count_params, format_bytes, optimizer_states_per_param
 
 
 def verify_checkpoint(info: CheckpointInfo, cfg: RunConfig) -> None:

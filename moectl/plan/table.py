@@ -1,4 +1,4 @@
-"""`moectl plan`'s table: every layout of a machine predicted by moectl/plan.py, ranked, with the
+"""`moectl plan`'s table: every layout of a machine predicted by moectl/plan/predict.py, ranked, with the
 `moectl train` command that runs it, what does not fit, and the degrees the model forbids."""
 
 from __future__ import annotations
@@ -12,8 +12,15 @@ from rich.table import Table
 
 from moectl.config import ModelConfig, TrainConfig, build_config, merge_overrides, parse_set_option
 from moectl.errors import UsageError
-from moectl.plan import HEADROOM_GIB, SMALLEST_CALIBRATED_HIDDEN, Layout, Prediction, layout_problem, predict
-from moectl.plan_data import CALIBRATION, GPU_KINDS, Calibration
+from moectl.plan.calibration import CALIBRATION, GPU_KINDS, Calibration
+from moectl.plan.predict import (
+    HEADROOM_GIB,
+    SMALLEST_CALIBRATED_HIDDEN,
+    Layout,
+    Prediction,
+    layout_problem,
+    predict,
+)
 
 MICRO_BATCHES = (1, 2, 4, 8)
 
@@ -178,7 +185,7 @@ def plan_command(
     if cfg.model.path:  # the dimensions of a local checkpoint's config.json
         from pathlib import Path
 
-        from moectl.model import model_config_from_hf_dir
+        from moectl.model.build import model_config_from_hf_dir
 
         cfg.model = model_config_from_hf_dir(Path(cfg.model.path))
     memory = gpu_mem_gib or GPU_KINDS[gpu].memory_gib
@@ -243,7 +250,7 @@ def plan_command(
     ]
     lines.append(
         "comm = share of the step spent waiting for communication. The model and its calibration: "
-        "moectl/plan.py, moectl/plan_data.py, BENCHMARKS.md."
+        "moectl/plan/predict.py, moectl/plan/calibration.py, BENCHMARKS.md."
     )
     if nodes > 1:
         lines.append(

@@ -1,8 +1,8 @@
 """Reading safetensors checkpoints without trusting them: every header is parsed and checked against
 the file size (8-byte little-endian length + JSON; dtypes, shapes, byte ranges), and a checkpoint path
 (a file, an index, or an HF model directory) is mapped to the canonical per-expert layout
-(`moectl.hf_layout`). Reads headers only; nothing is ever unpickled. Used by `moectl compare-weights`
-and by `--model` loading (`moectl.hf_io`).
+(`moectl.io.hf_layout`). Reads headers only; nothing is ever unpickled. Used by `moectl compare-weights`
+and by `--model` loading (`moectl.io.hf`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from moectl.errors import UsageError
-from moectl.hf_layout import canonical_units
+from moectl.io.hf_layout import canonical_units
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"

@@ -7,44 +7,35 @@ bad input never leaves a half-written run behind.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
-from moectl import runtime
-from moectl.checkpoint import CheckpointInfo, latest_checkpoint
 from moectl.config import ParallelConfig, RunConfig, build_config, merge_overrides
-from moectl.data import check_data
+from moectl.data.sources import check_data
 from moectl.errors import UsageError
-from moectl.metrics import (
+from moectl.io.checkpoint import CheckpointInfo, latest_checkpoint
+from moectl.model.build import model_config_from_hf_dir
+from moectl.model.sizing import (
     count_params,
     estimate_memory_gib,
     flops_per_token,
     format_count,
     seed_flops_per_token,
 )
-from moectl.model import model_config_from_hf_dir
-from moectl.outputs import (
-    check_run_dir_writable,
-    check_writable,
-    create_run_dir,
-    default_run_dir,
-    write_text_atomic,
-)
-from moectl.preflight import check_disk_space, verify_checkpoint
-from moectl.registry import get_strategy
+from moectl.registry import build_strategy
+from moectl.run import runtime
+from moectl.run.preflight import verify_checkpoint
+from moectl.run.tensorboard_log import check_available as check_tensorboard_available
 from moectl.strategy import Strategy
-from moectl.tensorboard_log import check_available as check_tensorboard_available
 
 
 @dataclass
-class RunPlan:
+class PreparedRun:
     cfg: RunConfig
     strategy: Strategy
     world_size: int
@@ -134,30 +125,19 @@ def prepare(
     overrides: dict[str, dict[str, Any]],
     resume: Path | None = None,
     run_dir: Path | None = None,
-) -> tuple[RunPlan, Path | None]:
+) -> tuple[PreparedRun, Path | None]:
     """`moectl train`'s flags to a checked plan and the run directory to write (a resume writes into
     the run it continues)."""
     if resume is None:
-        return plan(resolve(config, overrides)), run_dir
+        return check_run(resolve(config, overrides)), run_dir
     if config is not None:
         raise UsageError("--resume continues with the run's own config.yaml; drop --config")
     if run_dir is not None and run_dir.resolve() != resume.resolve():
         raise UsageError("--resume writes into the run it continues; drop --run-dir")
-    return plan(*resolve_resume(resume, overrides)), resume
+    return check_run(*resolve_resume(resume, overrides)), resume
 
 
-def build_strategy(
-    cfg: RunConfig, world_size: int | None, strategy_cls: type[Strategy] | None = None
-) -> Strategy:
-    """The strategy (`cfg.parallel.strategy` unless given) with its degrees checked against the world
-    and the model: the one place they are checked."""
-    strategy_cls = strategy_cls or get_strategy(cfg.parallel.strategy)
-    dims = strategy_cls.parallel_dims(cfg.parallel, world_size)
-    dims.check(cfg.model, strategy_cls.name)
-    return strategy_cls(dims, cfg.model, cfg.parallel)
-
-
-def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> RunPlan:
+def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> PreparedRun:
     """World size from --nproc (or the outside launcher, or the degrees); every degree checked."""
     parallel = cfg.parallel
     if runtime.under_torchrun():
@@ -196,19 +176,19 @@ def plan(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> RunPlan:
                 f"{nproc_per_node} processes per node but {torch.cuda.device_count()} GPUs; lower --nproc"
             )
     if train.fp8 or train.fp8_experts:
-        from moectl import fp8
+        from moectl.model import fp8
 
         on_gpu = runtime.uses_gpu(train)
         fp8.check(train, on_gpu, runtime.training_dtype(train, on_gpu), strategy.name, strategy.dims.tp)
     if cfg.data.source != "synthetic":
         check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
-        from moectl.hf_io import HFCheckpoint
+        from moectl.io.hf import HFCheckpoint
 
         HFCheckpoint(Path(cfg.model.path)).check_fits(cfg.model)
     if train.tensorboard:
         check_tensorboard_available()
-    return RunPlan(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step, resume_from)
+    return PreparedRun(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step, resume_from)
 
 
 def param_bytes(cfg: RunConfig) -> int:
@@ -224,7 +204,7 @@ def memory_note(cfg: RunConfig) -> str:
     return "auto: GPU"
 
 
-def describe(p: RunPlan, console: Console) -> None:
+def describe(p: PreparedRun, console: Console) -> None:
     """The --dry-run report: resolved config, parameter counts, flops per token, memory per rank."""
     cfg = p.cfg
     counts = count_params(cfg.model)
@@ -256,75 +236,3 @@ def describe(p: RunPlan, console: Console) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-
-
-def run(p: RunPlan, run_dir: Path | None) -> Path:
-    """Run on this process (world 1, or inside an outside torchrun) or launch workers; returns the run
-    directory (its summary.json holds what the run measured)."""
-    cfg = p.cfg
-    if runtime.under_torchrun():
-        device = runtime.pick_device(cfg.train)
-        runtime.init_process_group(device, cfg.parallel.timeout_s)
-        target = [None]
-        if runtime.rank() == 0:
-            target[0] = str(_prepare_run_dir(p, run_dir))
-        if dist.is_initialized():
-            dist.broadcast_object_list(target, src=0)
-        try:
-            _train_here(cfg, p.strategy, Path(target[0]))
-            return Path(target[0])
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    target = _prepare_run_dir(p, run_dir)
-    if p.world_size == 1 and cfg.parallel.nnodes == 1:
-        _train_here(cfg, p.strategy, target)
-        return target
-    from moectl.launch import launch_workers
-
-    node_dir = _node_dir(cfg, target)
-    launch_workers(cfg.parallel, p.nproc_per_node, node_dir / "config.yaml", node_dir)
-    return target
-
-
-def _train_here(cfg: RunConfig, strategy: Strategy, run_dir: Path) -> None:
-    # Imported only by the processes that train: a launcher checks and starts workers, and the training
-    # loop's imports (transformers among them) would add seconds to every launch.
-    from moectl.loop import run_training
-
-    run_training(cfg, strategy, run_dir)
-
-
-def _node_dir(cfg: RunConfig, target: Path) -> Path:
-    """Where this node's launcher writes: the run directory on node 0, `node<k>/` inside it on node k.
-
-    Global rank 0 runs on node 0 (static rendezvous) and writes the model and metrics at the top;
-    other nodes write only their own config copy and worker logs, so a run directory on a shared
-    file system holds every node's logs without two nodes writing the same file.
-    """
-    node_rank = cfg.parallel.node_rank
-    return target if node_rank == 0 or cfg.parallel.nnodes == 1 else target / f"node{node_rank}"
-
-
-def _prepare_run_dir(p: RunPlan, run_dir: Path | None) -> Path:
-    """A fresh run gets a new directory; a resume rewrites config.yaml with its (maybe new) layout."""
-    cfg = p.cfg
-    if p.resume_from is not None:
-        target = Path(cfg.run_dir)
-        check_writable(target)
-        check_disk_space(target, cfg, param_bytes(cfg), p.resume_from.step)
-        write_text_atomic(target / "config.yaml", cfg.to_yaml())
-        return target
-    target = Path(run_dir or cfg.run_dir or default_run_dir(cfg.parallel.strategy))
-    cfg.run_dir = str(target)
-    node_dir = _node_dir(cfg, target)
-    if node_dir == target and cfg.parallel.nnodes > 1 and target.is_dir():
-        # Another node may already have made its node<k>/ folder here (shared file system).
-        others = [p for p in target.iterdir() if not re.fullmatch(r"node\d+", p.name)]
-        if others:
-            check_run_dir_writable(target)
-    else:
-        check_run_dir_writable(node_dir)
-    check_disk_space(target, cfg, param_bytes(cfg))  # after the write check: /proc has "0 bytes free"
-    create_run_dir(node_dir, cfg.to_yaml())
-    return target

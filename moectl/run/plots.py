@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from moectl.outputs import save_figure_atomic
+from moectl.io.outputs import save_figure_atomic
 
 PLOTS_SKIPPED = (
     "loss.png and expert_load.png skipped: matplotlib is not installed; pip install 'moectl[plot]'"

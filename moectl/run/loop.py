@@ -19,23 +19,25 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moectl import checkpoint, run_plots, runtime
-from moectl.checkpoint import is_due
 from moectl.config import RunConfig, TrainConfig
-from moectl.data import build_data, rank_slice
-from moectl.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_step
-from moectl.hf_io import HFCheckpoint, save_hf_model
-from moectl.loss import TokenLoss, build_token_loss, token_loss_sum
-from moectl.metrics import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
-from moectl.model import build_meta_model, hf_config, materialize, random_init_source
-from moectl.outputs import write_json_atomic
+from moectl.data.sources import build_data, rank_slice
+from moectl.io import checkpoint
+from moectl.io.checkpoint import is_due
+from moectl.io.hf import HFCheckpoint, save_hf_model
+from moectl.io.outputs import write_json_atomic
+from moectl.model.build import build_meta_model, hf_config, materialize, random_init_source
+from moectl.model.loss import TokenLoss, build_token_loss, token_loss_sum
+from moectl.model.routing import Routing
+from moectl.model.sizing import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.parallel.gradients import clip_gradients_
-from moectl.plan import SMALLEST_CALIBRATED_HIDDEN, gpu_kind_for_device, layout_from_config, predict
-from moectl.report import StepProfiler, StepReporter
-from moectl.routing import Routing
-from moectl.schedule import lr_at, set_lr
+from moectl.plan.predict import SMALLEST_CALIBRATED_HIDDEN, gpu_kind_for_device, layout_from_config, predict
+from moectl.run import plots as run_plots
+from moectl.run import runtime
+from moectl.run.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_step
+from moectl.run.report import StepProfiler, StepReporter
+from moectl.run.schedule import lr_at, set_lr
+from moectl.run.tensorboard_log import TensorBoardLog
 from moectl.strategy import Strategy
-from moectl.tensorboard_log import TensorBoardLog
 
 ROUTER_BIAS_FILE = "router_bias.safetensors"
 EXPERT_LOAD_FILE = "expert_load.safetensors"
@@ -121,8 +123,8 @@ def train_step(
     Why the loss is divided by the token count of the *whole global batch* (not of the
     micro-batch): gradients then add up across micro-batches and data-parallel ranks to exactly the
     gradient of one big batch, so any accumulation or parallel layout trains the same model. The
-    auxiliary loss is normalised the same way, by the global number of sequences (moectl/routing.py).
-    `loss_fn(model, tokens, grad_scale)` is `moectl.loss.build_token_loss`'s (default: the model's
+    auxiliary loss is normalised the same way, by the global number of sequences (moectl/model/routing.py).
+    `loss_fn(model, tokens, grad_scale)` is `moectl.model.loss.build_token_loss`'s (default: the model's
     logits and `token_loss_sum`); grad_scale is the factor the summed loss is multiplied by here.
     """
     loss_fn = loss_fn or build_token_loss(model, chunk_tokens=0, compiled=False)

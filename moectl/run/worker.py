@@ -1,5 +1,5 @@
 """Entry point of one worker process started by the elastic launcher (`run`, forked by the launcher's
-worker server, see moectl.launch).
+worker server, see moectl.run.launch).
 
 Every rank writes its stdout and stderr (tracebacks, warnings, C-level output) to
 `RUN_DIR/logs/rank<k>.log`; global rank 0 also keeps the console for its progress. What the worker
@@ -29,7 +29,7 @@ PROGRESS_LINE = re.compile(r"(== moectl worker rank |step \d+: |resumed at step 
 def start_worker_server() -> None:
     """Start the process the launcher's workers are forked from (multiprocessing's fork server), now.
 
-    It imports what every worker needs (moectl.worker_imports) once, beside the launcher's own start-up,
+    It imports what every worker needs (moectl.run.worker_imports) once, beside the launcher's own start-up,
     instead of each worker importing it again: seconds of CPU per worker. The server copies this
     process's environment as it starts, so the workers' environment is set first. Calling it again
     does nothing. Imports nothing heavy, so the launcher calls it before it imports torch.
@@ -39,7 +39,9 @@ def start_worker_server() -> None:
 
     for key, value in SAFE_ENV.items():
         os.environ.setdefault(key, value)
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__", "moectl.worker_imports"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["__main__", "moectl.run.worker_imports"]
+    )
     forkserver.ensure_running()
 
 
@@ -76,7 +78,7 @@ def redirect_output_to_log(run_dir: Path, rank: int) -> TextIO | None:
 
 def import_capturing_output(import_modules: Callable[[], None]) -> bytes:
     """Run `import_modules` with file descriptors 1 and 2 sent to a buffer; return what it printed
-    (the worker server's imports, `moectl.worker_imports`).
+    (the worker server's imports, `moectl.run.worker_imports`).
 
     An import that fails is printed there too and otherwise ignored: each worker imports again and
     reports the error in its own log.
@@ -146,18 +148,18 @@ def _wait_to_be_stopped(seconds: float) -> None:
 
 def main(config_path: str, run_dir: str) -> int:
     console = redirect_output_to_log(Path(run_dir), int(os.environ.get("RANK", "0")))
-    server_imports = sys.modules.get("moectl.worker_imports")  # forked from the worker server
+    server_imports = sys.modules.get("moectl.run.worker_imports")  # forked from the worker server
     if server_imports is not None and server_imports.OUTPUT:
         sys.stderr.write(server_imports.OUTPUT.decode(errors="replace"))
 
     import torch.distributed as dist
 
-    from moectl import report, runtime
     from moectl.config import build_config
     from moectl.errors import UsageError
-    from moectl.faults import TrainingStopped
-    from moectl.loop import run_training
-    from moectl.train import build_strategy
+    from moectl.registry import build_strategy
+    from moectl.run import report, runtime
+    from moectl.run.faults import TrainingStopped
+    from moectl.run.loop import run_training
 
     if console is not None:
         report.set_console_stream(console)
