@@ -189,7 +189,7 @@ def cpu_seconds() -> float:
 
 def child_main(path_a: str, path_b: str) -> None:
     """One comparison in this fresh process; prints a JSON RunResult."""
-    from moectl.compare.checkpoints import compare_checkpoints
+    from moectl.compare import compare_checkpoints
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cpu_started, started = cpu_seconds(), time.perf_counter()

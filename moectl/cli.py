@@ -191,7 +191,7 @@ def compare_weights(
     ] = None,
 ) -> None:
     """Prove two checkpoints equal: exit 0 match, 1 mismatch, 2 bad input. Per-expert and fused layouts agree."""
-    from moectl.compare.checkpoints import compare_command
+    from moectl.compare import compare_command
 
     raise typer.Exit(
         compare_command(a, b, rtol=rtol, per_tensor_rtol=per_tensor_rtol, top=top, json_path=json_path)

@@ -1,4 +1,4 @@
-"""Tests for ``moectl compare-weights`` (moectl.compare.checkpoints) and the expert key layout (moectl.io.hf_layout)."""
+"""Tests for ``moectl compare-weights`` (moectl.compare) and the expert key layout (moectl.io.hf_layout)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-import moectl.compare.checkpoints as compare
-from moectl.compare.checkpoints import compare_checkpoints, compare_command
+import moectl.compare.checkpoints as comparison
+from moectl.compare import compare_checkpoints, compare_command
 from moectl.errors import UsageError
 from moectl.io.hf_layout import canonical_units, fuse_expert_tensors, split_expert_tensors, unit_view
 from moectl.io.outputs import write_json_atomic
@@ -336,8 +336,8 @@ def test_bad_options_exit_2(
 
 def test_chunked_sums_match_float64_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny chunks (and values whose float32 squares overflow) give the float64 answer."""
-    monkeypatch.setattr(compare, "CHUNK_ELEMENTS", 7)
-    monkeypatch.setattr(compare, "TASK_ELEMENTS", 30)  # tensors split across tasks, tasks mixing tensors
+    monkeypatch.setattr(comparison, "CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(comparison, "TASK_ELEMENTS", 30)  # tensors split across tasks, tasks mixing tensors
     generator = torch.Generator().manual_seed(1)
     b_tensors = {
         "bf16": torch.randn(33, 5, generator=generator).to(torch.bfloat16),

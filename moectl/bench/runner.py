@@ -7,7 +7,7 @@ memory takes only its own row down, and every run leaves an ordinary run directo
 Flow: everything the user typed is checked first (strategy names, `--strategy-args` keys, config
 keys, `--out`), so bad input is one line and exit code 2 before anything runs. Then the reference
 (with `--verify`) runs first, the other strategies after it, each one compared with the reference
-through `moectl.compare.checkpoints.compare_checkpoints` as soon as it ends. `bench.json` is rewritten
+through `moectl.compare.compare_checkpoints` as soon as it ends. `bench.json` is rewritten
 atomically after every run, so a bench that is interrupted still leaves what it measured.
 
 Degrees for `--nproc N`: each strategy names the flags that run it on N processes
@@ -83,7 +83,7 @@ from rich.markup import escape
 
 from moectl import __version__
 from moectl.bench.report import describe_record, print_table, write_plot
-from moectl.compare.checkpoints import compare_checkpoints
+from moectl.compare import compare_checkpoints
 from moectl.config import RunConfig, merge_overrides, parse_set_option
 from moectl.errors import UsageError
 from moectl.io.outputs import write_json_atomic

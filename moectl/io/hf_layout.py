@@ -17,7 +17,7 @@ The *canonical* layout used to compare checkpoints is the per-expert one: it is 
 each per-expert matrix is a contiguous slice of the fused tensor, so a fused checkpoint can be read as
 per-expert units with views only, never a copy of a whole fused tensor. This module is pure key and
 tensor bookkeeping with no I/O, so model loading can reuse it (``fuse_expert_tensors``) as well as
-``moectl.compare.checkpoints`` (``canonical_units``).
+checkpoint comparison (``moectl.io.safetensors_reader`` reads through ``canonical_units``).
 """
 
 from __future__ import annotations
