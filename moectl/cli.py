@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from moectl.errors import TrainingStopped, UsageError, WorkerFailed, under_torchrun
+from moectl.import_noise import silence_known_import_noise
 
 
 class _Command(typer.core.TyperCommand):
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     summary is out: finalizing a process that imported torch.distributed takes about a second and
     writes nothing.
     """
+    silence_known_import_noise()
     if argv is not None:
         _main(argv)
         return

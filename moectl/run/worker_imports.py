@@ -14,6 +14,7 @@ import pkgutil
 import signal
 import sys
 
+from moectl.import_noise import silence_known_import_noise
 from moectl.run.worker import import_capturing_output
 
 
@@ -42,4 +43,5 @@ def _import_worker_modules() -> None:
 
 
 _die_with_the_launcher()
+silence_known_import_noise()
 OUTPUT = import_capturing_output(_import_worker_modules)
