@@ -499,7 +499,7 @@ def test_plot_is_drawn_from_bench_json(tmp_path):
         "tokens_per_s_per_device": 100.0,
         "mfu": 0.4,
         "mfu_seed": 0.3,
-        "loss_curve": [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.5}],
+        "loss_curve": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
     }
     payload = {"rows": [row, {**row, "name": "x", "status": "failed"}], "verify": {"reference_run": None}}
     assert write_plot(payload, tmp_path / "bench.png", Console(file=open(os.devnull, "w")))

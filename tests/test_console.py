@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from moectl.run.report import summary_lines
-from tests.util import NUMERICS_STEPS, REPO, console_output, run_moectl
+from tests.util import NUMERICS_STEPS, REPO, console_output, run_moectl, run_moectl_in_process
 
 TINY_RUN = ["--steps", "3", "--global-batch", "8", "--micro-batch", "2"]
 
@@ -84,9 +84,12 @@ def plain_run(background_lane, tmp_path_factory) -> tuple[Path, subprocess.Compl
 
 
 def test_step_lines_say_per_device_and_warm_up_is_not_timed(plain_run):
-    _, result = plain_run
+    run_dir, result = plain_run
     steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 3
+    # One numbering everywhere: step 1 is the first optimizer step, on the console and in metrics.jsonl.
+    recorded = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [int(line.split(":")[0].split()[1]) for line in steps] == recorded == [1, 2, 3]
     assert all("tok/s/device" in line and "total" not in line for line in steps), steps  # one device
     assert [("warm-up (not timed)" in line) for line in steps] == [True, True, False]
 
@@ -135,7 +138,26 @@ def test_a_resumed_run_labels_its_first_steps_as_timing_warm_up(plain_run, tmp_p
     )
     steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in steps] == ["step 4", "step 5", "step 6"]
+    recorded = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert recorded == [1, 2, 3, 4, 5, 6]
     assert [("warm-up (not timed)" in line) for line in steps] == [True, True, False]
+
+
+def test_a_run_shorter_than_its_warm_up_says_nothing_was_timed(tmp_path):
+    """--steps 1 (timing_warmup_steps 2): no median of untimed steps, but null figures with the reason."""
+    run_dir = tmp_path / "run"
+    result = run_moectl_in_process("train", "--run-dir", str(run_dir), "--steps", "1", "--set",
+                                   "train.save_model=false")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("median_step_time_s", "tokens_per_s", "tokens_per_s_per_device", "mfu", "mfu_seed"):
+        assert summary[key] is None, key
+    assert (
+        "all 1 step(s) of this session were warm-up (train.timing_warmup_steps = 2)" in summary["not_timed"]
+    )
+    speed = dict(summary_lines(run_dir))["speed"]
+    assert speed.startswith("not measured: all 1 step(s)") and "median" not in speed, speed
+    assert "speed        not measured" in result.stdout and "tokens/s per device" not in result.stdout
 
 
 def test_a_terminal_gets_a_progress_bar_with_eta(tmp_path):

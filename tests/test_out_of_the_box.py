@@ -112,7 +112,7 @@ def test_the_tiny_preset_loss_falls_smoothly(tmp_path):
 # ---- loss curves in bench's verification ---------------------------------------------------------
 def _record(losses: list[float]) -> RunRecord:
     record = RunRecord("x", "x", 1, [])
-    record.loss_curve = [{"step": step, "loss": loss} for step, loss in enumerate(losses)]
+    record.loss_curve = [{"step": step, "loss": loss} for step, loss in enumerate(losses, start=1)]
     return record
 
 
@@ -354,7 +354,7 @@ def test_the_plot_leaves_out_the_mfu_panel_where_no_device_peak_is_known(tmp_pat
         "tokens_per_s_per_device": 100.0,
         "mfu": None,
         "mfu_seed": None,
-        "loss_curve": [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.5}],
+        "loss_curve": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
     }
     widths = {}
     for name, mfu in (("cpu", None), ("gpu", 0.4)):

@@ -140,6 +140,7 @@ def test_reference_run_outputs(feature_reference):
     """What one run with every feature writes: the schedule, clipping, statistics, files, summary."""
     run, rows = feature_reference, records(feature_reference)
     train = feature_config().train
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # step 1 is the first optimizer step
     assert [r["lr"] for r in rows] == [lr_at(train, step) for step in range(STEPS)]
     assert rows[0]["lr"] == pytest.approx(train.lr / 3) and rows[-1]["lr"] == pytest.approx(
         train.lr * train.min_lr_ratio
@@ -194,7 +195,7 @@ def test_tensorboard_events_read_back(feature_reference):
     rows = records(feature_reference)
     for tag, key in expected.items():
         scalars = events.Scalars(tag)
-        assert [s.step for s in scalars] == list(range(STEPS))
+        assert [s.step for s in scalars] == [r["step"] for r in rows] == list(range(1, STEPS + 1))
         assert [s.value for s in scalars] == pytest.approx([r[key] for r in rows], rel=1e-6)
     per_layer = [events.Scalars(f"experts/load_imbalance/layer_{i:02d}")[-1].value for i in range(2)]
     assert max(per_layer) == pytest.approx(rows[-1]["load_imbalance"], rel=1e-6)

@@ -103,7 +103,7 @@ def print_table(payload: dict[str, Any], console: Console) -> None:
             format_mfu(row["mfu_seed"]) if row["status"] == "ok" else "—",
             _step_time(row["median_step_time_s"]),
             _number(row["peak_mem_gib"], ".2f", " GiB"),
-            str(row["loss_curve"][-1]["step"] + 1) if row["loss_curve"] else "—",
+            str(row["loss_curve"][-1]["step"]) if row["loss_curve"] else "—",
             _number(row["final_loss"], ".4f"),
             "—" if rel_err is None or verify_row["status"] == "reference" else f"{rel_err:.2e}",
             "—"
@@ -162,7 +162,7 @@ def write_plot(payload: dict[str, Any], path: Path, console: Console) -> bool:
         # Strategies that match trace the same curve: distinct markers keep each one visible.
         style = {"linestyle": "--", "color": "black"} if row is reference else {"alpha": 0.8}
         loss.plot(
-            [p["step"] + 1 for p in curve],
+            [p["step"] for p in curve],
             [p["loss"] for p in curve],
             label=row["name"],
             marker=markers[number % len(markers)],

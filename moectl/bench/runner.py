@@ -49,7 +49,7 @@ directory that holds bench.json.
     mfu, mfu_seed    float|null  fractions (0.4 = 40 %); null when the device's peak is unknown
     peak_mem_gib     float|null  largest peak over the ranks (GPU: allocated; CPU: process RSS)
     final_loss       float|null
-    loss_curve       list   {"step": int, "loss": float|null} per recorded step
+    loss_curve       list   {"step": int (from 1), "loss": float|null} per recorded step
     verify           object|null  null without --verify or when the run did not complete, else
                             status ("pass" | "fail" | "error" | "reference"), rel_err (float|null:
                             ‖A − B‖₂ / ‖B‖₂), rtol (float), reason (str|null), steps (int: the
@@ -507,7 +507,7 @@ def _read_results(record: RunRecord, run_dir: Path) -> None:
 
 def steps_done(record: RunRecord) -> int:
     """The steps a finished run's final weights come after (its last recorded step)."""
-    return record.loss_curve[-1]["step"] + 1 if record.loss_curve else 0
+    return record.loss_curve[-1]["step"] if record.loss_curve else 0
 
 
 def loss_tolerance(rtol: float, reference_loss: float) -> float:
@@ -527,7 +527,7 @@ def _loss_mismatch(record: RunRecord, reference: RunRecord, rtol: float) -> tupl
         diffs.append(diff)
         if not diff <= loss_tolerance(rtol, ref) and worst is None:
             worst = (
-                f"loss {point['loss']:.6g} at step {point['step'] + 1} differs from the reference's "
+                f"loss {point['loss']:.6g} at step {point['step']} differs from the reference's "
                 f"{ref:.6g} by {diff:.2e} (tolerance {loss_tolerance(rtol, ref):.1e})"
             )
     steps, ref_steps = [p["step"] for p in record.loss_curve], sorted(losses)

@@ -261,20 +261,24 @@ def placeholder_source(name: str, shape: torch.Size, device: torch.device) -> to
 
 
 def restore_metrics(run_dir: Path, steps_done: int, is_rank0: bool) -> list[dict[str, Any]]:
-    """Keep the metrics of steps before the checkpoint and drop the rest (steps done after the
-    checkpoint are redone); returns the kept records. A line cut short by a kill is dropped too."""
+    """Keep the metrics of the steps the checkpoint holds (steps count from 1: `steps_done` is the last
+    kept) and drop the rest, which are redone; returns the kept records. A line cut short by a kill is
+    dropped too. A file written when steps counted from 0 (its first step is 0) is renumbered."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    kept, records = [], []
+    records = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < steps_done:
-            kept.append(line)
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
+    if records and min(record["step"] for record in records) == 0:
+        for record in records:
+            record["step"] += 1
+    records = [record for record in records if record["step"] <= steps_done]
     if is_rank0:
-        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+        write_text_atomic(path, "".join(f"{json.dumps(record)}\n" for record in records))
     return records

@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 from moectl.config import ModelConfig
 from moectl.errors import UsageError
 from moectl.io.hf_layout import canonical_units, fuse_expert_tensors, parse_per_expert_key
+from moectl.io.outputs import follow_umask
 from moectl.io.safetensors_reader import open_checkpoint
 from moectl.model.build import hf_config
 
@@ -107,6 +108,7 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config, out_dir: Path)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model.save_pretrained(staging)
+        follow_umask(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

@@ -12,6 +12,38 @@ from typing import Any
 from moectl.errors import UsageError
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only set it,
+    and setting it back and forth races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (a directory: with everything under it) the permissions that open() and mkdir() give
+    under the umask: 0666 / 0777 less the umask. tempfile makes 0600 files and 0700 directories, and
+    safetensors writes 0600 files; a run directory shared by a team must read like every other file."""
+    umask = current_umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, directories, files in os.walk(path):
+            for name in directories:
+                os.chmod(os.path.join(root, name), 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+        os.chmod(path, 0o777 & ~umask)
+    else:
+        os.chmod(path, 0o666 & ~umask)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file beside `path` and `os.replace`: readers never see half a file."""
     path = Path(path)
@@ -22,9 +54,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        follow_umask(Path(temp_name))
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -39,6 +69,7 @@ def save_figure_atomic(figure, path: Path) -> None:
     os.close(handle)
     try:
         figure.savefig(temp_name, format="png", dpi=110)
+        follow_umask(Path(temp_name))
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

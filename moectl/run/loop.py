@@ -24,7 +24,7 @@ from moectl.data.sources import build_data, rank_slice
 from moectl.io import checkpoint
 from moectl.io.checkpoint import is_due
 from moectl.io.hf import HFCheckpoint, save_hf_model
-from moectl.io.outputs import write_json_atomic
+from moectl.io.outputs import follow_umask, write_json_atomic
 from moectl.model.build import build_meta_model, hf_config, materialize, random_init_source
 from moectl.model.loss import TokenLoss, build_token_loss, token_loss_sum
 from moectl.model.routing import Routing
@@ -49,16 +49,17 @@ ROUTER_BIAS_NOTE = (
 
 @dataclass
 class Summary:
-    """What a run measured; medians are over the steps after warm-up."""
+    """What a run measured; medians are over the steps after warm-up. Steps count from 1 (step 1 is the
+    first optimizer step), in metrics.jsonl, on the console, in the plots and in TensorBoard."""
 
     strategy: str
     world_size: int
     steps: int
     timing_warmup_steps: int
     tokens_per_step: int
-    median_step_time_s: float
-    tokens_per_s: float
-    tokens_per_s_per_device: float
+    median_step_time_s: float | None  # None: no step was timed (see not_timed)
+    tokens_per_s: float | None
+    tokens_per_s_per_device: float | None
     mfu: float | None
     mfu_seed: float | None
     flops_per_token: float
@@ -77,6 +78,7 @@ class Summary:
     #: what `moectl plan` predicted for this run (GPU kinds it has figures for), beside what it measured
     predicted: dict[str, float] | None = None
     strategy_metrics: dict[str, float] = field(default_factory=dict)  # Strategy.step_metrics, medians
+    not_timed: str | None = None  # why no speed was measured (every step of the session was warm-up)
 
 
 @dataclass
@@ -252,7 +254,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                     step_figures.append(figures)
                     tokens_per_s = num_target_tokens / elapsed
                     record = {
-                        "step": step,
+                        "step": step + 1,
                         "loss": loss,
                         "lr": lr,
                         "grad_norm": grad_norm,
@@ -286,13 +288,14 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         reporter.close()
         tensorboard.close()
 
-    timed = step_times[train.timing_warmup_steps :] or step_times or [math.inf]  # a resume: maybe none
+    timed = step_times[train.timing_warmup_steps :]
     timed_figures = step_figures[train.timing_warmup_steps :] or step_figures
-    median_time = statistics.median(timed)
+    median_time = statistics.median(timed) if timed else None
     peak_mem = torch.tensor(peak_memory_gib(device), device=device)
     if dist.is_initialized():
         dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
-    tokens_per_s = num_target_tokens / median_time
+    tokens_per_s = num_target_tokens / median_time if median_time else None
+    per_device = tokens_per_s / world if tokens_per_s else None
     summary = Summary(
         strategy=strategy.name,
         world_size=world,
@@ -301,9 +304,9 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         tokens_per_step=num_target_tokens,
         median_step_time_s=median_time,
         tokens_per_s=tokens_per_s,
-        tokens_per_s_per_device=tokens_per_s / world,
-        mfu=mfu(flops_tok, tokens_per_s / world, peak),
-        mfu_seed=mfu(seed_flops_tok, tokens_per_s / world, peak),
+        tokens_per_s_per_device=per_device,
+        mfu=mfu(flops_tok, per_device, peak) if per_device else None,
+        mfu_seed=mfu(seed_flops_tok, per_device, peak) if per_device else None,
         flops_per_token=flops_tok,
         peak_mem_gib=float(peak_mem),
         final_loss=history.last("loss") if history.records else float("nan"),
@@ -317,9 +320,20 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         }
         if timed_figures
         else {},
+        not_timed=None if timed else _not_timed(len(step_times), train.timing_warmup_steps),
     )
     save_outputs(cfg, strategy, model, run_dir, summary, is_rank0, routing, history)
     return summary
+
+
+def _not_timed(session_steps: int, warmup_steps: int) -> str:
+    """Why a run measured no speed: it took no more steps than the warm-up leaves out."""
+    if not session_steps:
+        return "no step finished"
+    return (
+        f"all {session_steps} step(s) of this session were warm-up (train.timing_warmup_steps = "
+        f"{warmup_steps}); run more steps than that to measure speed"
+    )
 
 
 def _training_figures(train: TrainConfig, history: History, routing: Routing) -> dict[str, Any]:
@@ -406,6 +420,7 @@ def save_outputs(
 def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     temporary = path.with_name(f".{path.name}.partial")
     save_file(tensors, str(temporary))
+    follow_umask(temporary)
     os.replace(temporary, path)
 
 

@@ -31,12 +31,11 @@ def write_loss_plot(path: Path, steps: list[int], losses: list[float], lrs: list
 
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     loss_axes = figure.subplots()
-    shown = [step + 1 for step in steps]
-    loss_axes.plot(shown, losses, color="tab:blue", label="loss")
+    loss_axes.plot(steps, losses, color="tab:blue", label="loss")
     loss_axes.set_xlabel("step")
     loss_axes.set_ylabel("loss", color="tab:blue")
     loss_axes.xaxis.get_major_locator().set_params(integer=True)
-    with_lr = [(step, lr) for step, lr in zip(shown, lrs, strict=True) if lr is not None]
+    with_lr = [(step, lr) for step, lr in zip(steps, lrs, strict=True) if lr is not None]
     if with_lr:
         lr_axes = loss_axes.twinx()
         lr_axes.plot(*zip(*with_lr, strict=True), color="tab:orange", linestyle="--", label="learning rate")

@@ -88,8 +88,8 @@ class StepReporter:
             self.metrics_file.flush()
         stats = step_line(record, self.world_size)
         if self.progress:
-            self.progress.update(self.task, completed=record["step"] + 1, stats=stats)
-        self._plain(f"step {record['step'] + 1}: {stats}")
+            self.progress.update(self.task, completed=record["step"], stats=stats)
+        self._plain(f"step {record['step']}: {stats}")
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -122,10 +122,14 @@ def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
     world = summary["world_size"]
     layout = " × ".join(f"{axis} {degrees[axis]}" for axis in ("dp", "tp", "ep") if degrees.get(axis, 1) > 1)
     processes = f"{world} process{'es' if world != 1 else ''}"
-    speed = f"{summary['tokens_per_s_per_device']:,.0f} tokens/s per device (median"
-    speed += f"; {summary['tokens_per_s']:,.0f} in total)" if world > 1 else ")"
-    speed += f", {summary['median_step_time_s'] * 1e3:,.1f} ms per step"
-    mfu = "n/a (the device's peak FLOP/s is unknown)"
+    if summary.get("median_step_time_s") is None:
+        speed = f"not measured: {summary.get('not_timed') or 'no step was timed'}"
+        mfu = "n/a (no step was timed)"
+    else:
+        speed = f"{summary['tokens_per_s_per_device']:,.0f} tokens/s per device (median"
+        speed += f"; {summary['tokens_per_s']:,.0f} in total)" if world > 1 else ")"
+        speed += f", {summary['median_step_time_s'] * 1e3:,.1f} ms per step"
+        mfu = "n/a (the device's peak FLOP/s is unknown)"
     if summary.get("mfu") is not None:
         mfu = f"{format_mfu(summary['mfu'])} (seed formula {format_mfu(summary['mfu_seed'])})"
     losses = summary.get("losses") or []

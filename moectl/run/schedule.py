@@ -15,11 +15,12 @@ from moectl.config import TrainConfig
 
 
 def lr_at(train: TrainConfig, step: int) -> float:
-    """The learning rate of step `step` (0-based).
+    """The learning rate of the optimizer step with 0-based index `step` (metrics.jsonl, the console and
+    the README count steps from 1: this is their step `step + 1`).
 
-    Warm-up: step s < W = `lr_warmup_steps` uses lr · (s + 1) / W, a linear ramp from 0 that reaches
-    lr at step W − 1. Then `constant` keeps lr; `cosine` and `linear` decay from lr at step W to
-    `min_lr_ratio` · lr at the last step (steps − 1).
+    Warm-up: index s < W = `lr_warmup_steps` uses lr · (s + 1) / W, a linear ramp from 0 that reaches
+    lr at index W − 1 (step W). Then `constant` keeps lr; `cosine` and `linear` decay from lr at index W
+    to `min_lr_ratio` · lr at the last step (index steps − 1).
     """
     warmup = train.lr_warmup_steps
     if step < warmup:

@@ -36,15 +36,17 @@ def check_available() -> None:
 
 
 class TensorBoardLog:
-    """One SummaryWriter; a resumed run drops the events of the steps it redoes (purge_step)."""
+    """One SummaryWriter; a resumed run drops the events of the steps it redoes (purge_step). Events are
+    numbered as metrics.jsonl numbers its steps, from 1."""
 
     def __init__(self, run_dir: Path | None, start_step: int, enabled: bool):
+        """`start_step`: the steps done before this session (a resume's checkpoint)."""
         self.writer = None
         if enabled and run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(
-                log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_step if start_step else None
+                log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None
             )
 
     def step(self, record: dict[str, Any], imbalance_per_layer: list[float]) -> None:
