@@ -136,12 +136,11 @@ def train(
         from moectl.run.worker import start_worker_server
 
         start_worker_server()
-    from rich.console import Console
-
     from moectl.config import merge_overrides, parse_set_option
     from moectl.run.prepare import describe, prepare
     from moectl.run.report import print_run_summary
     from moectl.run.start import run
+    from moectl.tables import output_console
 
     overrides = merge_overrides(
         parse_set_option(set_ or []),
@@ -167,11 +166,11 @@ def train(
     )
     the_plan, run_dir = prepare(config, overrides, resume, run_dir)
     if dry_run:
-        describe(the_plan, Console())
+        describe(the_plan, output_console())
         return
     where = run(the_plan, run_dir)
     if _is_rank0():
-        print_run_summary(where, Console())
+        print_run_summary(where, output_console())
 
 
 @app.command("compare-weights", cls=_Command, short_help="Compare two checkpoints tensor by tensor.")

@@ -3,6 +3,7 @@ unprefixed (a progress bar on a terminal, plain lines otherwise), the summary bl
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -160,13 +161,61 @@ def test_a_run_shorter_than_its_warm_up_says_nothing_was_timed(tmp_path):
     assert "speed        not measured" in result.stdout and "tokens/s per device" not in result.stdout
 
 
+RECORD = {"loss": 4.83491, "tokens_per_s_per_device": 3100.4, "tokens_per_s": 12401.6, "mfu": 0.412,
+          "mem_gib": 0.41, "warmup": True}  # fmt: skip
+
+
+def _progress_at(width: int, world_size: int) -> str:
+    from rich.console import Console
+
+    from moectl.run.report import progress_fields, progress_line
+
+    fields = progress_fields(RECORD, world_size, 3, 40, 12.3, f"fsdp ×{world_size}")
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None).print(progress_line(fields, width, 3, 40))
+    return out.getvalue().rstrip("\n")
+
+
+@pytest.mark.parametrize("width", [30, 60, 80, 100, 120, 200])
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_the_progress_line_fits_the_terminal_keeping_the_count_and_eta(width, world_size):
+    line = _progress_at(width, world_size)
+    assert "\n" not in line and len(line) <= width, line
+    assert "…" not in line, line  # nothing cut short
+    assert "3/40" in line and line.endswith("ETA 0:00:12"), line
+    whole = ["loss 4.8349", "3,100 tok/s/device", "(12,402 total)", "MFU 41.2%", "mem 0.41 GiB", "warm-up"]
+    for field in whole:  # a field is shown whole or not at all
+        assert field in line or field.split()[-1] not in line.split(), (field, line)
+    if width >= 60:
+        assert "loss 4.8349 · 3,100 tok/s/device" in line, line
+    if width >= 200:
+        assert line.startswith(f"fsdp ×{world_size} ━") and "mem 0.41 GiB · warm-up" in line, line
+        assert ("(12,402 total)" in line) == (world_size > 1), line
+
+
+def test_the_progress_line_drops_the_least_useful_fields_first():
+    from moectl.run.report import DROP_ORDER, fit_progress_fields, progress_fields
+
+    fields = progress_fields(RECORD, 4, 3, 40, 12.3, "fsdp ×4")
+    shown_at = {
+        width: {kind for kind, _ in fit_progress_fields(fields, width)[0]} for width in range(20, 200)
+    }
+    for width in range(21, 200):
+        assert shown_at[width - 1] <= shown_at[width], width  # more room never shows less
+    for width, shown in shown_at.items():
+        dropped = [kind for kind in DROP_ORDER if kind not in shown]
+        assert dropped == list(DROP_ORDER[: len(dropped)]), (width, dropped)
+        assert {"count", "eta"} <= shown
+
+
 def test_a_terminal_gets_a_progress_bar_with_eta(tmp_path):
-    """Under a pseudo-terminal rank 0 draws a rich progress bar (with ETA) instead of plain lines."""
+    """Under a pseudo-terminal of 80 columns rank 0 draws its progress line (count and ETA kept)
+    instead of plain lines."""
     leader, follower = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "moectl", "train", "--run-dir", str(tmp_path / "run"), *TINY_RUN],
         stdout=follower, stderr=follower, stdin=subprocess.DEVNULL, cwd=REPO,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TERM": "xterm", "COLUMNS": "160"},
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TERM": "xterm", "COLUMNS": "80"},
     )  # fmt: skip
     os.close(follower)
     output = b""

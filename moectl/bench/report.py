@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from moectl.io.outputs import save_figure_atomic
 from moectl.model.sizing import format_mfu
+from moectl.tables import Column, show_table
 
 PLOT_SKIPPED = "plot skipped: matplotlib is not installed; pip install 'moectl[plot]' to get bench.png"
 
@@ -70,52 +70,49 @@ def describe_record(record: Any) -> str:
 
 def print_table(payload: dict[str, Any], console: Console) -> None:
     settings, verify = payload["settings"], payload["verify"]
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        title=(
-            f"moectl bench: {settings['steps']} steps ({settings['warmup_steps']} warm-up, not timed), "
-            f"global batch {settings['global_batch']} × {settings['seq_len']} tokens, "
-            f"{settings['device']} {settings['dtype']}"
-        ),
-        caption=(
-            f"reference: {verify['reference']} ({verify['reference_why']}); weights compared after the "
-            f"steps shown; pass = ‖w − w_ref‖/‖w_ref‖ ≤ {verify['rtol']:g} and, at every step, "
-            f"|loss − loss_ref| ≤ {verify['rtol']:g} · max(1, loss_ref)"
-            if verify["enabled"]
-            else "not verified (add --verify to compare weights and losses with the reference)"
-        ),
+    title = (
+        f"moectl bench: {settings['steps']} steps ({settings['warmup_steps']} warm-up, not timed), "
+        f"global batch {settings['global_batch']} × {settings['seq_len']} tokens, "
+        f"{settings['device']} {settings['dtype']}"
+    )
+    caption = (
+        f"reference: {verify['reference']} ({verify['reference_why']}); weights compared after the "
+        f"steps shown; pass = ‖w − w_ref‖/‖w_ref‖ ≤ {verify['rtol']:g} and, at every step, "
+        f"|loss − loss_ref| ≤ {verify['rtol']:g} · max(1, loss_ref)"
+        if verify["enabled"]
+        else "not verified (add --verify to compare weights and losses with the reference)"
     )
     headers = ("strategy", "world", "tok/s", "tok/s/device", "MFU", "MFU seed", "step time", "peak mem")
-    for header in (*headers, "steps", "final loss", "rel err", "max Δloss", "status"):
-        table.add_column(
-            header, justify="left" if header in ("strategy", "status") else "right", no_wrap=True
-        )
-    notes = []
+    headers += ("steps", "final loss", "rel err", "max Δloss", "status")
+    columns = [Column(h, "left" if h in ("strategy", "status") else "right") for h in headers]
+    rows, notes = [], []
     for row in payload["rows"]:
         verify_row = row.get("verify") or {}
         rel_err = verify_row.get("rel_err")
-        table.add_row(
-            row["name"],
-            str(row["world_size"] or row["nproc"]),
-            _number(row["tokens_per_s"], ",.0f"),
-            _number(row["tokens_per_s_per_device"], ",.0f"),
-            format_mfu(row["mfu"]) if row["status"] == "ok" else "—",
-            format_mfu(row["mfu_seed"]) if row["status"] == "ok" else "—",
-            _step_time(row["median_step_time_s"]),
-            _number(row["peak_mem_gib"], ".2f", " GiB"),
-            str(row["loss_curve"][-1]["step"]) if row["loss_curve"] else "—",
-            _number(row["final_loss"], ".4f"),
-            "—" if rel_err is None or verify_row["status"] == "reference" else f"{rel_err:.2e}",
-            "—"
-            if verify_row.get("max_loss_diff") is None or verify_row["status"] == "reference"
-            else f"{verify_row['max_loss_diff']:.1e}",
-            _status(row),
+        rows.append(
+            [
+                Text(row["name"]),
+                str(row["world_size"] or row["nproc"]),
+                _number(row["tokens_per_s"], ",.0f"),
+                _number(row["tokens_per_s_per_device"], ",.0f"),
+                format_mfu(row["mfu"]) if row["status"] == "ok" else "—",
+                format_mfu(row["mfu_seed"]) if row["status"] == "ok" else "—",
+                _step_time(row["median_step_time_s"]),
+                _number(row["peak_mem_gib"], ".2f", " GiB"),
+                str(row["loss_curve"][-1]["step"]) if row["loss_curve"] else "—",
+                _number(row["final_loss"], ".4f"),
+                "—" if rel_err is None or verify_row["status"] == "reference" else f"{rel_err:.2e}",
+                "—"
+                if verify_row.get("max_loss_diff") is None or verify_row["status"] == "reference"
+                else f"{verify_row['max_loss_diff']:.1e}",
+                _status(row),
+            ]
         )
         if row["status"] != "ok":
             notes.append(f"{row['name']} {row['status']}: {row['reason']}")
         elif verify_row.get("status") in ("fail", "error"):
             notes.append(f"{row['name']} not verified: {verify_row['reason']}")
-    console.print(table)
+    show_table(console, columns, rows, title=title, caption=caption)
     reference_run = verify.get("reference_run")
     if reference_run and reference_run["status"] != "ok":
         notes.insert(0, f"reference {reference_run['name']} failed: {reference_run['reason']}")

@@ -93,6 +93,7 @@ from moectl.run import runtime
 from moectl.run.faults import last_error_line
 from moectl.run.prepare import resolve
 from moectl.strategy import Strategy
+from moectl.tables import output_console
 
 SCHEMA_VERSION = 1
 REFERENCE_CHOICES = ("auto", "single", "fsdp")
@@ -731,9 +732,7 @@ def _write_json(result: BenchResult, out: Path) -> None:
 def bench_command(options: BenchOptions, console: Console | None = None) -> int:
     """`moectl bench`: plan (bad input raises UsageError), run, print the table, write json and plot."""
     if console is None:
-        console = Console()
-        if not console.is_terminal:  # logs and pipes: wide enough for the table, never 80 columns
-            console.width = max(console.width, 150)
+        console = output_console()
     plan = plan_bench(options)
     result = run_bench(plan, console)
     payload = json.loads((options.out / "bench.json").read_text())

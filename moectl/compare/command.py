@@ -6,12 +6,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
 from moectl.compare.checkpoints import compare_checkpoints
 from moectl.compare.render import render_report
 from moectl.errors import UsageError
 from moectl.io.outputs import write_json_atomic
+from moectl.tables import output_console
 
 
 def _check_json_target(json_path: Path) -> None:
@@ -47,7 +46,7 @@ def compare_command(
     except UsageError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    render_report(report, Console(), top)
+    render_report(report, output_console(), top)
     if json_path is not None:
         try:
             write_json_atomic(Path(json_path), report.to_dict())

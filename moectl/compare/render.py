@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from moectl.compare.report import CompareReport
+from moectl.tables import Column, show_table
 
 _LIST_LIMIT = 10
 
@@ -16,7 +16,7 @@ def _print_names(console: Console, title: str, names: list[str]) -> None:
         return
     console.print(f"[bold red]{title}[/] ({len(names)}):")
     for name in names[:_LIST_LIMIT]:
-        console.print(f"  {name}", highlight=False)
+        console.print(f"  {name}", highlight=False, markup=False, soft_wrap=True)
     if len(names) > _LIST_LIMIT:
         console.print(f"  … and {len(names) - _LIST_LIMIT} more (all in --json)")
 
@@ -28,38 +28,36 @@ def render_report(report: CompareReport, console: Console, top: int = 20) -> Non
         f"A: {report.path_a}\nB: {report.path_b} (reference)\n"
         f"compared {len(report.tensors)} tensors, {gigabytes:.2f} GB in {report.seconds:.1f} s",
         highlight=False,
+        markup=False,
+        soft_wrap=True,
     )
     if top > 0 and report.tensors:
         shown = report.tensors[:top]
-        table = Table(
-            title=f"worst {len(shown)} of {len(report.tensors)} tensors",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-            collapse_padding=True,
-        )
-        table.add_column("#", justify="right", no_wrap=True)
-        table.add_column("tensor", overflow="fold")
-        table.add_column("shape", no_wrap=True)
-        table.add_column("dtype", no_wrap=True)
-        table.add_column("rel err", justify="right", no_wrap=True)
-        table.add_column("max |A−B|", justify="right", no_wrap=True)
+        rows, styles = [], []
         for rank, row in enumerate(shown, start=1):
             over = report.per_tensor_rtol is not None and not row.rel_err <= report.per_tensor_rtol
             dtype = row.dtype_a if row.dtype_a == row.dtype_b else f"{row.dtype_a}/{row.dtype_b}"
             rel = f"{row.rel_err:.3e}"
             if not row.finite:
                 rel += f" (non-finite A:{row.nonfinite_a} B:{row.nonfinite_b})"
-            table.add_row(
-                str(rank),
-                row.name,
-                "×".join(map(str, row.shape)),
-                dtype,
-                rel,
-                f"{row.max_abs_diff:.3e}",
-                style="red" if over or not row.finite else None,
-            )
-        console.print(table)
+            shape = "×".join(map(str, row.shape))
+            rows.append([str(rank), Text(row.name), shape, dtype, rel, f"{row.max_abs_diff:.3e}"])
+            styles.append("red" if over or not row.finite else None)
+        show_table(
+            console,
+            [
+                Column("#", "right"),
+                Column("tensor"),
+                Column("shape"),
+                Column("dtype"),
+                Column("rel err", "right"),
+                Column("max |A−B|", "right"),
+            ],  # fmt: skip
+            rows,
+            title=f"worst {len(shown)} of {len(report.tensors)} tensors",
+            keys=2,
+            styles=styles,
+        )
 
     _print_names(console, "missing from A (in B only)", report.missing)
     _print_names(console, "extra in A (not in B)", report.extra)
@@ -76,7 +74,9 @@ def render_report(report: CompareReport, console: Console, top: int = 20) -> Non
     if report.dtype_mismatches:
         console.print(f"[yellow]dtype differences[/] ({len(report.dtype_mismatches)}, compared numerically):")
         for name, dtype_a, dtype_b in report.dtype_mismatches[:_LIST_LIMIT]:
-            console.print(f"  {name}: A {dtype_a} vs B {dtype_b}", highlight=False)
+            console.print(
+                f"  {name}: A {dtype_a} vs B {dtype_b}", highlight=False, markup=False, soft_wrap=True
+            )
         if len(report.dtype_mismatches) > _LIST_LIMIT:
             console.print(f"  … and {len(report.dtype_mismatches) - _LIST_LIMIT} more (all in --json)")
 

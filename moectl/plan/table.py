@@ -7,9 +7,6 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from rich.console import Console
-from rich.table import Table
-
 from moectl.config import ModelConfig, TrainConfig, build_config, merge_overrides, parse_set_option
 from moectl.errors import UsageError
 from moectl.plan.calibration import CALIBRATION, GPU_KINDS, Calibration
@@ -21,6 +18,7 @@ from moectl.plan.predict import (
     layout_problem,
     predict,
 )
+from moectl.tables import Column, output_console, show_table
 
 MICRO_BATCHES = (1, 2, 4, 8)
 
@@ -203,48 +201,38 @@ def plan_command(
     if as_json:
         print(json.dumps(plan_json(plan, settings, every_variant), indent=1))
         return
-    console = Console(width=max(Console().width, 150))
-    table = Table(
-        title=f"{name}: {gpus} × {nodes} {gpu} ({memory:g} GiB, {plan.usable_gib:g} usable), "
+    console = output_console()
+    headers = ("#", "strategy", "dp", "tp", "ep", "micro", "AC", "compile", "tokens/s/GPU", "MFU", "peak GiB",
+               "comm", "fits")  # fmt: skip
+    columns = [Column(h, "left" if h in ("strategy", "fits") else "right") for h in headers]
+    rows = shown_rows(plan, every_variant)
+    cells = [
+        [
+            str(number),
+            row.layout.label(),
+            str(row.layout.dp),
+            str(row.layout.tp),
+            str(row.layout.ep),
+            str(row.layout.micro_batch),
+            "on" if row.layout.activation_checkpointing else "off",
+            "on" if row.layout.compile else "off",
+            f"{row.prediction.tokens_per_s_per_gpu:,.0f}",
+            f"{100 * row.prediction.mfu:.1f}%",
+            f"{row.prediction.peak_mem_gib:.1f}",
+            f"{100 * row.prediction.exposed_comm_s / row.prediction.step_time_s:.0f}%",
+            "yes" if row.does_not_fit is None else "NO",
+        ]
+        for number, row in enumerate(rows, 1)
+    ]
+    title = (
+        f"{name}: {gpus} × {nodes} {gpu} ({memory:g} GiB, {plan.usable_gib:g} usable), "
         f"global batch {cfg.train.global_batch} × {cfg.train.seq_len} tokens"
     )
-    for column in (
-        "#",
-        "strategy",
-        "dp",
-        "tp",
-        "ep",
-        "micro",
-        "AC",
-        "compile",
-        "tokens/s/GPU",
-        "MFU",
-        "peak GiB",
-        "comm",
-        "fits",
-    ):
-        table.add_column(column, justify="left" if column in ("strategy", "fits") else "right")
-    rows = shown_rows(plan, every_variant)
-    for number, row in enumerate(rows, 1):
-        lay, p = row.layout, row.prediction
-        table.add_row(
-            str(number),
-            lay.label(),
-            str(lay.dp),
-            str(lay.tp),
-            str(lay.ep),
-            str(lay.micro_batch),
-            "on" if lay.activation_checkpointing else "off",
-            "on" if lay.compile else "off",
-            f"{p.tokens_per_s_per_gpu:,.0f}",
-            f"{100 * p.mfu:.1f}%",
-            f"{p.peak_mem_gib:.1f}",
-            f"{100 * p.exposed_comm_s / p.step_time_s:.0f}%",
-            "yes" if row.does_not_fit is None else "NO",
-        )
-    console.print(table)
-    lines = [f"{n:>3}. {row.does_not_fit or row.command}" for n, row in enumerate(rows, 1)]
-    lines += [
+    show_table(console, columns, cells, title=title, keys=2)
+    # Commands stay whole on one line (copied as they are); the notes below them wrap at words.
+    for line in [f"{n:>3}. {row.does_not_fit or row.command}" for n, row in enumerate(rows, 1)]:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    lines = [
         f"forbidden: {lay.label()} dp {lay.dp} tp {lay.tp} ep {lay.ep}: {rule}"
         for lay, rule in plan.forbidden
     ]
@@ -263,4 +251,4 @@ def plan_command(
             "launch-bound, and the speeds above are too high."
         )
     for line in lines:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        console.print(line, markup=False, highlight=False)

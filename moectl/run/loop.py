@@ -185,7 +185,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
     flops_tok, seed_flops_tok = flops_per_token(cfg.model, train.seq_len), seed_flops_per_token(cfg.model)
     peak = device_peak_flops(device, train.peak_tflops)
     world = runtime.world_size()
-    reporter = StepReporter(run_dir, train.steps, is_rank0, f"{strategy.name} ×{world}", world)
+    reporter = StepReporter(run_dir, train.steps, is_rank0, f"{strategy.name} ×{world}", world, start_step)
     if resume is not None:
         untimed = min(train.timing_warmup_steps, train.steps - start_step)
         reporter.message(

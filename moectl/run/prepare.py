@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from moectl.config import ParallelConfig, RunConfig, build_config, merge_overrides
 from moectl.data.sources import check_data
@@ -32,6 +31,7 @@ from moectl.run import runtime
 from moectl.run.preflight import verify_checkpoint
 from moectl.run.tensorboard_log import check_available as check_tensorboard_available
 from moectl.strategy import Strategy
+from moectl.tables import print_rows
 
 
 @dataclass
@@ -211,8 +211,8 @@ def describe(p: PreparedRun, console: Console) -> None:
     per_rank = p.strategy.params_per_rank(counts)
     grads = p.strategy.grad_params_per_rank(counts, p.num_micro_batches)
     memory = estimate_memory_gib(cfg.model, cfg.train, per_rank, param_bytes(cfg), grads)
-    console.print(cfg.to_yaml(), markup=False, highlight=False)
-    table = Table(title=f"{p.strategy.name} on {p.world_size} process(es)", show_header=False)
+    console.print(cfg.to_yaml(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{p.strategy.name} on {p.world_size} process(es):", markup=False, highlight=False)
     rows = [
         ("total parameters", f"{format_count(counts.total)} ({counts.total:,})"),
         ("active parameters / token", f"{format_count(counts.active)} ({counts.active:,})"),
@@ -233,6 +233,4 @@ def describe(p: PreparedRun, console: Console) -> None:
             f"{memory:.2f} GiB at {'bf16' if param_bytes(cfg) == 2 else 'fp32'} ({memory_note(cfg)})",
         ),
     ]
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+    print_rows(console, rows)

@@ -8,6 +8,7 @@ progress there, and plain step lines into its log.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import sys
@@ -15,10 +16,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch.profiler as tp
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.console import Console, RenderableType
+from rich.progress import Progress, ProgressBar
+from rich.table import Table
+from rich.text import Text
 
 from moectl.model.sizing import format_count, format_mfu
+from moectl.tables import print_rows
 
 _console_stream: TextIO | None = None
 
@@ -48,10 +52,107 @@ def step_line(record: dict[str, Any], world_size: int) -> str:
     )
 
 
+#: the progress bar's width when the line has room for it (and the least it is drawn with)
+BAR_WIDTH, MIN_BAR_WIDTH = 30, 10
+
+
+def progress_fields(
+    record: dict[str, Any] | None, world_size: int, done: int, total: int, eta_s: float | None, label: str
+) -> list[tuple[str, str]]:
+    """The progress line's fields as (kind, text), in the order shown; "bar" marks the bar's place."""
+    eta = "-:--:--" if eta_s is None else str(datetime.timedelta(seconds=max(0, round(eta_s))))
+    fields = [("label", label), ("bar", ""), ("count", f"{done}/{total}")]
+    if record is not None:
+        fields += [
+            ("loss", f"loss {record['loss']:.4f}"),
+            ("speed", f"{record['tokens_per_s_per_device']:,.0f} tok/s/device"),
+        ]
+        if world_size > 1:
+            fields.append(("total", f"({record['tokens_per_s']:,.0f} total)"))
+        fields += [("mfu", f"MFU {format_mfu(record['mfu'])}"), ("mem", f"mem {record['mem_gib']:.2f} GiB")]
+        if record["warmup"]:
+            fields.append(("warmup", "warm-up"))
+    return fields + [("eta", f"ETA {eta}")]
+
+
+#: what goes first when the line is too narrow for everything (the count and the ETA always stay)
+DROP_ORDER = ("total", "label", "mem", "bar", "mfu", "warmup", "speed", "loss")
+#: the figures between the count and the ETA, one "·" between each two
+STATS = ("loss", "speed", "total", "mfu", "mem", "warmup")
+
+
+def _joined(kept: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The kept fields with the separator before every figure but the first (the total speed belongs
+    to the speed before it)."""
+    out, figures = [], 0
+    for kind, text in kept:
+        if kind in STATS and kind != "total":
+            text = ("· " if figures else "") + text
+            figures += 1
+        out.append((kind, text))
+    return out
+
+
+def fit_progress_fields(fields: list[tuple[str, str]], width: int) -> tuple[list[tuple[str, str]], int]:
+    """The fields (separators included) that fit in `width` columns, dropping the least useful first
+    (DROP_ORDER), and the bar's width (0: no bar). Cells are one space apart."""
+    kept = list(fields)
+
+    def needed(bar_width: int) -> int:
+        texts = [bar_width if kind == "bar" else len(text) for kind, text in _joined(kept)]
+        return sum(texts) + len(texts) - 1
+
+    for kind in (None, *DROP_ORDER):
+        kept = [field for field in kept if field[0] != kind]
+        has_bar = any(k == "bar" for k, _ in kept)
+        if not has_bar and needed(0) <= width:
+            return _joined(kept), 0
+        if has_bar and needed(MIN_BAR_WIDTH) <= width:
+            return _joined(kept), min(BAR_WIDTH, width - needed(0))
+    return _joined(kept), 0
+
+
+def progress_line(fields: list[tuple[str, str]], width: int, done: int, total: int) -> RenderableType:
+    """One line of at most `width` columns: the fields that fit, with the bar where there is room."""
+    kept, bar_width = fit_progress_fields(fields, width)
+    line = Table.grid(padding=(0, 1))
+    cells: list[RenderableType] = []
+    for kind, text in kept:
+        line.add_column(no_wrap=True)
+        if kind == "bar":
+            cells.append(ProgressBar(total=total, completed=done, width=bar_width))
+        else:
+            cells.append(Text(text, style="bold" if kind == "label" else ""))
+    line.add_row(*cells)
+    return line
+
+
+class _StepProgress(Progress):
+    """rich's Progress (its refresh and its time estimate), drawn as one line that fits the terminal."""
+
+    def __init__(self, label: str, world_size: int, console: Console):
+        super().__init__(console=console)
+        self.label, self.world_size, self.record = label, world_size, None
+
+    def get_renderables(self):
+        for task in self.tasks:
+            done, total = int(task.completed), int(task.total or 0)
+            eta = 0.0 if task.finished else task.time_remaining
+            fields = progress_fields(self.record, self.world_size, done, total, eta, self.label)
+            yield progress_line(fields, self.console.width, done, total)
+
+
 class StepReporter:
     def __init__(
-        self, run_dir: Path | None, total_steps: int, enabled: bool, label: str, world_size: int = 1
+        self,
+        run_dir: Path | None,
+        total_steps: int,
+        enabled: bool,
+        label: str,
+        world_size: int = 1,
+        steps_done: int = 0,
     ):
+        """`steps_done`: steps a resumed run has behind it (where its progress bar starts)."""
         self.enabled = enabled
         self.world_size = world_size
         self.metrics_file = (run_dir / "metrics.jsonl").open("a") if (enabled and run_dir) else None
@@ -60,18 +161,10 @@ class StepReporter:
         # A launched rank 0 also keeps plain lines in its rank log (its stdout).
         self.log = sys.stdout if enabled and stream is not sys.stdout else None
         self.interactive = enabled and self.console.is_terminal
-        self.progress: Progress | None = None
+        self.progress: _StepProgress | None = None
         if self.interactive:
-            self.progress = Progress(
-                TextColumn(f"[bold]{label}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
-            self.task = self.progress.add_task(label, total=total_steps, stats="")
+            self.progress = _StepProgress(label, world_size, self.console)
+            self.task = self.progress.add_task(label, total=total_steps, completed=steps_done)
             self.progress.start()
 
     def _plain(self, text: str) -> None:
@@ -86,10 +179,10 @@ class StepReporter:
             # One write per line: a reader (or a crash) never sees half a record.
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
-        stats = step_line(record, self.world_size)
         if self.progress:
-            self.progress.update(self.task, completed=record["step"], stats=stats)
-        self._plain(f"step {record['step']}: {stats}")
+            self.progress.record = record
+            self.progress.update(self.task, completed=record["step"])
+        self._plain(f"step {record['step']}: {step_line(record, self.world_size)}")
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -172,9 +265,7 @@ def print_run_summary(run_dir: Path, console: Console) -> None:
     console.print(
         f"done: run directory {run_dir}", style="green", markup=False, highlight=False, soft_wrap=True
     )
-    width = max((len(name) for name, _ in rows), default=0)
-    for name, value in rows:
-        console.print(f"  {name:<{width}}  {value}", markup=False, highlight=False, soft_wrap=True)
+    print_rows(console, rows)
 
 
 class StepProfiler:
