@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from moectl.errors import UsageError
+from moectl.io.paths import require_file
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "tiny"
@@ -199,10 +200,13 @@ def load_yaml(source: str | None) -> dict[str, Any]:
             raise UsageError(
                 f"unknown preset '{source}'; choose one of {', '.join(list_presets())} or give a YAML path"
             )
-    if not path.is_file():
-        raise UsageError(f"config file {path} does not exist; give a preset name or an existing YAML path")
+    require_file(path, "config file", "give a preset name or a YAML file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path} ({exc.strerror or exc}); check the file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not text (not UTF-8); give a YAML file") from None
     except yaml.YAMLError as exc:
         first_line = str(exc).splitlines()[0]
         raise UsageError(f"config file {path} is not valid YAML ({first_line}); fix the syntax") from None
@@ -273,6 +277,80 @@ def _require_positive(values: dict[str, int | float | None]) -> None:
             raise UsageError(f"{name} must be positive, got {value}")
 
 
+#: The largest value of every integer key: generous beside any real run, small enough that nothing
+#: built from it overflows (torch seeds and int64 counters) or asks for absurd memory before a check
+#: could say so. Each message names the bound and why.
+MAX_STEPS = 10**9
+MAX_TOKENS_PER_STEP = 2**28  # every rank builds the step's whole batch: 2 GiB of int64 token ids at most
+MAX_SEED = 2**64 - 1  # torch's seeds are unsigned 64-bit
+MAX_PROCESSES_PER_NODE = 1024
+MAX_DEGREE = 2**20
+MAX_NODES = 2**16
+MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_COUNT = 2**16  # layers, heads, experts
+MAX_WIDTH = 2**20  # hidden, intermediate and head sizes
+INT_BOUNDS: dict[str, tuple[int, str]] = {
+    "model.vocab_size": (2**24, "64 times the largest vocabularies in use"),
+    "model.hidden_size": (MAX_WIDTH, "far beyond any model's width"),
+    "model.intermediate_size": (MAX_WIDTH, "far beyond any model's width"),
+    "model.moe_intermediate_size": (MAX_WIDTH, "far beyond any model's width"),
+    "model.head_dim": (MAX_WIDTH, "far beyond any model's width"),
+    "model.num_layers": (MAX_COUNT, "far beyond any model's depth"),
+    "model.num_heads": (MAX_COUNT, "far beyond any model"),
+    "model.num_kv_heads": (MAX_COUNT, "far beyond any model"),
+    "model.num_experts": (MAX_COUNT, "far beyond any model"),
+    "model.top_k": (MAX_COUNT, "far beyond any model"),
+    "model.max_position_embeddings": (2**30, "far beyond any context length"),
+    "train.steps": (MAX_STEPS, "a billion optimizer steps"),
+    "train.global_batch": (MAX_TOKENS_PER_STEP, "see the tokens per step"),
+    "train.micro_batch": (MAX_TOKENS_PER_STEP, "see the tokens per step"),
+    "train.seq_len": (MAX_TOKENS_PER_STEP, "see the tokens per step"),
+    "train.seed": (MAX_SEED, "torch seeds are unsigned 64-bit numbers"),
+    "train.timing_warmup_steps": (MAX_STEPS, "the most steps a run may have"),
+    "train.lr_warmup_steps": (MAX_STEPS, "the most steps a run may have"),
+    "train.checkpoint_every": (MAX_STEPS, "the most steps a run may have"),
+    "train.keep_checkpoints": (MAX_STEPS, "the most steps a run may have"),
+    "train.profile_steps": (MAX_STEPS, "the most steps a run may have"),
+    "train.loss_chunk_tokens": (MAX_TOKENS_PER_STEP, "the most tokens a step may have"),
+    "parallel.nproc": (MAX_PROCESSES_PER_NODE, "processes on one machine"),
+    "parallel.dp_size": (MAX_DEGREE, "far beyond any cluster"),
+    "parallel.tp_size": (MAX_DEGREE, "far beyond any cluster"),
+    "parallel.ep_size": (MAX_DEGREE, "far beyond any cluster"),
+    "parallel.nnodes": (MAX_NODES, "far beyond any cluster"),
+    "parallel.node_rank": (MAX_NODES - 1, "below the most nodes"),
+    "parallel.timeout_s": (MAX_TIMEOUT_S, "a week"),
+}
+
+
+def _check_bounds(cfg: RunConfig) -> None:
+    """Every integer key at most its bound (INT_BOUNDS), and the tokens of a step within memory."""
+    for dotted, (bound, why) in INT_BOUNDS.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and value > bound:
+            raise UsageError(f"{dotted} must be at most {bound:,} ({why}), got {value:,}")
+    tokens = cfg.train.global_batch * cfg.train.seq_len
+    if tokens > MAX_TOKENS_PER_STEP:
+        raise UsageError(
+            f"train.global_batch × train.seq_len = {tokens:,} tokens per step is above {MAX_TOKENS_PER_STEP:,}: "
+            "every rank builds the step's whole batch (8 bytes a token); lower --global-batch or --seq-len"
+        )
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """HOST:PORT (IPv6 hosts in brackets), the port a number from 1 to 65535."""
+    host, colon, port = endpoint.rpartition(":")
+    if not colon or not host or not port:
+        raise UsageError(
+            f"--rdzv-endpoint {endpoint!r} needs HOST:PORT (node 0's address and a free port, e.g. "
+            f"{endpoint or 'node0'}:29500), the same on every node"
+        )
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise UsageError(
+            f"--rdzv-endpoint {endpoint!r}: the port must be a number from 1 to 65535, got {port!r}"
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks that need no world size: sizes positive, choices known."""
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
@@ -287,6 +365,8 @@ def validate(cfg: RunConfig) -> None:
             "model.num_experts": m.num_experts,
             "model.top_k": m.top_k,
             "model.moe_intermediate_size": m.moe_intermediate_size,
+            "model.intermediate_size": m.intermediate_size,
+            "model.max_position_embeddings": m.max_position_embeddings,
             "train.steps": t.steps,
             "train.global_batch": t.global_batch,
             "train.micro_batch": t.micro_batch,
@@ -305,6 +385,7 @@ def validate(cfg: RunConfig) -> None:
             "parallel.ep_max_rows_factor": p.ep_max_rows_factor,
         }
     )
+    _check_bounds(cfg)
     if m.top_k > m.num_experts:
         raise UsageError(f"model.top_k ({m.top_k}) cannot exceed model.num_experts ({m.num_experts})")
     if m.num_heads % m.num_kv_heads:
@@ -324,11 +405,16 @@ def validate(cfg: RunConfig) -> None:
         "train.profile_steps": t.profile_steps,
         "train.loss_chunk_tokens": t.loss_chunk_tokens,
         "train.keep_checkpoints": t.keep_checkpoints,
+        "train.seed": t.seed,
         "data.noise": d.noise,
         "parallel.node_rank": p.node_rank,
     }.items():
         if not value >= 0:
             raise UsageError(f"{name} must not be negative, got {value}")
+    if not 0 <= t.momentum < 1:
+        raise UsageError(
+            f"train.momentum must lie in [0, 1) (1 or more never forgets a gradient), got {t.momentum}"
+        )
     choices = {
         "train.optimizer": (t.optimizer, ("sgd", "adamw")),
         "train.dtype": (t.dtype, ("auto", "float32", "bfloat16")),
@@ -359,3 +445,5 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError(f"parallel.node_rank ({p.node_rank}) must be below parallel.nnodes ({p.nnodes})")
     if p.nnodes > 1 and not p.rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every node")
+    if p.rdzv_endpoint is not None:
+        _check_endpoint(p.rdzv_endpoint)

@@ -18,6 +18,7 @@ from types import ModuleType
 
 from moectl.config import RunConfig
 from moectl.errors import UsageError
+from moectl.io.paths import require_file
 from moectl.strategy import Strategy
 
 ENTRY_POINT_GROUP = "moectl.strategies"
@@ -42,6 +43,16 @@ def _source_tree_entry_points() -> dict[str, EntryPoint]:
     declared = tomllib.loads(pyproject.read_text())["project"].get("entry-points", {})
     group = declared.get(ENTRY_POINT_GROUP, {})
     return {name: EntryPoint(name, target, ENTRY_POINT_GROUP) for name, target in group.items()}
+
+
+def short_name(spec: str) -> str:
+    """A strategy's name for rows and run directories: a registered name as it is, a .py file's stem, or
+    a module's last part (`plugins/my_layout.py:Layout` and `pkg.layouts:Fast` give my_layout, layouts)."""
+    if spec.endswith(".py") or ".py:" in spec:
+        return Path(spec.split(".py:")[0].removesuffix(".py") + ".py").stem
+    if ":" in spec:
+        return spec.split(":", 1)[0].rsplit(".", 1)[-1]
+    return spec
 
 
 def available_strategies() -> list[str]:
@@ -83,9 +94,8 @@ def _import_failure(what: str, exc: BaseException) -> UsageError:
 
 def _load_file(spec: str) -> type[Strategy]:
     path_text, _, class_name = spec.partition(".py:")
-    path = Path(path_text if not class_name else path_text + ".py")
-    if not path.is_file():
-        raise UsageError(f"strategy file {path} does not exist; give an existing .py file")
+    path = require_file(Path(path_text if not class_name else path_text + ".py"), "strategy file",
+                        "give --strategy an existing .py file")  # fmt: skip
     module_name = f"moectl_plugin_{path.stem}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)

@@ -65,6 +65,20 @@ class Inputs:
             (path / "model.safetensors").write_bytes(safetensors)
         return path
 
+    def directory(self, name: str) -> Path:
+        path = self.tmp / name
+        path.mkdir(parents=True)
+        return path
+
+    def weights(self, name: str = "a.safetensors") -> Path:
+        """A small valid safetensors file (for compare-weights)."""
+        from safetensors.torch import save_file
+
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"model.embed_tokens.weight": torch.ones(4, 4)}, str(path))
+        return path
+
     def run_copy(self, edit: Callable[[Path], None] = lambda run: None) -> Path:
         run = self.tmp / "old-run"
         shutil.copytree(self.checkpointed, run)
@@ -213,7 +227,10 @@ CASES: dict[str, tuple[Case, str]] = {
         "tokenizer directory",
     ),
     # ---- model directory ----
-    "model-not-a-directory": (lambda i: ["--model", str(i.file("weights.bin", b"x"))], "is not a directory"),
+    "model-not-a-directory": (
+        lambda i: ["--model", str(i.file("weights.bin", b"x"))],
+        "weights.bin is a file, not a directory; give a local HF checkpoint directory",
+    ),
     "model-without-config": (lambda i: ["--model", str(i.hf_dir(config=None))], "has no config.json"),
     "model-config-not-json": (lambda i: ["--model", str(i.hf_dir("{oops"))], "is not valid JSON"),
     "model-wrong-type": (lambda i: ["--model", str(i.hf_dir({"model_type": "llama"}))], "model_type 'llama'"),
@@ -266,11 +283,11 @@ CASES: dict[str, tuple[Case, str]] = {
         "not a directory",
     ),
     "disk-too-small": (
-        lambda i: ["--set", "model.num_experts=100000", "--set", "model.moe_intermediate_size=100000"],
+        lambda i: ["--set", "model.num_experts=60000", "--set", "model.moe_intermediate_size=100000"],
         "GiB free but the final model and checkpoints need about",
     ),
     # ---- resume ----
-    "resume-missing-dir": (lambda i: ["--resume", str(i.tmp / "absent-run")], "no such directory"),
+    "resume-missing-dir": (lambda i: ["--resume", str(i.tmp / "absent-run")], "absent-run does not exist"),
     "resume-not-a-run": (
         lambda i: ["--resume", str(i.file("random/notes.txt", "x").parent)],
         "is not a moectl run directory",
@@ -325,6 +342,303 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda i: ["--resume", str(i.run_copy()), "--steps", "4", "--strategy", "single", "--nproc", "2"],
         "single runs on one process",
     ),
+    # ---- numbers: bounds, overflow, NaN, infinity (every key is also covered by the generated tables below)
+    "steps-overflow": (
+        lambda i: ["--steps", "99999999999999999999"],
+        "train.steps must be at most 1,000,000,000",
+    ),
+    "steps-overflow-dry-run": (
+        lambda i: ["--dry-run", "--steps", "99999999999999999999"],
+        "train.steps must be at most 1,000,000,000",
+    ),
+    "seed-negative": (lambda i: ["--seed", "-1"], "train.seed must not be negative, got -1"),
+    "seed-above-64-bits": (
+        lambda i: ["--seed", str(2**64)],
+        "train.seed must be at most 18,446,744,073,709,551,615 (torch seeds are unsigned 64-bit numbers)",
+    ),
+    "nproc-absurd": (lambda i: ["--dry-run", "--nproc", "100000"], "parallel.nproc must be at most 1,024"),
+    "tokens-per-step-too-many": (
+        lambda i: ["--global-batch", str(2**21), "--seq-len", "256", "--micro-batch", "2"],
+        "= 536,870,912 tokens per step is above 268,435,456",
+    ),
+    "steps-not-a-whole-number": (lambda i: ["--set", "train.steps=1.5"], "train.steps must be an integer"),
+    "lr-nan": (lambda i: ["--lr", "nan"], "train.lr must be a finite number"),
+    "lr-infinite": (lambda i: ["--lr", "inf"], "train.lr must be a finite number"),
+    "momentum-one": (lambda i: ["--set", "train.momentum=1"], "train.momentum must lie in [0, 1)"),
+    "intermediate-size-zero": (
+        lambda i: ["--set", "model.intermediate_size=0"],
+        "model.intermediate_size must be positive",
+    ),
+    "max-positions-zero": (
+        lambda i: ["--set", "model.max_position_embeddings=0"],
+        "model.max_position_embeddings must be positive",
+    ),
+    # ---- multi-node rendezvous ----
+    "endpoint-without-port": (
+        lambda i: ["--nnodes", "2", "--rdzv-endpoint", "localhost"],
+        "--rdzv-endpoint 'localhost' needs HOST:PORT",
+    ),
+    "endpoint-bad-port": (
+        lambda i: ["--nnodes", "2", "--rdzv-endpoint", "node0:http"],
+        "the port must be a number from 1 to 65535, got 'http'",
+    ),
+    "endpoint-port-out-of-range": (
+        lambda i: ["--set", "parallel.rdzv_endpoint=node0:70000"],
+        "the port must be a number from 1 to 65535, got '70000'",
+    ),
+    "nodes-without-nproc": (
+        lambda i: ["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29999"],
+        "the degrees give 1 process(es) in all, which do not split evenly over the nodes; give --nproc N",
+    ),
+    # ---- paths: missing, a directory for a file, a file for a directory, not text ----
+    "config-is-a-directory": (
+        lambda i: ["-c", str(i.directory("configs.yaml"))],
+        "configs.yaml is a directory, not a file",
+    ),
+    "config-not-text": (lambda i: ["-c", str(i.file("binary.yaml", b"\xff\xfe\x00\x81"))], "is not text"),
+    "data-is-a-directory": (
+        lambda i: ["--data", str(i.directory("shards"))],
+        "data file {tmp}/shards is a directory, not a file",
+    ),
+    "model-missing": (lambda i: ["--model", str(i.tmp / "absent-model")], "absent-model does not exist"),
+    "model-config-is-a-directory": (
+        lambda i: ["--model", str((i.directory("hf/config.json")).parent)],
+        "config.json is a directory, not a file",
+    ),
+    "tokenizer-is-a-file": (
+        lambda i: [
+            "--data",
+            str(i.file("d.txt", "hello " * 200)),
+            "--set",
+            f"data.tokenizer={i.file('tok.json', '{}')}",
+        ],  # fmt: skip
+        "tok.json is a file, not a directory",
+    ),
+    "run-dir-is-a-file": (
+        lambda i: ["--run-dir", str(i.file("taken", "x"))],
+        "--run-dir {tmp}/taken is a file; give a directory",
+    ),
+    "resume-a-file": (
+        lambda i: ["--resume", str(i.file("run.txt", "x"))],
+        "run.txt is a file, not a directory",
+    ),
+    "plugin-is-a-directory": (
+        lambda i: ["--strategy", str(i.directory("plugin.py"))],
+        "plugin.py is a directory, not a file",
+    ),
+}
+
+# The numeric keys, generated from the config's own types and bounds: every integer key one above its
+# bound, every float key NaN, infinite and below its range.
+FLOAT_KEYS_BELOW = {  # key -> (a value below the key's range, the message)
+    "model.rope_theta": ("0", "model.rope_theta must be positive"),
+    "model.rms_norm_eps": ("0", "model.rms_norm_eps must be positive"),
+    "model.initializer_range": ("-0.1", "model.initializer_range must not be negative"),
+    "data.noise": ("-0.1", "data.noise must not be negative"),
+    "train.lr": ("-0.1", "train.lr must be positive"),
+    "train.weight_decay": ("-0.1", "train.weight_decay must not be negative"),
+    "train.momentum": ("-0.1", "train.momentum must not be negative"),
+    "train.min_lr_ratio": ("-0.1", "train.min_lr_ratio must lie in [0, 1]"),
+    "train.max_grad_norm": ("-0.1", "train.max_grad_norm must not be negative"),
+    "train.aux_loss_coef": ("-0.1", "train.aux_loss_coef must not be negative"),
+    "train.router_bias_update": ("-0.1", "train.router_bias_update must not be negative"),
+    "train.peak_tflops": ("0", "train.peak_tflops must be positive"),
+}
+
+
+def _float_keys() -> list[str]:
+    import dataclasses
+    import typing
+
+    from moectl.config import SECTIONS, RunConfig
+
+    keys = []
+    for section in SECTIONS:
+        section_cls = type(getattr(RunConfig(), section))
+        hints = typing.get_type_hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            if float in (hints[f.name], *typing.get_args(hints[f.name])):
+                keys.append(f"{section}.{f.name}")
+    return keys
+
+
+def _generated_cases() -> dict[str, tuple[Case, str]]:
+    from moectl.config import INT_BOUNDS
+
+    cases: dict[str, tuple[Case, str]] = {}
+    for key, (bound, _) in INT_BOUNDS.items():
+        cases[f"{key}-above-bound"] = (
+            lambda i, key=key, bound=bound: ["--set", f"{key}={bound + 1}"],
+            f"{key} must be at most {bound:,}",
+        )
+    for key in _float_keys():
+        for value in ("nan", "inf", "-inf"):
+            cases[f"{key}-{value}"] = (lambda i, key=key, value=value: ["--set", f"{key}={value}"],
+                                       f"{key} must be a finite number")  # fmt: skip
+        if key in FLOAT_KEYS_BELOW:
+            below, message = FLOAT_KEYS_BELOW[key]
+            cases[f"{key}-below-range"] = (
+                lambda i, key=key, below=below: ["--set", f"{key}={below}"],
+                message,
+            )
+    return cases
+
+
+CASES.update(_generated_cases())
+
+
+def test_every_float_key_has_a_range_case():
+    """A float key added to the config gets a below-its-range case here (ParallelConfig's ep_max_rows_factor
+    is the ep strategy's option)."""
+    assert set(_float_keys()) - set(FLOAT_KEYS_BELOW) <= {"parallel.ep_max_rows_factor"}
+
+
+# Cases of the other commands: (full argv, a fragment of the one line). `{tmp}` in the fragment is the
+# case's directory.
+COMMAND_CASES: dict[str, tuple[Case, str]] = {
+    # ---- plan ----
+    "plan-gpu-mem-nan": (
+        lambda i: ["plan", "--gpu-mem", "nan"],
+        "--gpu-mem must be a finite number of GiB, got nan",
+    ),
+    "plan-gpu-mem-inf": (lambda i: ["plan", "--gpu-mem", "inf"], "--gpu-mem must be a finite number of GiB"),
+    "plan-gpu-mem-negative": (
+        lambda i: ["plan", "--gpu-mem", "-1"],
+        "leaves nothing beyond the 6 GiB headroom",
+    ),
+    "plan-gpu-mem-huge": (lambda i: ["plan", "--gpu-mem", "1e12"], "--gpu-mem must be at most 100,000 GiB"),
+    "plan-gpus-zero": (lambda i: ["plan", "--gpus", "0"], "--gpus must be from 1 to 1,024"),
+    "plan-gpus-absurd": (
+        lambda i: ["plan", "--gpus", "99999999999999999999"],
+        "--gpus must be from 1 to 1,024",
+    ),
+    "plan-nodes-absurd": (lambda i: ["plan", "--nodes", "100000"], "--nodes must be from 1 to 65,536"),
+    "plan-seq-len-zero": (lambda i: ["plan", "--seq-len", "0"], "train.seq_len must be positive"),
+    "plan-global-batch-overflow": (
+        lambda i: ["plan", "--global-batch", "99999999999999999999"],
+        "train.global_batch must be at most 268,435,456",
+    ),
+    "plan-config-is-a-directory": (
+        lambda i: ["plan", "-c", str(i.directory("presets"))],
+        "config file {tmp}/presets is a directory, not a file",
+    ),
+    # ---- compare-weights ----
+    "compare-rtol-nan": (
+        lambda i: ["compare-weights", str(i.weights()), str(i.weights("b.safetensors")), "--rtol", "nan"],
+        "--rtol must be a finite number >= 0, got nan",
+    ),
+    "compare-rtol-inf": (
+        lambda i: ["compare-weights", str(i.weights()), str(i.weights("b.safetensors")), "--rtol", "inf"],
+        "--rtol must be a finite number >= 0, got inf",
+    ),
+    "compare-rtol-negative": (
+        lambda i: ["compare-weights", str(i.weights()), str(i.weights("b.safetensors")), "--rtol", "-1"],
+        "--rtol must be a finite number >= 0",
+    ),
+    "compare-per-tensor-rtol-nan": (
+        lambda i: [
+            "compare-weights",
+            str(i.weights()),
+            str(i.weights("b.safetensors")),
+            "--per-tensor-rtol",
+            "nan",
+        ],  # fmt: skip
+        "--per-tensor-rtol must be a finite number >= 0",
+    ),
+    "compare-top-negative": (
+        lambda i: ["compare-weights", str(i.weights()), str(i.weights("b.safetensors")), "--top", "-1"],
+        "--top must be from 0 to 1,000,000",
+    ),
+    "compare-top-absurd": (
+        lambda i: [
+            "compare-weights",
+            str(i.weights()),
+            str(i.weights("b.safetensors")),
+            "--top",
+            "99999999999999999999",
+        ],  # fmt: skip
+        "--top must be from 0 to 1,000,000",
+    ),
+    "compare-a-missing": (
+        lambda i: ["compare-weights", str(i.tmp / "absent.safetensors"), str(i.weights("b.safetensors"))],
+        "absent.safetensors does not exist",
+    ),
+    "compare-b-directory-without-weights": (
+        lambda i: ["compare-weights", str(i.weights()), str(i.directory("empty-model"))],
+        "empty-model has no model.safetensors",
+    ),
+    "compare-a-not-safetensors": (
+        lambda i: ["compare-weights", str(i.file("notes.safetensors", "just text")), str(i.weights())],
+        "notes.safetensors",
+    ),
+    "compare-json-is-a-directory": (
+        lambda i: [
+            "compare-weights",
+            str(i.weights()),
+            str(i.weights("b.safetensors")),
+            "--json",
+            str(i.directory("reports")),
+        ],  # fmt: skip
+        "reports is a directory; pass a file path",
+    ),
+    "compare-json-parent-missing": (
+        lambda i: [
+            "compare-weights",
+            str(i.weights()),
+            str(i.weights("b.safetensors")),
+            "--json",
+            str(i.tmp / "no" / "r.json"),
+        ],  # fmt: skip
+        "directory {tmp}/no does not exist; create it first",
+    ),
+    "compare-json-parent-is-a-file": (
+        lambda i: [
+            "compare-weights",
+            str(i.weights()),
+            str(i.weights("b.safetensors")),
+            "--json",
+            str(i.file("plain", "x") / "r.json"),
+        ],  # fmt: skip
+        "{tmp}/plain is a file, not a directory",
+    ),
+    # ---- bench (nothing runs: every check comes first) ----
+    "bench-nproc-zero": (lambda i: ["bench", "--nproc", "0"], "--nproc must be from 1 to 1,024, got 0"),
+    "bench-nproc-absurd": (lambda i: ["bench", "--nproc", "5000"], "--nproc must be from 1 to 1,024"),
+    "bench-rtol-nan": (lambda i: ["bench", "--rtol", "nan"], "--rtol must be a finite number above 0"),
+    "bench-rtol-inf": (lambda i: ["bench", "--rtol", "inf"], "--rtol must be a finite number above 0"),
+    "bench-rtol-zero": (lambda i: ["bench", "--rtol", "0"], "--rtol must be a finite number above 0"),
+    "bench-run-timeout-nan": (lambda i: ["bench", "--run-timeout", "nan"], "--run-timeout must be above 0"),
+    "bench-run-timeout-inf": (lambda i: ["bench", "--run-timeout", "inf"], "at most 604,800 seconds"),
+    "bench-run-timeout-negative": (
+        lambda i: ["bench", "--run-timeout", "-5"],
+        "--run-timeout must be above 0",
+    ),
+    "bench-steps-overflow": (
+        lambda i: ["bench", "--steps", "99999999999999999999"],
+        "train.steps must be at most 1,000,000,000",
+    ),
+    "bench-warmup-negative": (lambda i: ["bench", "--warmup", "-1"], "train.timing_warmup_steps must not be"),
+    "bench-lr-nan": (lambda i: ["bench", "--lr", "nan"], "train.lr must be a finite number"),
+    "bench-out-is-a-file": (
+        lambda i: ["bench", "--out", str(i.file("results", "x"))],
+        "--out {tmp}/results is a file",
+    ),
+    "bench-out-not-empty": (
+        lambda i: ["bench", "--out", str(i.file("used/keep.txt", "x").parent)],
+        "--out {tmp}/used already exists and is not empty",
+    ),
+    "bench-out-under-a-file": (
+        lambda i: ["bench", "--out", str(i.file("flat", "x") / "out")],
+        "{tmp}/flat is not a directory",
+    ),
+    "bench-plugin-missing": (
+        lambda i: ["bench", "--strategies", f"single,{i.tmp / 'absent.py'}"],
+        "absent.py does not exist",
+    ),
+    "bench-plugin-is-a-directory": (
+        lambda i: ["bench", "--strategies", f"single,{i.directory('layout.py')}"],
+        "layout.py is a directory, not a file",
+    ),
 }
 
 
@@ -354,8 +668,33 @@ def test_bad_input_in_process(case, tmp_path, checkpointed_run, monkeypatch, cap
     monkeypatch.chdir(tmp_path)  # a default runs/ directory would land here and be caught
     argv = _argv(case, Inputs(tmp_path, checkpointed_run))
     before = _snapshot(tmp_path)
-    refused_in_process(argv, capsys, CASES[case][1])
+    refused_in_process(argv, capsys, CASES[case][1].format(tmp=tmp_path))
     assert _snapshot(tmp_path) == before, "bad input left files behind or changed them"
+
+
+@pytest.mark.parametrize("case", list(COMMAND_CASES))
+def test_bad_input_of_plan_compare_and_bench(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a default runs/ directory would land here and be caught
+    inputs = Inputs(tmp_path, Path("/nonexistent"))
+    argv = COMMAND_CASES[case][0](inputs)
+    if argv[0] == "bench" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "bench-out")]
+    before = _snapshot(tmp_path)
+    refused_in_process(argv, capsys, COMMAND_CASES[case][1].format(tmp=tmp_path))
+    assert _snapshot(tmp_path) == before, "bad input left files behind or changed them"
+
+
+def test_a_file_plugin_run_is_named_after_its_file(tmp_path, monkeypatch):
+    """The default run directory of `--strategy path/to/plugin.py` ends in the file's stem."""
+    from moectl.run.prepare import prepare
+    from moectl.run.start import _prepare_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    plugin = REPO / "examples" / "naive_ep" / "naive_ep.py"
+    plan, run_dir = prepare(None, {"parallel": {"strategy": str(plugin)}, "train": {"steps": 1}})
+    target = _prepare_run_dir(plan, run_dir)
+    assert target.parent == Path("runs") and target.name.endswith("-naive_ep"), target
+    assert (target / "config.yaml").is_file()
 
 
 # Run as an unprivileged user, since root writes into read-only directories anyway (CI runs as root).
@@ -393,6 +732,120 @@ def test_read_only_parent_is_refused():
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
+        shutil.rmtree(base)
+
+
+# Several refusals in one process as `nobody` (imports done first, as root): (exit code, stderr) per argv.
+# The first argvs run as root, to import what the others need (the interpreter's own library may not be
+# readable to nobody).
+UNREADABLE_AS_NOBODY = """
+import contextlib, io, json, os, sys
+from moectl.cli import main
+
+def run(argv):
+    stderr = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    return code, stderr.getvalue()
+
+for argv in json.loads(sys.argv[1]):
+    run(argv)
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+print(json.dumps([run(argv) for argv in json.loads(sys.argv[2])]))
+"""
+
+
+def test_unreadable_and_unwritable_paths_are_refused():
+    """Every path flag given a path its user may not read (or, for outputs, write under): one line naming
+    it, exit 2, nothing written. Run as `nobody` where the suite runs as root (root reads anything)."""
+    base = Path(tempfile.mkdtemp(prefix="moectl-unreadable-"))
+    try:
+        base.chmod(0o755)
+        inputs = Inputs(base, Path("/nonexistent"))
+        model_dir = inputs.hf_dir()
+        hidden_config = inputs.directory("hf2")
+        (hidden_config / "config.json").write_text((model_dir / "config.json").read_text())
+        run = inputs.directory("old-run")
+        (run / "config.yaml").write_text("train:\n  steps: 2\n")
+        locked = inputs.directory("locked")
+        paths = {
+            "config": inputs.file("secret.yaml", "train:\n  steps: 2\n"),
+            "data": inputs.tokens("tokens.bin", np.arange(5000, dtype=np.uint16) % 128),
+            "model": model_dir,
+            "model-config": hidden_config / "config.json",
+            "resume": run,
+            "plugin": inputs.file("secret_plugin.py", "VALUE = 1\n"),
+            "weights": inputs.weights("secret.safetensors"),
+            "tokenizer": inputs.directory("tokenizer"),
+            "text": inputs.file("d.txt", "hello " * 200),
+        }
+        other = inputs.weights("b.safetensors")
+        other.chmod(0o644)
+        cases = [
+            (["train", "--dry-run", "-c", str(paths["config"])], "config file {config} is not readable"),
+            (["plan", "-c", str(paths["config"])], "config file {config} is not readable"),
+            (["train", "--dry-run", "--data", str(paths["data"])], "data file {data} is not readable"),
+            (["train", "--dry-run", "--model", str(paths["model"])], "'--model': path '{model}' is not readable"),
+            (["train", "--dry-run", "--model", str(hidden_config)], "{model-config} is not readable"),
+            (["train", "--resume", str(paths["resume"])], "'--resume': path '{resume}' is not readable"),
+            (["train", "--dry-run", "--strategy", str(paths["plugin"])], "strategy file {plugin} is not readable"),
+            (["train", "--dry-run", "--data", str(paths["text"]), "--set", f"data.tokenizer={paths['tokenizer']}"],
+             "tokenizer directory {tokenizer} is not readable"),
+            (["compare-weights", str(paths["weights"]), str(other)], "'A': path '{weights}' is not readable"),
+            (["compare-weights", str(other), str(other), "--json", str(locked / "r.json")],
+             "cannot write under {locked}"),
+            (["bench", "--out", str(locked / "out")], "cannot write under {locked}"),
+            (["train", "--run-dir", str(locked / "run"), *TINY_RUN], "cannot write under {locked}"),
+        ]  # fmt: skip
+        warm_up = [
+            [
+                "train",
+                "--dry-run",
+                "--data",
+                str(paths["text"]),
+                "--strategy",
+                str(REPO / "strategies" / "ddp.py"),
+            ],
+            ["train", "--dry-run", "--model", str(model_dir), "--data", str(paths["data"])],
+            ["plan"],
+            ["compare-weights", str(other), str(other)],
+            ["bench", "--nproc", "0"],
+            ["train", "--resume", str(base / "absent")],
+        ]  # run as root before the others (root reads the locked paths): none of them writes
+        names = {key: str(value) for key, value in paths.items()} | {"locked": str(locked)}
+        for path in paths.values():
+            path.chmod(0)
+        (paths["text"]).chmod(0o644)
+        locked.chmod(0o555)
+        before = _snapshot(base)
+        argvs = [argv for argv, _ in cases]
+        if os.geteuid() == 0:
+            command = [sys.executable, "-c", UNREADABLE_AS_NOBODY, json.dumps(warm_up), json.dumps(argvs)]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            results = json.loads(done.stdout.strip().splitlines()[-1])
+        else:
+            results = []
+            for argv in argvs:
+                result = run_moectl_in_process(*argv)
+                results.append((result.returncode, result.stderr))
+        failures = []
+        for (argv, expected), (code, stderr) in zip(cases, results, strict=True):
+            lines = stderr.strip().splitlines()
+            if not (code == 2 and len(lines) == 1 and expected.format(**names) in lines[0]):
+                failures.append((argv, code, stderr))
+        assert failures == [], "\n".join(map(repr, failures))
+        assert _snapshot(base) == before
+    finally:
+        for path in base.rglob("*"):
+            path.chmod(0o755)
         shutil.rmtree(base)
 
 

@@ -21,12 +21,11 @@ from moectl.bench.runner import (
     default_strategies,
     degrees_for,
     plan_bench,
-    row_name,
     run_one,
 )
 from moectl.config import build_config
 from moectl.errors import UsageError
-from moectl.registry import get_strategy
+from moectl.registry import get_strategy, short_name
 from moectl.run.faults import last_error_line
 from tests.util import (
     README_BENCH_SHOWCASE,
@@ -405,7 +404,7 @@ def test_unknown_strategy_is_exit_2_with_one_line_and_nothing_written(tmp_path):
         ({"strategies": ["tp", "tp"]}, "names tp twice"),
         ({"sets": ["train.nope=1"]}, "unknown key 'train.nope'"),
         ({"steps": 2, "warmup": 2}, "leaves none of the 2 steps timed"),
-        ({"nproc": 0}, "--nproc must be 1 or more"),
+        ({"nproc": 0}, "--nproc must be from 1 to 1,024"),
         ({"reference": "ddp"}, "--reference must be one of"),
         ({"verify": True, "sets": ["train.save_model=false"]}, "--verify compares saved weights"),
         ({"strategies": ["no_such_file.py"]}, "does not exist"),
@@ -461,11 +460,11 @@ def test_strategy_args_replace_defaults_and_lift_a_skip(tmp_path):
     assert "train.save_model=false" in " ".join(plan.common_args)
 
 
-def test_plugin_rows_are_named_after_the_file(tmp_path):
-    assert row_name("plugins/my_layout.py") == "my_layout"
-    assert row_name("plugins/my_layout.py:Layout") == "my_layout"
-    assert row_name("pkg.layouts:Fast") == "layouts"
-    assert row_name("ddp") == "ddp"
+def test_plugin_rows_and_run_directories_are_named_after_the_file(tmp_path):
+    assert short_name("plugins/my_layout.py") == "my_layout"
+    assert short_name("plugins/my_layout.py:Layout") == "my_layout"
+    assert short_name("pkg.layouts:Fast") == "layouts"
+    assert short_name("ddp") == "ddp"
 
 
 def test_reference_auto_picks_fsdp_when_the_model_does_not_fit(monkeypatch):

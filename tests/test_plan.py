@@ -228,6 +228,9 @@ def test_plan_prints_the_table_best_first_with_commands(capsys):
 
 def test_plan_json_parses_and_ranks_fitting_layouts_fastest_first(capsys):
     plan = json.loads(_plan(capsys, "--gpus", "4", "--global-batch", "16", "--json", "--all"))
+    assert set(plan) == {"settings", "usable_gib", "layouts", "forbidden"}  # as the README lists them
+    assert plan["settings"] == {"config": "qwen3-30b-a3b", "gpu": "h200", "gpus_per_node": 4, "nodes": 1,
+                                "gpu_mem_gib": 139.8, "global_batch": 16, "seq_len": 4096}  # fmt: skip
     fitting = [row for row in plan["layouts"] if row["fits"]]
     speeds = [row["tokens_per_s_per_gpu"] for row in fitting]
     assert speeds == sorted(speeds, reverse=True) and len(fitting) > 20
@@ -271,7 +274,7 @@ def test_every_offered_layout_is_one_moectl_train_accepts(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--gpus", "0"], "--gpus and --nodes must be 1 or more"),
+        (["--gpus", "0"], "--gpus must be from 1 to 1,024"),
         (["--gpu", "a100"], "unknown --gpu 'a100'"),
         (["--gpu-mem", "4"], "leaves nothing beyond"),
         (["--set", "train.global_batch=0"], "global_batch"),

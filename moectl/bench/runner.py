@@ -84,11 +84,11 @@ from rich.markup import escape
 from moectl import __version__
 from moectl.bench.report import describe_record, print_table, write_plot
 from moectl.compare import compare_checkpoints
-from moectl.config import RunConfig, merge_overrides, parse_set_option
+from moectl.config import MAX_PROCESSES_PER_NODE, MAX_TIMEOUT_S, RunConfig, merge_overrides, parse_set_option
 from moectl.errors import UsageError
-from moectl.io.outputs import write_json_atomic
+from moectl.io.outputs import check_output_dir, write_json_atomic
 from moectl.model.sizing import count_params, estimate_memory_gib
-from moectl.registry import available_strategies, build_strategy, get_strategy
+from moectl.registry import available_strategies, build_strategy, get_strategy, short_name
 from moectl.run import runtime
 from moectl.run.faults import last_error_line
 from moectl.run.prepare import resolve
@@ -183,15 +183,6 @@ class BenchPlan:
 
 
 # ---- checking the input ---------------------------------------------------------------------------
-def row_name(entry: str) -> str:
-    """A row (and run directory) name: a built-in's name, a .py file's stem, or a module's last part."""
-    if entry.endswith(".py") or ".py:" in entry:
-        return Path(entry.split(".py:")[0].removesuffix(".py") + ".py").stem
-    if ":" in entry:
-        return entry.split(":", 1)[0].rsplit(".", 1)[-1]
-    return entry
-
-
 def parse_strategy_list(text: str) -> list[str]:
     entries = [part.strip() for part in text.split(",") if part.strip()]
     if not entries:
@@ -352,26 +343,27 @@ def choose_reference(choice: str, cfg: RunConfig, uses_gpu: bool, available: lis
 
 def plan_bench(options: BenchOptions) -> BenchPlan:
     """Check every input and work out every run; raises UsageError before anything is written."""
-    if options.nproc < 1:
-        raise UsageError(f"--nproc must be 1 or more, got {options.nproc}")
+    if not 1 <= options.nproc <= MAX_PROCESSES_PER_NODE:
+        raise UsageError(f"--nproc must be from 1 to {MAX_PROCESSES_PER_NODE:,}, got {options.nproc}")
     if options.reference not in REFERENCE_CHOICES:
         raise UsageError(
             f"--reference must be one of {', '.join(REFERENCE_CHOICES)}, got {options.reference!r}"
         )
-    if options.rtol is not None and not options.rtol > 0:
-        raise UsageError(f"--rtol must be a number above 0, got {options.rtol}")
-    if options.run_timeout_s is not None and not options.run_timeout_s > 0:
-        raise UsageError(f"--run-timeout must be above 0 seconds, got {options.run_timeout_s}")
+    if options.rtol is not None and not 0 < options.rtol < math.inf:
+        raise UsageError(f"--rtol must be a finite number above 0, got {options.rtol}")
+    if options.run_timeout_s is not None and not 0 < options.run_timeout_s <= MAX_TIMEOUT_S:
+        raise UsageError(
+            f"--run-timeout must be above 0 and at most {MAX_TIMEOUT_S:,} seconds (a week), got {options.run_timeout_s}"
+        )
     out = options.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out {out} already exists and is not empty; pick another directory")
+    check_output_dir(out, "--out")
 
     entries = options.strategies
     names: dict[str, str] = {}
     classes = {}
     for entry in entries:
         classes[entry] = get_strategy(entry)  # UsageError for an unknown name or a broken plugin
-        name = row_name(entry)
+        name = short_name(entry)
         if name in names.values():
             raise UsageError(f"--strategies names {name} twice; give each strategy once")
         names[name] = name
@@ -382,7 +374,7 @@ def plan_bench(options: BenchOptions) -> BenchPlan:
     uses_gpu = runtime.uses_gpu(cfg.train)
     specs = []
     for entry in entries:
-        name = row_name(entry)
+        name = short_name(entry)
         nproc, flags, skip = degrees_for(classes[entry], options.nproc, per_strategy.get(name, []), cfg)
         specs.append(RunSpec(name, entry, nproc, ["--nproc", str(nproc), *flags], skip))
 

@@ -31,6 +31,7 @@ How it reads, and why:
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -87,8 +88,8 @@ def _byte_progress(enabled: bool, total_bytes: int) -> Iterator[Callable[[int], 
 
 
 def _check_tolerance(name: str, value: float | None) -> None:
-    if value is not None and not (isinstance(value, int | float) and value >= 0):
-        raise UsageError(f"{name} must be a number >= 0, got {value!r}")
+    if value is not None and not (isinstance(value, int | float) and 0 <= value < math.inf):
+        raise UsageError(f"--{name} must be a finite number >= 0, got {value!r}")
 
 
 def compare_checkpoints(

@@ -9,17 +9,24 @@ from pathlib import Path
 from moectl.compare.checkpoints import compare_checkpoints
 from moectl.compare.render import render_report
 from moectl.errors import UsageError
-from moectl.io.outputs import write_json_atomic
+from moectl.io.outputs import check_writable, write_json_atomic
 from moectl.tables import output_console
+
+#: the most rows --top shows (the whole report is in --json)
+MAX_TOP = 1_000_000
 
 
 def _check_json_target(json_path: Path) -> None:
+    """Where --json will write: a file (new or replaced) in an existing, writable directory."""
     if json_path.is_dir():
         raise UsageError(
             f"--json {json_path} is a directory; pass a file path such as {json_path}/compare.json"
         )
+    if json_path.parent.is_file():
+        raise UsageError(f"--json {json_path}: {json_path.parent} is a file, not a directory; fix the path")
     if not json_path.parent.is_dir():
         raise UsageError(f"--json {json_path}: directory {json_path.parent} does not exist; create it first")
+    check_writable(json_path.parent, "--json path")
 
 
 def compare_command(
@@ -36,8 +43,10 @@ def compare_command(
     stderr as one line (no traceback) and nothing is written.
     """
     try:
-        if top < 0:
-            raise UsageError(f"--top must be >= 0, got {top}")
+        if not 0 <= top <= MAX_TOP:
+            raise UsageError(
+                f"--top must be from 0 to {MAX_TOP:,} (the whole report is in --json), got {top}"
+            )
         if json_path is not None:
             _check_json_target(Path(json_path))
         report = compare_checkpoints(

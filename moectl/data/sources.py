@@ -15,6 +15,7 @@ import torch
 
 from moectl.config import DataConfig
 from moectl.errors import UsageError
+from moectl.io.paths import require_directory, require_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKEN_SUFFIXES = (".bin", ".npy")
@@ -22,7 +23,7 @@ TOKEN_SUFFIXES = (".bin", ".npy")
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     generator = torch.Generator()
-    generator.manual_seed(seed * 1_000_003 + step * 7919 + 17)
+    generator.manual_seed((seed * 1_000_003 + step * 7919 + 17) % 2**64)  # torch seeds are unsigned 64-bit
     return generator
 
 
@@ -90,11 +91,9 @@ def _load_text(path: Path, tokenizer_dir: str | None) -> np.ndarray:
     if tokenizer_dir is None:
         joined = "\n".join(texts).encode("utf-8")
         return np.frombuffer(joined, dtype=np.uint8).astype(np.int64)
-    tokenizer_path = Path(tokenizer_dir)
-    if not tokenizer_path.is_dir():
-        raise UsageError(
-            f"tokenizer directory {tokenizer_path} does not exist; give a local tokenizer directory"
-        )
+    tokenizer_path = require_directory(
+        Path(tokenizer_dir), "tokenizer directory", "give data.tokenizer a local tokenizer directory"
+    )
     from transformers import AutoTokenizer
 
     try:
@@ -113,11 +112,9 @@ def _load_text(path: Path, tokenizer_dir: str | None) -> np.ndarray:
 
 def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, str]:
     """Open a token or text file; a missing or malformed file is a UsageError."""
-    path = Path(cfg.source)
-    if not path.is_file():
-        raise UsageError(
-            f"data file {path} does not exist; give --data a .bin/.npy/.txt/.jsonl file or 'synthetic'"
-        )
+    path = require_file(
+        Path(cfg.source), "data file", "give --data a .bin/.npy/.txt/.jsonl file or 'synthetic'"
+    )
     try:
         if path.suffix == ".bin":
             itemsize = np.dtype(cfg.token_dtype).itemsize

@@ -84,29 +84,37 @@ def default_run_dir(strategy: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{strategy.replace('/', '_').replace(':', '_')}"
 
 
-def check_writable(directory: Path) -> None:
+def check_writable(directory: Path, flag: str = "--run-dir") -> None:
     """Create and remove a scratch file: the only test that also sees read-only mounts, ACLs and
     root's bypass of permission bits (os.access says yes to root even on a chmod 555 directory)."""
     if not directory.is_dir():
-        raise UsageError(f"{directory} is not a directory; pick a writable --run-dir")
+        raise UsageError(f"{directory} is not a directory; pick a writable {flag}")
     try:
         handle, name = tempfile.mkstemp(prefix=".moectl-write-test-", dir=directory)
         os.close(handle)
         os.unlink(name)
     except OSError as exc:
+        raise UsageError(f"cannot write under {directory} ({exc.strerror}); pick a writable {flag}") from None
+
+
+def check_output_dir(directory: Path, flag: str = "--run-dir") -> None:
+    """Refuse, before any work starts, an output directory that is a file or not empty, or whose
+    nearest existing parent cannot be written (`flag` names it in the message)."""
+    if directory.is_file():
         raise UsageError(
-            f"cannot write under {directory} ({exc.strerror}); pick a writable --run-dir"
-        ) from None
+            f"{flag} {directory} is a file; give a directory that does not exist yet or is empty"
+        )
+    if directory.is_dir() and any(directory.iterdir()):
+        raise UsageError(f"{flag} {directory} already exists and is not empty; pick another {flag}")
+    parent = directory
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    check_writable(parent, flag)
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
-    """Refuse an existing non-empty run directory or an unwritable parent before any work starts."""
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise UsageError(f"run directory {run_dir} already exists and is not empty; pick another --run-dir")
-    parent = run_dir
-    while not parent.exists():
-        parent = parent.parent
-    check_writable(parent)
+    """`--run-dir`: absent or empty, under a writable directory."""
+    check_output_dir(run_dir, "--run-dir")
 
 
 def create_run_dir(run_dir: Path, config_yaml: str) -> None:

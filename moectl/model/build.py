@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moectl.config import ModelConfig, checkpointing_mode
 from moectl.errors import UsageError
+from moectl.io.paths import require_directory, require_file
 
 # transformers is imported where a model or its HF config is built: the strategies import this module,
 # and the launching process, which builds neither, need not pay for importing it.
@@ -112,12 +113,18 @@ def refuse_unimplemented_fields(raw: dict, hf: Qwen3MoeConfig, config_file: Path
 def model_config_from_hf_dir(path: Path) -> ModelConfig:
     """Read a local HF checkpoint's config.json into our ModelConfig (no network, no remote code)."""
     config_file = path / "config.json"
-    if not path.is_dir():
-        raise UsageError(f"--model {path} is not a directory; give a local HF checkpoint directory")
-    if not config_file.is_file():
+    require_directory(path, "--model", "give a local HF checkpoint directory (config.json + safetensors)")
+    if not config_file.exists():
         raise UsageError(f"--model {path} has no config.json; point it at an HF checkpoint directory")
+    require_file(
+        config_file, "--model config file", "give a local HF checkpoint directory (config.json + safetensors)"
+    )
     try:
         raw = json.loads(config_file.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read {config_file} ({exc.strerror or exc}); check the file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{config_file} is not text (not UTF-8); restore the file") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{config_file} is not valid JSON ({exc.msg}); restore the file") from None
     if raw.get("model_type") != "qwen3_moe":

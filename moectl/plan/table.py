@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
-from moectl.config import ModelConfig, TrainConfig, build_config, merge_overrides, parse_set_option
+from moectl.config import (
+    MAX_NODES,
+    MAX_PROCESSES_PER_NODE,
+    ModelConfig,
+    TrainConfig,
+    build_config,
+    merge_overrides,
+    parse_set_option,
+)
 from moectl.errors import UsageError
 from moectl.plan.calibration import CALIBRATION, GPU_KINDS, Calibration
 from moectl.plan.predict import (
@@ -21,6 +30,8 @@ from moectl.plan.predict import (
 from moectl.tables import Column, output_console, show_table
 
 MICRO_BATCHES = (1, 2, 4, 8)
+#: the most memory per GPU --gpu-mem takes, in GiB (far beyond any GPU)
+MAX_GPU_MEM_GIB = 100_000
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,8 @@ def candidate_degrees(num_gpus: int) -> list[Layout]:
     """Every strategy and degree set for the world, forbidden ones included (they are reported)."""
     if num_gpus == 1:
         return [Layout("single")]
-    factors = [d for d in range(2, num_gpus + 1) if num_gpus % d == 0]
+    small = [d for d in range(1, math.isqrt(num_gpus) + 1) if num_gpus % d == 0]
+    factors = sorted({*small, *(num_gpus // d for d in small)} - {1})
     out = [Layout("ddp", dp=num_gpus), Layout("fsdp", dp=num_gpus), Layout("tp", tp=num_gpus)]
     out += [Layout("mixed", dp=num_gpus // tp, tp=tp, mixed_dp=m) for tp in factors for m in ("fsdp", "ddp")]
     return out + [Layout("ep", dp=num_gpus, ep=ep, ep_fsdp=f) for ep in factors for f in (False, True)]
@@ -152,7 +164,7 @@ def plan_json(plan: Plan, settings: dict, every_variant: bool) -> dict:
     forbidden = [
         {**dataclasses.asdict(lay), "label": lay.label(), "rule": rule} for lay, rule in plan.forbidden
     ]
-    return {**settings, "usable_gib": plan.usable_gib, "layouts": rows, "forbidden": forbidden}
+    return {"settings": settings, "usable_gib": plan.usable_gib, "layouts": rows, "forbidden": forbidden}
 
 
 def plan_command(
@@ -168,13 +180,20 @@ def plan_command(
     as_json: bool,
 ) -> None:
     """`moectl plan`: check the input, predict every layout, print the table (or JSON) on stdout."""
-    if gpus < 1 or nodes < 1:
-        raise UsageError(f"--gpus and --nodes must be 1 or more (got --gpus {gpus}, --nodes {nodes})")
+    if not 1 <= gpus <= MAX_PROCESSES_PER_NODE:
+        raise UsageError(f"--gpus must be from 1 to {MAX_PROCESSES_PER_NODE:,} (GPUs per node), got {gpus}")
+    if not 1 <= nodes <= MAX_NODES:
+        raise UsageError(f"--nodes must be from 1 to {MAX_NODES:,}, got {nodes}")
     if gpu not in GPU_KINDS:
         raise UsageError(f"unknown --gpu {gpu!r}; the model has figures for: {', '.join(GPU_KINDS)}")
-    if gpu_mem_gib is not None and gpu_mem_gib <= HEADROOM_GIB:
+    if gpu_mem_gib is not None and not HEADROOM_GIB < gpu_mem_gib <= MAX_GPU_MEM_GIB:
+        if not math.isfinite(gpu_mem_gib):
+            raise UsageError(f"--gpu-mem must be a finite number of GiB, got {gpu_mem_gib}")
+        if gpu_mem_gib > MAX_GPU_MEM_GIB:
+            raise UsageError(f"--gpu-mem must be at most {MAX_GPU_MEM_GIB:,} GiB, got {gpu_mem_gib:g}")
         raise UsageError(
-            f"--gpu-mem {gpu_mem_gib:g} GiB leaves nothing beyond the {HEADROOM_GIB:g} GiB headroom"
+            f"--gpu-mem {gpu_mem_gib:g} GiB leaves nothing beyond the {HEADROOM_GIB:g} GiB headroom; "
+            f"give more than {HEADROOM_GIB:g}"
         )
     train_flags = {
         k: v for k, v in {"seq_len": seq_len, "global_batch": global_batch}.items() if v is not None

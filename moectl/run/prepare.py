@@ -18,6 +18,7 @@ from moectl.config import ParallelConfig, RunConfig, build_config, merge_overrid
 from moectl.data.sources import check_data
 from moectl.errors import UsageError
 from moectl.io.checkpoint import CheckpointInfo, latest_checkpoint
+from moectl.io.paths import require_directory
 from moectl.model.build import model_config_from_hf_dir
 from moectl.model.sizing import (
     count_params,
@@ -83,8 +84,7 @@ def resolve_resume(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple
     cannot change: the checkpoint would not fit them.
     """
     config_file = run_dir / "config.yaml"
-    if not run_dir.is_dir():
-        raise UsageError(f"--resume {run_dir}: no such directory; give the run directory to continue")
+    require_directory(run_dir, "--resume", "give the run directory to continue")
     if not config_file.is_file():
         raise UsageError(f"--resume {run_dir} is not a moectl run directory (no config.yaml)")
     info = latest_checkpoint(run_dir)
@@ -152,7 +152,8 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
         world_size = strategy.dims.world_size
         if world_size % parallel.nnodes:
             raise UsageError(
-                f"world size {world_size} does not split over {parallel.nnodes} nodes; give --nproc"
+                f"--nnodes {parallel.nnodes}: the degrees give {world_size} process(es) in all, which do not "
+                "split evenly over the nodes; give --nproc N, the processes on each node"
             )
         nproc_per_node = world_size // parallel.nnodes
 

@@ -16,6 +16,7 @@ from moectl.io.outputs import (
     default_run_dir,
     write_text_atomic,
 )
+from moectl.registry import short_name
 from moectl.run import runtime
 from moectl.run.preflight import check_disk_space
 from moectl.run.prepare import PreparedRun, param_bytes
@@ -79,7 +80,7 @@ def _prepare_run_dir(p: PreparedRun, run_dir: Path | None) -> Path:
         check_disk_space(target, cfg, param_bytes(cfg), p.resume_from.step)
         write_text_atomic(target / "config.yaml", cfg.to_yaml())
         return target
-    target = Path(run_dir or cfg.run_dir or default_run_dir(cfg.parallel.strategy))
+    target = Path(run_dir or cfg.run_dir or default_run_dir(short_name(cfg.parallel.strategy)))
     cfg.run_dir = str(target)
     node_dir = _node_dir(cfg, target)
     if node_dir == target and cfg.parallel.nnodes > 1 and target.is_dir():
