@@ -85,7 +85,7 @@ def train(
     micro_batch: Annotated[int | None, Opt(help="Sequences per forward/backward on one rank.")] = None,
     seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
     lr: Annotated[float | None, Opt(help="Learning rate.")] = None,
-    seed: Annotated[int | None, Opt(help="Seed for initial weights and data order.")] = None,
+    seed: Annotated[int | None, Opt(help="Seed for initial weights and data order: 0 to 2**64-1.")] = None,
     nproc: Annotated[int | None, Opt(help="Processes per node. Default: follows from the degrees.")] = None,
     dp_size: Annotated[int | None, Opt(help="Data-parallel degree.")] = None,
     tp_size: Annotated[int | None, Opt(help="Tensor-parallel degree.")] = None,

@@ -143,3 +143,18 @@ def test_checkpoint_holds_hf_layout(tmp_path, trained, single_reference, layout)
     assert_checkpoints_hold_the_same_tensors(
         trained(layout) / step, single_reference / step, tmp_path, 1e-5, "momentum_buffer"
     )
+
+
+@pytest.mark.parametrize("first_step", [1, 0])
+def test_a_resume_keeps_the_metrics_of_the_steps_its_checkpoint_holds(tmp_path, first_step):
+    """Steps count from 1: a checkpoint after 2 steps keeps metrics.jsonl's steps 1 and 2. A file written
+    when steps counted from 0 is renumbered; a line cut short by a kill is dropped."""
+    from moectl.io.checkpoint import restore_metrics
+
+    lines = [json.dumps({"step": step, "loss": 4.0 - step}) for step in range(first_step, first_step + 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "lo')
+    kept = restore_metrics(tmp_path, 2, is_rank0=True)
+    assert [record["step"] for record in kept] == [1, 2]
+    assert [record["loss"] for record in kept] == [4.0 - first_step, 3.0 - first_step]
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert written == kept

@@ -84,6 +84,46 @@ def plain_run(background_lane, tmp_path_factory) -> tuple[Path, subprocess.Compl
     return background_lane.result_or_run("console-plain-run", lambda: _plain_run(tmp_path_factory)())
 
 
+def test_a_run_prints_nothing_but_its_progress(plain_run):
+    """No import-time warnings before the first step (torchao's kernel libraries, pytree registrations)."""
+    _, result = plain_run
+    assert result.stderr == "", result.stderr
+    assert result.stdout.startswith("step 1: "), result.stdout[:500]
+
+
+def test_only_the_known_import_messages_are_dropped():
+    import logging
+
+    from moectl.import_noise import silence_known_import_noise
+
+    silence_known_import_noise()
+    silence_known_import_noise()  # twice: still one filter each
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    for name in ("torchao", "torch.utils._pytree"):
+        logger = logging.getLogger(name)
+        assert len(logger.filters) == 1
+        logger.addHandler(handler)
+    try:
+        logging.getLogger("torchao").warning("Failed to load /x/site-packages/torchao/_C_mxfp8.so: no GPU")
+        logging.getLogger("torchao").warning("Failed to load the config")  # not a kernel library: kept
+        logging.getLogger("torch.utils._pytree").warning(
+            "%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type. "
+            "Calling register_constant() on Enum subclasses is deprecated and will be an error.",
+            "<enum 'KernelPreference'>",
+        )
+        logging.getLogger("torch.utils._pytree").warning("another pytree warning")
+    finally:
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).removeHandler(handler)
+    assert seen == ["Failed to load the config", "another pytree warning"]
+
+
 def test_step_lines_say_per_device_and_warm_up_is_not_timed(plain_run):
     run_dir, result = plain_run
     steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
@@ -247,6 +287,11 @@ def test_a_launched_run_prints_rank_0_unprefixed_and_logs_each_rank(trained):
     assert stderr.strip() == "", stderr
     logs = run_dir / "logs"
     assert sorted(p.name for p in logs.iterdir()) == ["launcher.log", "rank0.log", "rank1.log"]
+    from moectl.run.worker import PROGRESS_LINE
+
+    for rank in (0, 1):  # a rank's log holds its header and (rank 0) its steps: no import-time noise
+        text = (logs / f"rank{rank}.log").read_text()
+        assert all(PROGRESS_LINE.match(line) for line in text.splitlines()), text[:2000]
     assert f"step {NUMERICS_STEPS}:" in (logs / "rank0.log").read_text()
     assert "strategy     ddp on 2 processes (dp 2)" in stdout
 
@@ -302,3 +347,31 @@ def test_benchmarks_records_the_help_timing():
     text = (REPO / "BENCHMARKS.md").read_text()
     section = text[text.index("## `moectl --help`") :]
     assert "import torch" in section and "median" in section
+
+
+def test_the_readme_documents_every_flag_and_config_key():
+    import dataclasses
+
+    import typer
+
+    from moectl.cli import app
+    from moectl.config import SECTIONS, RunConfig
+
+    text = (REPO / "README.md").read_text()
+    command = typer.main.get_command(app)
+    missing = []
+    for name, sub in command.commands.items():
+        for param in sub.params:
+            for flag in getattr(param, "opts", []):
+                if (
+                    flag.startswith("--")
+                    and flag != "--help"
+                    and f"`{flag}" not in text
+                    and f" {flag}`" not in text
+                ):
+                    missing.append(f"moectl {name} {flag}")
+    for section in SECTIONS:
+        for f in dataclasses.fields(type(getattr(RunConfig(), section))):
+            if f.name not in text:
+                missing.append(f"{section}.{f.name}")
+    assert missing == [], missing
