@@ -302,9 +302,9 @@ INT_BOUNDS: dict[str, tuple[int, str]] = {
     "model.top_k": (MAX_COUNT, "far beyond any model"),
     "model.max_position_embeddings": (2**30, "far beyond any context length"),
     "train.steps": (MAX_STEPS, "a billion optimizer steps"),
-    "train.global_batch": (MAX_TOKENS_PER_STEP, "see the tokens per step"),
-    "train.micro_batch": (MAX_TOKENS_PER_STEP, "see the tokens per step"),
-    "train.seq_len": (MAX_TOKENS_PER_STEP, "see the tokens per step"),
+    "train.global_batch": (MAX_TOKENS_PER_STEP, "no step may hold more tokens"),
+    "train.micro_batch": (MAX_TOKENS_PER_STEP, "no step may hold more tokens"),
+    "train.seq_len": (MAX_TOKENS_PER_STEP, "no step may hold more tokens"),
     "train.seed": (MAX_SEED, "torch seeds are unsigned 64-bit numbers"),
     "train.timing_warmup_steps": (MAX_STEPS, "the most steps a run may have"),
     "train.lr_warmup_steps": (MAX_STEPS, "the most steps a run may have"),
@@ -340,10 +340,11 @@ def _check_bounds(cfg: RunConfig) -> None:
 def _check_endpoint(endpoint: str) -> None:
     """HOST:PORT (IPv6 hosts in brackets), the port a number from 1 to 65535."""
     host, colon, port = endpoint.rpartition(":")
-    if not colon or not host or not port:
+    if not colon or not host or not port or endpoint.endswith("]"):  # "[::1]": an IPv6 host, no port
+        example = endpoint if not colon or endpoint.endswith("]") else host or "node0"
         raise UsageError(
             f"--rdzv-endpoint {endpoint!r} needs HOST:PORT (node 0's address and a free port, e.g. "
-            f"{endpoint or 'node0'}:29500), the same on every node"
+            f"{example}:29500), the same on every node"
         )
     if not (port.isdigit() and 1 <= int(port) <= 65535):
         raise UsageError(

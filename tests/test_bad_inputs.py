@@ -378,6 +378,10 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda i: ["--nnodes", "2", "--rdzv-endpoint", "localhost"],
         "--rdzv-endpoint 'localhost' needs HOST:PORT",
     ),
+    "endpoint-ipv6-without-port": (
+        lambda i: ["--nnodes", "2", "--rdzv-endpoint", "[::1]"],
+        "--rdzv-endpoint '[::1]' needs HOST:PORT",
+    ),
     "endpoint-bad-port": (
         lambda i: ["--nnodes", "2", "--rdzv-endpoint", "node0:http"],
         "the port must be a number from 1 to 65535, got 'http'",
