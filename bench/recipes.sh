@@ -334,3 +334,18 @@ recipe_one_gpu_fp8_h100() {  # what fits an H100 (80 GB): the cut's 50-step curv
 recipe_forked_workers() {  # workers forked from the launcher's worker server use the GPU (bench/forked_workers.py)
   $PY bench/forked_workers.py "$RUNS/forked_workers" 2>&1 | tee "$OUT/forked_workers.log"
 }
+
+recipe_two_gpu_console() {  # what a first run shows on the GPU image: no stray lines on the console or in rank logs
+  run console_single 300 --steps 5 --strategy single
+  run console_ddp 300 --steps 5 --strategy ddp --nproc 2
+  for name in console_single console_ddp; do
+    cp "$RUNS/$name.log" "$OUT/$name.log"
+    echo "== $name: lines other than progress and the summary (expected: none)"
+    grep -vE "^(step [0-9]+: |done: run directory|  [a-zA-Z ]+  )" "$RUNS/$name.log" || true
+  done
+  for log in "$RUNS"/console_ddp/logs/rank*.log; do
+    cp "$log" "$OUT/console_ddp_$(basename "$log")"
+    echo "== $(basename "$log"): lines other than its header and steps (expected: none)"
+    grep -vE "^(== moectl worker rank |step [0-9]+: )" "$log" || true
+  done
+}
