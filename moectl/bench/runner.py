@@ -63,7 +63,6 @@ directory that holds bench.json.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -84,15 +83,15 @@ from rich.markup import escape
 from moectl import __version__
 from moectl.bench.report import describe_record, print_table, write_plot
 from moectl.compare.checkpoints import compare_checkpoints
-from moectl.config import RunConfig, merge_overrides, parse_set_option
+from moectl.config import RunConfig, apply_overrides, merge_overrides, parse_set_option, train_args_overrides
 from moectl.errors import UsageError
 from moectl.io.outputs import write_json_atomic
 from moectl.model.sizing import count_params, estimate_memory_gib
-from moectl.registry import available_strategies, build_strategy, get_strategy
+from moectl.registry import available_strategies, build_strategy, get_strategy, option_owners
 from moectl.run import runtime
 from moectl.run.faults import last_error_line
 from moectl.run.prepare import resolve
-from moectl.strategy import Strategy
+from moectl.strategy import Layout, Strategy
 
 SCHEMA_VERSION = 1
 REFERENCE_CHOICES = ("auto", "single", "fsdp")
@@ -240,39 +239,33 @@ def parse_strategy_args(
 def degrees_for(
     strategy_cls: type[Strategy], nproc: int, user_flags: list[str], cfg: RunConfig
 ) -> tuple[int, list[str], str | None]:
-    """(processes, degree flags, skip reason) of one strategy on `nproc` processes: its own flags for
-    that world unless the user gave some, checked as `moectl train` would check them."""
-    world = 1 if strategy_cls.name == "single" else nproc
-    flags = user_flags or strategy_cls.flags_for_world(world, cfg.model)
-    args = ["--nproc", str(world), *flags]
-    world = _nproc_in(args, world)
-    parallel = dataclasses.replace(cfg.parallel, **_degree_overrides(args))
+    """(processes, degree flags, skip reason) of one strategy on `nproc` processes (one for a strategy
+    that runs on one only): the flags of its preferred layout for that world (`Strategy.layouts`), or
+    the user's flags instead, checked as `moectl train` checks them."""
+    world = 1 if strategy_cls.one_process else nproc
+    if user_flags:
+        where = f"--strategy-args for {strategy_cls.name}"
+        overrides = merge_overrides({"parallel": {"nproc": world}}, train_args_overrides(user_flags, where))
+        run_cfg = apply_overrides(cfg, overrides)
+        world, flags = run_cfg.parallel.nproc * run_cfg.parallel.nnodes, user_flags
+    else:
+        layouts = strategy_cls.layouts(world, cfg.model)
+        layout = next((lay for lay in layouts if _worth_running(strategy_cls, lay, cfg)), Layout(world))
+        run_cfg, flags = layout.apply(cfg), layout.args()
     try:
-        build_strategy(dataclasses.replace(cfg, parallel=parallel), world, strategy_cls)
+        build_strategy(run_cfg, world, strategy_cls)
     except UsageError as exc:
         return world, flags, str(exc)
     return world, flags, None
 
 
-def _degree_overrides(argv: list[str]) -> dict[str, int]:
-    """--dp-size / --tp-size / --ep-size values in a flag list (the last one wins, as in train)."""
-    found: dict[str, int] = {}
-    for flag, value in zip(argv, argv[1:], strict=False):
-        key = {"--dp-size": "dp_size", "--tp-size": "tp_size", "--ep-size": "ep_size"}.get(flag)
-        if key and value.isdigit():
-            found[key] = int(value)
-    return found
-
-
-def _nproc_in(argv: list[str], default: int) -> int:
-    """The last --nproc in user flags (the one the train CLI will take), for the progress lines."""
-    value = default
-    for index, arg in enumerate(argv):
-        if arg == "--nproc" and index + 1 < len(argv) and argv[index + 1].isdigit():
-            value = int(argv[index + 1])
-        elif arg.startswith("--nproc=") and arg[8:].isdigit():
-            value = int(arg[8:])
-    return value
+def _worth_running(strategy_cls: type[Strategy], layout: Layout, cfg: RunConfig) -> bool:
+    """False for a layout that runs what another strategy runs (mixed with dp 1 is tp); a layout the
+    model forbids is taken, and its rule becomes the row's skip reason."""
+    try:
+        return build_strategy(layout.apply(cfg), layout.world_size, strategy_cls).redundant() is None
+    except UsageError:
+        return True
 
 
 def _shared_config(options: BenchOptions) -> RunConfig:
@@ -378,6 +371,7 @@ def plan_bench(options: BenchOptions) -> BenchPlan:
     per_strategy, ignored = parse_strategy_args(options.strategy_args, names, available_strategies())
 
     cfg = _shared_config(options)
+    _check_shared_options(cfg, list(classes.values()))
     uses_gpu = runtime.uses_gpu(cfg.train)
     specs = []
     for entry in entries:
@@ -403,7 +397,20 @@ def plan_bench(options: BenchOptions) -> BenchPlan:
             if name in names.values():
                 raise UsageError(f"a row is named {name}, which the reference run needs; rename the plugin")
             plan.reference = RunSpec(name, reference, nproc, ["--nproc", str(nproc), *flags])
+        _check_shared_options(cfg, [get_strategy(reference)])
     return plan
+
+
+def _check_shared_options(cfg: RunConfig, strategy_classes: list[type[Strategy]]) -> None:
+    """A strategy option in the shared `--set`s must belong to every strategy that runs."""
+    for key in cfg.parallel.options:
+        others = [cls.name for cls in strategy_classes if key not in cls.Options.keys()]
+        if others:
+            owner = (option_owners(key) or ["NAME"])[0]
+            raise UsageError(
+                f"--set parallel.{key} is not an option of {', '.join(others)}; give it to its strategy "
+                f"alone: --strategy-args '{owner}:--set parallel.{key}=...'"
+            )
 
 
 def _fp32(cfg: RunConfig, uses_gpu: bool) -> bool:
