@@ -222,13 +222,8 @@ def bench(
     """Time every strategy on the same config and batch; with --verify, check each against the reference."""
     import time
 
-    from moectl.bench.runner import (
-        BenchOptions,
-        bench_command,
-        default_nproc,
-        default_strategies,
-        parse_strategy_list,
-    )
+    from moectl.bench.run_list import BenchOptions, default_nproc, default_strategies, parse_strategy_list
+    from moectl.bench.runner import bench_command
 
     options = BenchOptions(
         strategies=parse_strategy_list(strategies) if strategies is not None else default_strategies(),
