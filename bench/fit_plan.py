@@ -26,7 +26,7 @@ import numpy as np
 
 from moectl.config import build_config
 from moectl.plan.calibration import CALIBRATION, MEASURED_RUNS, Calibration, MeasuredRun
-from moectl.plan.predict import a2a_bytes_per_step, predict, run_config
+from moectl.plan.predict import collective_bytes, predict, run_config
 from moectl.plan.table import make_plan, shown_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,8 @@ UNITS = {
 
 
 def step_time(run: MeasuredRun, cal: Calibration) -> float:
-    model, train, layout = run_config(run)
-    return predict(model, train, layout, num_gpus=run.world, cal=cal).step_time_s
+    train, strategy = run_config(run)
+    return predict(strategy, train, cal=cal).step_time_s
 
 
 def measured_step_time(run: MeasuredRun) -> float:
@@ -134,8 +134,8 @@ def rounded(cal: Calibration) -> Calibration:
 
 # ---- the tables -------------------------------------------------------------------------------------
 def _prediction(run: MeasuredRun, cal: Calibration):
-    model, train, layout = run_config(run)
-    return predict(model, train, layout, num_gpus=run.world, cal=cal)
+    train, strategy = run_config(run)
+    return predict(strategy, train, cal=cal)
 
 
 def figures_table(cal: Calibration) -> str:
@@ -206,7 +206,8 @@ def bytes_table(cal: Calibration) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for run in (r for r in MEASURED_RUNS if r.a2a_bytes_per_step):
-        sent = a2a_bytes_per_step(*run_config(run))
+        train, strategy = run_config(run)
+        sent = collective_bytes(strategy, train, "all-to-all")
         rows.append(
             f"| {run.name} | {run.ep} | {run.a2a_bytes_per_step / 1e9:.2f} GB | {sent / 1e9:.2f} GB "
             f"| {100 * (sent / run.a2a_bytes_per_step - 1):+.1f} % |"
@@ -261,7 +262,7 @@ def plan_table(cal: Calibration, gpu_counts=(4, 8)) -> str:
         for row in shown_rows(plan, every_variant=False):
             lay, p = row.layout, row.prediction
             degrees = f"{lay.dp} × {lay.tp}" + (f", ep {lay.ep}" if lay.ep > 1 else "")
-            head = f"| {gpus} | {lay.label()} ({degrees}) | {lay.micro_batch} | {'on' if lay.activation_checkpointing else 'off'} |"
+            head = f"| {gpus} | {lay.label} ({degrees}) | {lay.micro_batch} | {'on' if lay.activation_checkpointing else 'off'} |"
             if row.does_not_fit:
                 m = p.memory
                 rows.append(

@@ -5,7 +5,7 @@ What it rests on: moectl.plan.predict's compute model with the figures fitted be
 (`WRITTEN_WITH`, the fit of the morning of 2026-11-29: grouped-GEMM efficiency by rows per expert, the
 all-to-all's 125 GB/s per GPU and direction on NVLink, the per-layer idle time, no dispatch work; the
 refitted model is `moectl plan`'s, BENCHMARKS.md "`moectl plan`: predicted against measured"), the
-exchange's bytes of moectl.plan.predict (`exchange_bytes`), uniform routing (each token's top-k experts a uniformly random k-subset: real routing is
+exchange's bytes of moectl.parallel.expert_parallel (`exchange_bytes`), uniform routing (each token's top-k experts a uniformly random k-subset: real routing is
 less even, so more ranks per token or hotter ranks), and three assumptions of this script, each named:
 a small collective (counts, choices, weight gradients) costs LATENCY_S; a transfer that overlaps compute
 slows that compute by INTERFERENCE of the transfer's time (NCCL's kernels take SMs); with C chunks what is
@@ -18,16 +18,17 @@ from __future__ import annotations
 import dataclasses
 
 from moectl.config import build_config
+from moectl.parallel.expert_parallel import exchange_bytes, ranks_per_token
 from moectl.plan.calibration import Calibration
 from moectl.plan.predict import (
     BYTES_PER_PARAM,
     GPU_KINDS,
-    Layout,
     comm_seconds,
     compute_seconds,
-    exchange_bytes,
-    ranks_per_token,
+    layout_strategy,
+    planned,
 )
+from moectl.strategy import Layout
 
 LATENCY_S = 30e-6  # one small NCCL collective within a node (assumed)
 INTERFERENCE = 0.10  # share of an overlapped transfer's time added to the compute it overlaps (assumed)
@@ -71,24 +72,25 @@ def predict(
         "model": {"num_layers": num_layers},
     }
     cfg = build_config("qwen3-30b-a3b", overrides)
-    model, train = cfg.model, cfg.train
+    model, train = cfg.model, planned(cfg.train, micro_batch, full_checkpointing=False, compile=True)
     gpu = GPU_KINDS["h200"]
-    layout = Layout("ep", dp=num_gpus, ep=ep, micro_batch=micro_batch, compile=True)
+    strategy = layout_strategy(model, "ep", Layout(num_gpus, ep_size=ep))
+    cost = strategy.step_cost(train, num_gpus, BYTES_PER_PARAM)
     num_micro = global_batch // (micro_batch * num_gpus)
     tokens = micro_batch * train.seq_len
     hidden, top_k, layers = model.hidden_size, model.top_k, model.num_layers
     others = (ep - 1) / ep
 
-    compute = compute_seconds(model, train, layout, gpu, WRITTEN_WITH)
-    comm = comm_seconds(model, train, layout, gpu, 1, WRITTEN_WITH)
+    compute = compute_seconds(model, train, strategy.dims, cost, gpu, WRITTEN_WITH)
+    comm = comm_seconds(cost, gpu, WRITTEN_WITH)
     rest = sum(seconds for name, seconds in comm.items() if name != "all-to-all")
 
     # Bytes per layer and micro-batch leaving this rank: before, one row per chosen expert on another rank,
-    # 4 exchanges; now once per rank (moectl.plan.predict.exchange_bytes: rows with their choices, rows back, and
+    # 4 exchanges; now once per rank (moectl.parallel.expert_parallel.exchange_bytes: rows with their choices, rows back, and
     # the gradients of both).
     per_rank = ranks_per_token(model.num_experts, top_k, ep)
     old_layer = 4 * tokens * top_k * others * hidden * BYTES_PER_PARAM
-    bytes_new = num_micro * layers * exchange_bytes(model, tokens, ep)
+    bytes_new = num_micro * layers * exchange_bytes(model, tokens, ep, BYTES_PER_PARAM)
     bytes_old = num_micro * layers * old_layer
     a2a_old = bytes_old / WRITTEN_WITH.all_to_all_bytes_per_s
     transfer_new = bytes_new / WRITTEN_WITH.all_to_all_bytes_per_s

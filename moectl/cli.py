@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -39,35 +39,6 @@ Opt = typer.Option
 @app.callback()
 def _root() -> None:
     """Train Mixture-of-Experts models with pluggable parallel strategies; measure speed and check numerics."""
-
-
-def _flag_overrides(**flags: Any) -> dict[str, dict[str, Any]]:
-    sections = {
-        "strategy": "parallel",
-        "nproc": "parallel",
-        "dp_size": "parallel",
-        "tp_size": "parallel",
-        "ep_size": "parallel",
-        "nnodes": "parallel",
-        "node_rank": "parallel",
-        "rdzv_endpoint": "parallel",
-        "steps": "train",
-        "global_batch": "train",
-        "micro_batch": "train",
-        "seq_len": "train",
-        "lr": "train",
-        "seed": "train",
-        "checkpoint_every": "train",
-        "model": "model.path",
-        "data": "data.source",
-    }
-    overrides: dict[str, dict[str, Any]] = {}
-    for name, value in flags.items():
-        if value is None:
-            continue
-        section, _, key = sections[name].partition(".")
-        overrides.setdefault(section, {})[key or name] = str(value) if isinstance(value, Path) else value
-    return overrides
 
 
 @app.command(cls=_Command, short_help="Train with one strategy; write a run directory.")
@@ -136,7 +107,7 @@ def train(
         from moectl.run.worker import start_worker_server
 
         start_worker_server()
-    from moectl.config import merge_overrides, parse_set_option
+    from moectl.config import flag_overrides, merge_overrides, parse_set_option
     from moectl.run.prepare import describe, prepare
     from moectl.run.report import print_run_summary
     from moectl.run.start import run
@@ -144,7 +115,7 @@ def train(
 
     overrides = merge_overrides(
         parse_set_option(set_ or []),
-        _flag_overrides(
+        flag_overrides(
             strategy=strategy,
             nproc=nproc,
             dp_size=dp_size,
@@ -251,13 +222,8 @@ def bench(
     """Time every strategy on the same config and batch; with --verify, check each against the reference."""
     import time
 
-    from moectl.bench.runner import (
-        BenchOptions,
-        bench_command,
-        default_nproc,
-        default_strategies,
-        parse_strategy_list,
-    )
+    from moectl.bench.run_list import BenchOptions, default_nproc, default_strategies, parse_strategy_list
+    from moectl.bench.runner import bench_command
 
     options = BenchOptions(
         strategies=parse_strategy_list(strategies) if strategies is not None else default_strategies(),

@@ -104,10 +104,9 @@ class ParallelConfig:
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # host:port of the rendezvous; needed with --nnodes > 1
     timeout_s: int = 300  # collective timeout: a stuck or dead peer ends the job after this
-    fsdp: bool = False  # ep: also shard dense parameters (and expert replicas) with FSDP2
-    ep_chunks: int = 1  # ep: token chunks whose exchanges overlap each other's expert compute
-    ep_max_rows_factor: float | None = None  # ep: stop when a rank gets more × its share (None: memory)
-    mixed_dp: str = "fsdp"  # mixed: what runs over the dp axis, fsdp or ddp
+    #: the running strategy's own keys (`parallel.<key>`, e.g. ep's `ep_chunks`) as given; the strategy
+    #: types and checks them (`Strategy.Options`), and a key it does not own is refused there
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,13 +118,18 @@ class RunConfig:
     run_dir: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as written to config.yaml: the strategy's options sit among the parallel keys."""
+        data = dataclasses.asdict(self)
+        data["parallel"].update(data["parallel"].pop("options"))
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "run_dir"}
+#: the parallel keys every strategy shares; any other `parallel.<key>` is a strategy's own option
+PARALLEL_KEYS = tuple(f.name for f in dataclasses.fields(ParallelConfig) if f.name != "options")
 
 
 def list_presets() -> list[str]:
@@ -137,7 +141,7 @@ def _field_types(section_cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+def coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert a YAML or command-line value to the field's declared type, or say what is wrong."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -184,10 +188,13 @@ def _apply_section(section_obj: Any, values: dict[str, Any], section: str, origi
     for key, value in values.items():
         if f"{section}.{key}" in RENAMED_KEYS:
             raise UsageError(f"{section}.{key}{origin} was renamed: use {RENAMED_KEYS[f'{section}.{key}']}")
+        if isinstance(section_obj, ParallelConfig) and key not in PARALLEL_KEYS:
+            section_obj.options[key] = value  # the strategy's own: checked when it is built
+            continue
         if key not in types_by_name:
             known = ", ".join(types_by_name)
             raise UsageError(f"unknown key '{section}.{key}'; known keys in '{section}': {known}")
-        setattr(section_obj, key, _coerce(value, types_by_name[key], f"{section}.{key}"))
+        setattr(section_obj, key, coerce(value, types_by_name[key], f"{section}.{key}"))
 
 
 def load_yaml(source: str | None) -> dict[str, Any]:
@@ -248,6 +255,69 @@ def parse_set_option(items: list[str]) -> dict[str, dict[str, Any]]:
             value = raw
         overrides.setdefault(section, {})[key] = value
     return overrides
+
+
+#: `moectl train`'s value flags (`--dp-size` for dp_size) and the config key each one sets
+TRAIN_FLAG_KEYS = {
+    "strategy": "parallel.strategy",
+    "nproc": "parallel.nproc",
+    "dp_size": "parallel.dp_size",
+    "tp_size": "parallel.tp_size",
+    "ep_size": "parallel.ep_size",
+    "nnodes": "parallel.nnodes",
+    "node_rank": "parallel.node_rank",
+    "rdzv_endpoint": "parallel.rdzv_endpoint",
+    "steps": "train.steps",
+    "global_batch": "train.global_batch",
+    "micro_batch": "train.micro_batch",
+    "seq_len": "train.seq_len",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "checkpoint_every": "train.checkpoint_every",
+    "model": "model.path",
+    "data": "data.source",
+}
+
+
+def flag_overrides(**flags: Any) -> dict[str, dict[str, Any]]:
+    """`moectl train`'s flags (by TRAIN_FLAG_KEYS name; None: not given) as config overrides."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        section, key = TRAIN_FLAG_KEYS[name].split(".")
+        overrides.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
+    return overrides
+
+
+def train_args_overrides(argv: list[str], where: str) -> dict[str, dict[str, Any]]:
+    """`moectl train` flags given as words (`--tp-size 2 --set train.lr=0.05`, as `moectl bench
+    --strategy-args` takes them) as config overrides; a word that is none of them is refused."""
+    flags: dict[str, Any] = {}
+    sets: list[str] = []
+    words = iter(argv)
+    for word in words:
+        flag, has_value, value = word.partition("=")
+        name = flag.removeprefix("--").replace("-", "_")
+        if not flag.startswith("--") or (name not in TRAIN_FLAG_KEYS and name != "set"):
+            raise UsageError(
+                f"{where}: {word!r} is not a moectl train flag that takes a value; see moectl train --help"
+            )
+        if not has_value:
+            value = next(words, None)
+            if value is None:
+                raise UsageError(f"{where}: {flag} needs a value")
+        if name == "set":
+            sets.append(value)
+        else:
+            flags[name] = value
+    return merge_overrides(parse_set_option(sets), flag_overrides(**flags))
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    """`cfg` with `overrides` on top, checked as `build_config` checks a config."""
+    sections = {name: values for name, values in cfg.to_dict().items() if name in SECTIONS}
+    return build_config(None, merge_overrides(sections, overrides))
 
 
 def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -382,8 +452,6 @@ def validate(cfg: RunConfig) -> None:
             "parallel.ep_size": p.ep_size,
             "parallel.nnodes": p.nnodes,
             "parallel.timeout_s": p.timeout_s,
-            "parallel.ep_chunks": p.ep_chunks,
-            "parallel.ep_max_rows_factor": p.ep_max_rows_factor,
         }
     )
     _check_bounds(cfg)

@@ -15,11 +15,12 @@ import tomllib
 from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from moectl.config import RunConfig
+from moectl.config import PARALLEL_KEYS, RunConfig
 from moectl.errors import UsageError
 from moectl.io.paths import require_file
-from moectl.strategy import Strategy
+from moectl.strategy import Strategy, StrategyOptions
 
 ENTRY_POINT_GROUP = "moectl.strategies"
 
@@ -60,9 +61,23 @@ def available_strategies() -> list[str]:
     return list(_entry_points())
 
 
+#: members of the contract that were replaced, and by what (a plugin still defining one is refused)
+REPLACED_MEMBERS = {
+    "flags_for_world": "layouts(world_size, model), returning moectl.strategy.Layout objects",
+    "params_per_rank": "step_cost(train, ranks_per_node, param_bytes), returning a moectl.parallel.cost.StepCost",
+    "grad_params_per_rank": "step_cost(train, ranks_per_node, param_bytes), returning a moectl.parallel.cost.StepCost",
+}
+
+
 def _check_class(cls: object, what: str) -> type[Strategy]:
     if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
         raise UsageError(f"{what} is not a Strategy subclass (moectl.strategy.Strategy); fix the plugin")
+    for member, replacement in REPLACED_MEMBERS.items():
+        if hasattr(cls, member):
+            raise UsageError(
+                f"{what} defines {member}, which the strategy contract replaced by {replacement}; "
+                "update the plugin (README, Writing a strategy)"
+            )
     return cls
 
 
@@ -144,9 +159,53 @@ def get_strategy(spec: str) -> type[Strategy]:
 def build_strategy(
     cfg: RunConfig, world_size: int | None, strategy_cls: type[Strategy] | None = None
 ) -> Strategy:
-    """The strategy (`cfg.parallel.strategy` unless given) with its degrees checked against the world
-    and the model: the one place they are checked."""
+    """The strategy (`cfg.parallel.strategy` unless given) with its options and its degrees checked
+    against the world and the model: the one place they are checked."""
     strategy_cls = strategy_cls or get_strategy(cfg.parallel.strategy)
+    options = strategy_options(strategy_cls, cfg.parallel.options)
     dims = strategy_cls.parallel_dims(cfg.parallel, world_size)
     dims.check(cfg.model, strategy_cls.name)
-    return strategy_cls(dims, cfg.model, cfg.parallel)
+    return strategy_cls(dims, cfg.model, options)
+
+
+def strategy_options(strategy_cls: type[Strategy], values: dict[str, Any]) -> StrategyOptions:
+    """The strategy's options from the `parallel` keys it owns; a key it does not own is refused,
+    naming the strategy that does."""
+    owned = strategy_cls.Options.keys()
+    for key in values:
+        if key in owned:
+            continue
+        owners = [name for name in option_owners(key) if name != strategy_cls.name]
+        if owners:
+            raise UsageError(
+                f"parallel.{key} belongs to --strategy {' or '.join(owners)}, not {strategy_cls.name}; drop it"
+            )
+        raise UsageError(
+            f"unknown key 'parallel.{key}'; known keys in 'parallel': {', '.join(PARALLEL_KEYS)}, "
+            f"and {strategy_cls.name}'s own: {', '.join(owned) or 'none'}"
+        )
+    return strategy_cls.Options.from_config(values)
+
+
+def option_owners(key: str) -> list[str]:
+    """The registered strategies that own `parallel.<key>` (a plugin that fails to import owns none)."""
+    owners = []
+    for name in available_strategies():
+        try:
+            if key in get_strategy(name).Options.keys():
+                owners.append(name)
+        except UsageError:
+            continue
+    return owners
+
+
+def drop_defaults_of_others(strategy_name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` without the keys the strategy does not own that hold their owner's default: a config.yaml
+    written before strategies owned their options lists every strategy's, at their defaults."""
+    owned = get_strategy(strategy_name).Options.keys()
+    kept = {}
+    for key, value in values.items():
+        defaults = [get_strategy(name).Options().by_key()[key] for name in option_owners(key)]
+        if key in owned or value not in defaults:
+            kept[key] = value
+    return kept

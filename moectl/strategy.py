@@ -1,10 +1,12 @@
 """The strategy contract. The training loop talks to a strategy only through these members.
 
 A strategy (1) states the degrees it uses (`parallel_dims`, checked by `ParallelDims.check` plus any
-rule of its own), (2) parallelises the meta-device model in place on the named meshes of its
-`ParallelDims`, calling `materialize` when its wrappers need real storage, (3) gives the loop a
-no-sync context for micro-batches whose gradients must not be reduced yet and a hook after backward
-for reductions it does by hand, and (4) returns the full, unsharded state dict with HF keys on rank 0.
+rule of its own) and the layouts worth running on a world (`layouts`), (2) parallelises the meta-device
+model in place on the named meshes of its `ParallelDims`, calling `materialize` when its wrappers need
+real storage, (3) gives the loop a no-sync context for micro-batches whose gradients must not be
+reduced yet and a hook after backward for reductions it does by hand, (4) returns the full, unsharded
+state dict with HF keys on rank 0, (5) states what it holds and sends per step (`step_cost`), and owns
+its options (`Options`, set as `parallel.<key>`).
 
 Wrap order, stated once for every strategy: TP / EP -> FP8 linears (`train.fp8`) -> activation
 checkpointing -> compile -> FSDP/DDP.
@@ -13,8 +15,11 @@ checkpointing -> compile -> FSDP/DDP.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import typing
 from collections.abc import Callable, Iterator
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -22,14 +27,94 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
-from moectl.config import ModelConfig, ParallelConfig, TrainConfig
+from moectl.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig, coerce
 from moectl.errors import UsageError
 from moectl.model.build import canonical_name, local_shard
-from moectl.model.sizing import ParamCounts
+from moectl.parallel.cost import StepCost
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.gradients import grad_sum_of_squares
 
 Materialize = Callable[[nn.Module], None]
+
+
+def option(default: Any, doc: str, key: str | None = None) -> Any:
+    """A field of a strategy's `Options`: its default, one line for the docs, and the key that sets it
+    (`parallel.<key>`; default: the field's name)."""
+    return field(default=default, metadata={"doc": doc, "key": key})
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """A strategy's own `parallel.*` keys (none here). A strategy declares its own as a nested frozen
+    dataclass `Options(StrategyOptions)` of `option(...)` fields and checks their values in `check`."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise UsageError for a value the strategy cannot run with, naming the key and the fix."""
+
+    @classmethod
+    def keys(cls) -> dict[str, str]:
+        """{`parallel.<key>` key: field name}."""
+        return {f.metadata.get("key") or f.name: f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_config(cls, values: dict[str, Any]) -> StrategyOptions:
+        """The options from `parallel` keys as given (YAML or `--set` values), typed and checked; every
+        key must be one of `keys()`."""
+        hints, names = typing.get_type_hints(cls), cls.keys()
+        return cls(**{names[k]: coerce(v, hints[names[k]], f"parallel.{k}") for k, v in values.items()})
+
+    def by_key(self) -> dict[str, Any]:
+        return {key: getattr(self, name) for key, name in self.keys().items()}
+
+    def changed(self) -> dict[str, Any]:
+        """The keys whose values differ from their defaults."""
+        defaults = type(self)().by_key()
+        return {key: value for key, value in self.by_key().items() if value != defaults[key]}
+
+    def label(self, name: str) -> str:
+        """How `moectl plan` names the strategy `name` with these options (e.g. `ep+fsdp`)."""
+        return name
+
+
+def _yaml_scalar(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run a strategy on `world_size` processes: its degree flags and option values, what
+    `moectl bench` runs and `moectl plan` predicts. `registry.build_strategy` checks it, as it checks
+    every run: the degrees come out of the strategy's `parallel_dims` and `ParallelDims.check`."""
+
+    world_size: int
+    dp_size: int | None = None
+    tp_size: int = 1
+    ep_size: int = 1
+    options: StrategyOptions = field(default_factory=StrategyOptions)
+
+    def args(self) -> list[str]:
+        """The `moectl train` flags of its degrees and of the options that differ from their defaults
+        (`--nproc` apart: the caller knows the processes per node)."""
+        args = [] if self.dp_size is None else ["--dp-size", str(self.dp_size)]
+        args += ["--tp-size", str(self.tp_size)] if self.tp_size != 1 else []
+        args += ["--ep-size", str(self.ep_size)] if self.ep_size != 1 else []
+        for key, value in self.options.changed().items():
+            args += ["--set", f"parallel.{key}={_yaml_scalar(value)}"]
+        return args
+
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        """`cfg` running this layout: its degrees, and its options over the ones `cfg` sets."""
+        parallel = dataclasses.replace(
+            cfg.parallel,
+            dp_size=self.dp_size,
+            tp_size=self.tp_size,
+            ep_size=self.ep_size,
+            options={**cfg.parallel.options, **self.options.changed()},
+        )
+        return dataclasses.replace(cfg, parallel=parallel)
 
 
 class Strategy:
@@ -38,11 +123,17 @@ class Strategy:
     name: ClassVar[str] = "base"
     #: one line for `--help`, `moectl bench` and the README
     summary: ClassVar[str] = ""
+    #: its own `parallel.*` keys; `self.options` holds their values
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    #: runs on one process only (`moectl bench` runs it on one, whatever --nproc says)
+    one_process: ClassVar[bool] = False
+    #: runs the experts as the dispatch's grouped GEMM (moectl.parallel.ep_dispatch): train.fp8_experts applies
+    grouped_experts: ClassVar[bool] = False
 
-    def __init__(self, dims: ParallelDims, model: ModelConfig, parallel: ParallelConfig):
+    def __init__(self, dims: ParallelDims, model: ModelConfig, options: StrategyOptions | None = None):
         self.dims = dims
         self.model_config = model
-        self.parallel = parallel
+        self.options = options if options is not None else self.Options()
 
     # ---- degrees -------------------------------------------------------------------------------
     @classmethod
@@ -64,17 +155,28 @@ class Strategy:
         return ParallelDims(world, dp=world)
 
     @classmethod
-    def flags_for_world(cls, world_size: int, model: ModelConfig) -> list[str]:
-        """`moectl train` flags that run this strategy on `world_size` processes (for `moectl bench`)."""
-        return []
+    def layouts(cls, world_size: int, model: ModelConfig) -> list[Layout]:
+        """The layouts worth running on `world_size` processes, preferred first: `moectl bench` runs
+        the first (with none, it runs the strategy without degree flags), `moectl plan` predicts each.
+        Each is checked as a run is, so one that the model forbids may be among them (plan lists it with
+        its rule). Default: data parallel over every rank, from two on (on one it is `single`)."""
+        return [Layout(world_size)] if world_size > 1 else []
 
-    def params_per_rank(self, counts: ParamCounts) -> float:
-        """Parameters held by one rank, for the memory estimate."""
-        return counts.total
+    def redundant(self) -> str | None:
+        """Why `moectl plan` does not offer this layout although it runs (another strategy runs the same
+        thing), or None. Default: None."""
+        return None
 
-    def grad_params_per_rank(self, counts: ParamCounts, num_micro_batches: int) -> float:
-        """Gradient elements one rank holds at its peak [as many as its parameters]."""
-        return self.params_per_rank(counts)
+    def micro_batches(self, train: TrainConfig) -> int:
+        """Micro-batches each rank runs per optimizer step."""
+        return train.global_batch // (train.micro_batch * self.dims.dp)
+
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost | None:
+        """What one rank holds and sends per optimizer step of `train` (moectl.parallel.cost), with
+        parameters of `param_bytes` bytes and `ranks_per_node` ranks per node: the --dry-run's memory
+        estimate and `moectl plan`'s prediction rest on it. None: no cost model (plan lists the strategy
+        as such). Default: None."""
+        return None
 
     # ---- building ------------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:

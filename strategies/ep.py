@@ -11,9 +11,14 @@ loss_scale is 1): the all-to-all backward sums every rank's contribution into th
 replicas of an expert and the replicated dense part are then all-reduced by hand in `after_backward`.
 With `parallel.fsdp=true` FSDP2 does those reductions instead: the experts over their replicas, the
 dense part of each decoder layer and the root over all ranks, all with sum reductions.
+
+Its options: `parallel.fsdp`, `parallel.ep_chunks`, `parallel.ep_max_rows_factor` (`Options` below).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,22 +27,59 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from moectl.config import ModelConfig, ParallelConfig, TrainConfig
+from moectl.config import ModelConfig, ParallelConfig, TrainConfig, checkpointing_mode
 from moectl.errors import UsageError
 from moectl.model.build import apply_layer_wrappers, decoder_layers
-from moectl.model.sizing import ParamCounts
+from moectl.model.sizing import count_params
+from moectl.parallel.cost import Collective, Exposure, StepCost, fsdp_bytes, ring
 from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.ep_dispatch import DispatchStats, ExpertParallelMoE, GroupedExperts
 from moectl.parallel.ep_recompute import checkpoint_contexts
-from moectl.parallel.expert_parallel import gather_full_state, is_expert_key, localize, shard_on_meta
+from moectl.parallel.expert_parallel import (
+    CHOICE_BYTES,
+    exchange_bytes,
+    gather_full_state,
+    is_expert_key,
+    localize,
+    ranks_per_token,
+    shard_on_meta,
+)
 from moectl.parallel.gradients import grad_sum_of_squares
-from moectl.strategy import Materialize, Strategy
+from moectl.strategy import Layout, Materialize, Strategy, StrategyOptions, option
 
 
 class ExpertParallel(Strategy):
     name = "ep"
     summary = "expert parallel: experts sharded over ranks, tokens routed with all-to-all, grouped GEMM"
+    grouped_experts = True
+
+    @dataclass(frozen=True)
+    class Options(StrategyOptions):
+        fsdp: bool = option(False, "also shard the dense parameters and the expert replicas with FSDP2")
+        chunks: int = option(
+            1, "token chunks whose exchanges overlap each other's expert compute", key="ep_chunks"
+        )
+        max_rows_factor: float | None = option(
+            None,
+            "stop every rank when one would receive more than this × its balanced share of (token, "
+            "expert) rows; unset: when they need more memory than its GPU has free",
+            key="ep_max_rows_factor",
+        )
+
+        def check(self) -> None:
+            if not self.chunks > 0:
+                raise UsageError(f"parallel.ep_chunks must be positive, got {self.chunks}")
+            if self.max_rows_factor is not None and not self.max_rows_factor >= 1:
+                raise UsageError(
+                    "parallel.ep_max_rows_factor must be positive and at least 1 (× a rank's balanced "
+                    f"share), got {self.max_rows_factor:g}; drop it or give 1 or more"
+                )
+
+        def label(self, name: str) -> str:
+            return f"{name}+fsdp" if self.fsdp else name
+
+    options: Options
 
     @classmethod
     def parallel_dims(cls, parallel: ParallelConfig, world_size: int | None) -> ParallelDims:
@@ -52,20 +94,77 @@ class ExpertParallel(Strategy):
         return ParallelDims(world, dp=world, ep=parallel.ep_size)
 
     @classmethod
-    def flags_for_world(cls, world_size: int, model: ModelConfig) -> list[str]:
-        ep = max(d for d in range(1, world_size + 1) if model.num_experts % d == 0 and world_size % d == 0)
-        return ["--ep-size", str(ep)]
+    def layouts(cls, world_size: int, model: ModelConfig) -> list[Layout]:
+        """Every ep size of 2 or more that divides the world, the largest dividing the experts first
+        (ep 1 when none does), each without and with FSDP."""
+        sizes = [d for d in range(world_size, 1, -1) if world_size % d == 0]
+        sizes.sort(key=lambda ep: model.num_experts % ep != 0)
+        if world_size > 1 and not any(model.num_experts % ep == 0 for ep in sizes):
+            sizes.insert(0, 1)
+        return [
+            Layout(world_size, ep_size=ep, options=cls.Options(fsdp=f)) for ep in sizes for f in (False, True)
+        ]
 
-    def params_per_rank(self, counts: ParamCounts) -> float:
-        if self.parallel.fsdp:
-            return counts.total / self.dims.world_size
-        return counts.dense + counts.experts / self.dims.ep
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost:
+        model, dims = self.model_config, self.dims
+        counts = count_params(model)
+        num_micro = self.micro_batches(train)
+        held = counts.dense + counts.experts / dims.ep
+        collectives = []
+        # The dense part is replicated over all ranks, each expert over the EP groups: both are reduced
+        # over their replicas, by FSDP2 or by hand after backward (nothing left to overlap with).
+        for params, group, axis in (
+            (counts.dense, dims.world_size, "dp"),
+            (counts.experts / dims.ep, dims.ep_replicate, "ep_replicate"),
+        ):
+            spans = dims.spans_nodes(axis, ranks_per_node)
+            if self.options.fsdp:
+                sent = fsdp_bytes(params, group, num_micro, param_bytes)
+                collectives.append(Collective("fsdp gather/scatter", sent, group, spans, Exposure.SHARDED))
+            else:
+                sent = params * param_bytes * ring(group)
+                collectives.append(Collective("gradient all-reduce", sent, group, spans, Exposure.WAITED))
+        cost = StepCost(params=held, grads=held, collectives=tuple(collectives))
+        if dims.ep > 1:
+            cost = self._exchange_cost(cost, train, num_micro, ranks_per_node, param_bytes)
+        if self.options.fsdp:  # every parameter sharded; gradients stay whole until the last micro-batch
+            layer = (counts.total - counts.embedding) / model.num_layers
+            cost = dataclasses.replace(
+                cost,
+                params=counts.total / dims.world_size,
+                fsdp_unit=layer / dims.ep,
+                fsdp_root=counts.embedding / dims.tp,
+            )
+        return cost
 
-    def grad_params_per_rank(self, counts: ParamCounts, num_micro_batches: int) -> float:
-        # FSDP2 keeps gradients unsharded (over its mesh) until the last micro-batch's reduce-scatter.
-        if self.parallel.fsdp and num_micro_batches > 1:
-            return counts.dense + counts.experts / self.dims.ep
-        return self.params_per_rank(counts)
+    def _exchange_cost(
+        self, cost: StepCost, train: TrainConfig, num_micro: int, ranks_per_node: int, param_bytes: int
+    ) -> StepCost:
+        """The token exchanges: their buffers, the rows recorded for recompute, the dispatch work, the
+        all-to-alls (dispatch and return, forward and backward: each token once to every other rank that
+        holds one of its experts, with its choices; one row back per (token, rank); nothing overlaps)."""
+        model, ep = self.model_config, self.dims.ep
+        tokens = train.micro_batch * train.seq_len
+        rows = tokens * ranks_per_token(model.num_experts, model.top_k, ep)
+        # One layer's exchange buffers at their fullest, when the expert rank starts the return trip: the
+        # rows sent (with their choices) and received (with theirs), the expert rank's results for them,
+        # and the buffer the returned rows land in.
+        row = model.hidden_size * param_bytes
+        buffer_bytes = 4 * rows * row + 2 * rows * model.top_k * CHOICE_BYTES
+        recorded_bytes = 0.0
+        if checkpointing_mode(train.activation_checkpointing) == "full":
+            # Each layer records what it received (rows, weights, expert ids) for its recompute to replay.
+            recorded = model.hidden_size * param_bytes + model.top_k * (param_bytes + 4)
+            recorded_bytes = model.num_layers * rows * recorded
+        sent = num_micro * model.num_layers * exchange_bytes(model, tokens, ep, param_bytes)
+        spans = self.dims.spans_nodes("ep", ranks_per_node)
+        return dataclasses.replace(
+            cost,
+            buffer_bytes=buffer_bytes,
+            recorded_bytes=recorded_bytes,
+            dispatch_pairs=num_micro * model.num_layers * (tokens * model.top_k),
+            collectives=(Collective("all-to-all", sent, ep, spans, Exposure.ALL_TO_ALL), *cost.collectives),
+        )
 
     @property
     def loss_scale(self) -> float:
@@ -94,9 +193,9 @@ class ExpertParallel(Strategy):
                 block.experts.num_experts,
                 ep_group,
                 self.dims.ep,
-                num_chunks=self.parallel.ep_chunks,
+                num_chunks=self.options.chunks,
                 layer_index=index,
-                max_rows_factor=self.parallel.ep_max_rows_factor,
+                max_rows_factor=self.options.max_rows_factor,
                 count_group=count_group,
                 stats=self.dispatch_stats,
                 compile=train.compile,
@@ -108,7 +207,7 @@ class ExpertParallel(Strategy):
         materialize(model)
         for layer in decoder_layers(model):
             localize(layer.mlp.experts)
-        if self.parallel.fsdp and self.dims.world_size > 1:
+        if self.options.fsdp and self.dims.world_size > 1:
             self._fully_shard(model)
         return model
 
@@ -145,7 +244,7 @@ class ExpertParallel(Strategy):
         return self.dispatch_stats.take()
 
     def after_backward(self, model: nn.Module) -> None:
-        if self.dims.world_size == 1 or self.parallel.fsdp:
+        if self.dims.world_size == 1 or self.options.fsdp:
             return
         dense, experts = [], []
         for name, param in model.named_parameters():

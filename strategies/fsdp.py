@@ -16,7 +16,8 @@ from torch import nn
 
 from moectl.config import TrainConfig
 from moectl.model.build import apply_layer_wrappers
-from moectl.model.sizing import ParamCounts
+from moectl.model.sizing import count_params
+from moectl.parallel.cost import Collective, Exposure, StepCost, fsdp_bytes
 from moectl.parallel.data_parallel import fully_shard_layers
 from moectl.strategy import Materialize, Strategy
 
@@ -25,13 +26,22 @@ class FSDP(Strategy):
     name = "fsdp"
     summary = "FSDP2 (fully_shard) per decoder layer + root: parameters, grads and optimizer state sharded"
 
-    def params_per_rank(self, counts: ParamCounts) -> float:
-        # Every parameter is split on dim 0 over all ranks; the transient unsharded layer is not counted.
-        return counts.total / self.dims.world_size
-
-    def grad_params_per_rank(self, counts: ParamCounts, num_micro_batches: int) -> float:
-        # Deferring the reduce-scatter to the last micro-batch keeps every layer's gradient unsharded.
-        return counts.total if num_micro_batches > 1 else self.params_per_rank(counts)
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost:
+        counts, world = count_params(self.model_config), self.dims.world_size
+        collectives = ()
+        if world > 1:
+            sent = fsdp_bytes(counts.total, world, self.micro_batches(train), param_bytes)
+            spans = self.dims.spans_nodes("dp", ranks_per_node)
+            collectives = (Collective("fsdp gather/scatter", sent, world, spans, Exposure.SHARDED),)
+        return StepCost(
+            # Every parameter is split on dim 0 over all ranks; deferring the reduce-scatter to the last
+            # micro-batch keeps every layer's gradient unsharded while micro-batches accumulate.
+            params=counts.total / world,
+            grads=counts.total,
+            fsdp_unit=(counts.total - counts.embedding) / self.model_config.num_layers,
+            fsdp_root=counts.embedding / self.dims.tp,
+            collectives=collectives,
+        )
 
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         apply_layer_wrappers(model, train)  # AC -> compile, before FSDP (the fixed wrap order)

@@ -6,27 +6,25 @@ parameters are DTensors, are in moectl/parallel/tensor_parallel.py.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
-from moectl.io.dcp_layouts import LocalBoxes
-from moectl.model.build import apply_layer_wrappers, local_shard
-from moectl.model.sizing import ParamCounts
+from moectl.model.build import apply_layer_wrappers
+from moectl.model.sizing import count_params
+from moectl.parallel.cost import StepCost
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.tensor_parallel import (
+    TensorParallelState,
     apply_tensor_parallel,
     finish_partial_gradients,
-    gate_up_checkpoint_view,
-    gate_up_to_hf_order,
+    tensor_parallel_all_reduces,
     tensor_parallel_params_per_rank,
-    tensor_parallel_shard,
 )
-from moectl.strategy import Materialize, Strategy
+from moectl.strategy import Layout, Materialize, Strategy
 
 
-class TensorParallel(Strategy):
+class TensorParallel(TensorParallelState, Strategy):
     name = "tp"
     summary = "tensor parallel (DTensor): attention heads and expert intermediate width split over tp"
 
@@ -50,11 +48,17 @@ class TensorParallel(Strategy):
         return ParallelDims(tp, dp=1, tp=tp)
 
     @classmethod
-    def flags_for_world(cls, world_size: int, model: ModelConfig) -> list[str]:
-        return ["--tp-size", str(world_size)]
+    def layouts(cls, world_size: int, model: ModelConfig) -> list[Layout]:
+        return [Layout(world_size, tp_size=world_size)] if world_size > 1 else []
 
-    def params_per_rank(self, counts: ParamCounts) -> float:
-        return tensor_parallel_params_per_rank(self.model_config, counts, self.dims.tp)
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost:
+        model, tp = self.model_config, self.dims.tp
+        held = tensor_parallel_params_per_rank(model, count_params(model), tp)
+        tokens, spans = train.micro_batch * train.seq_len, self.dims.spans_nodes("tp", ranks_per_node)
+        all_reduces = tensor_parallel_all_reduces(
+            model, tokens, self.micro_batches(train), tp, spans, param_bytes
+        )
+        return StepCost(params=held, grads=held, collectives=(all_reduces,))
 
     @property
     def loss_scale(self) -> float:
@@ -68,13 +72,3 @@ class TensorParallel(Strategy):
 
     def after_backward(self, model: nn.Module) -> None:
         finish_partial_gradients(model)
-
-    def shard(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-        return local_shard(param, tensor_parallel_shard(name, full, self.dims.tp))
-
-    def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor | LocalBoxes:
-        return gate_up_checkpoint_view(param_name, tensor, self.dims.tp)
-
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        state = super().full_state_dict(model)
-        return None if state is None else gate_up_to_hf_order(state, self.dims.tp)

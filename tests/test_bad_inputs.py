@@ -180,6 +180,41 @@ CASES: dict[str, tuple[Case, str]] = {
         "no tensor or expert",
     ),
     "mixed-on-one-process": (lambda i: ["--strategy", "mixed"], "mixed needs --tp-size 2 or more"),
+    # ---- a strategy's own options (parallel.<key>) ----
+    "option-of-another-strategy": (
+        lambda i: ["--strategy", "ddp", "--nproc", "2", "--set", "parallel.fsdp=true"],
+        "parallel.fsdp belongs to --strategy ep, not ddp; drop it",
+    ),
+    "yaml-option-of-another-strategy": (
+        lambda i: [
+            YAML,
+            str(i.file("o.yaml", "parallel:\n  strategy: fsdp\n  mixed_dp: ddp\n")),
+            "--nproc",
+            "2",
+        ],
+        "parallel.mixed_dp belongs to --strategy mixed, not fsdp; drop it",
+    ),
+    "unknown-parallel-key": (
+        lambda i: ["--strategy", "ep", "--set", "parallel.ep_chunk=2"],
+        "unknown key 'parallel.ep_chunk'; known keys in 'parallel': strategy,",
+    ),
+    "ep-rows-factor-below-one": (
+        lambda i: ["--strategy", "ep", "--set", "parallel.ep_max_rows_factor=0.5"],
+        "parallel.ep_max_rows_factor must be positive and at least 1",
+    ),
+    "mixed-dp-unknown": (
+        lambda i: [
+            "--strategy",
+            "mixed",
+            "--tp-size",
+            "2",
+            "--nproc",
+            "2",
+            "--set",
+            "parallel.mixed_dp=zero",
+        ],
+        "parallel.mixed_dp must be one of fsdp, ddp, got 'zero'",
+    ),
     "dp-size-not-world": (
         lambda i: ["--strategy", "ddp", "--nproc", "4", "--dp-size", "2"],
         "--dp-size 2 must",
@@ -337,6 +372,10 @@ CASES: dict[str, tuple[Case, str]] = {
     "resume-other-run-dir": (
         lambda i: ["--resume", str(i.run_copy()), "--run-dir", str(i.tmp / "elsewhere")],
         "drop --run-dir",
+    ),
+    "resume-option-of-another-strategy": (
+        lambda i: ["--resume", str(i.run_copy()), "--steps", "4", "--set", "parallel.ep_chunks=2"],
+        "parallel.ep_chunks belongs to --strategy ep, not single; drop it",
     ),
     "resume-bad-new-layout": (
         lambda i: ["--resume", str(i.run_copy()), "--steps", "4", "--strategy", "single", "--nproc", "2"],
@@ -865,3 +904,24 @@ def test_bad_input_as_subprocess(case, tmp_path, checkpointed_run):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert CASES[case][1] in lines[0]
     assert _snapshot(tmp_path) == before
+
+
+def test_a_run_saved_when_every_strategys_keys_were_written_still_resumes(tmp_path, checkpointed_run):
+    """config.yaml used to list every strategy's keys at their defaults: a resume drops those the run's
+    strategy does not own, and still refuses one set to anything else."""
+    import yaml
+
+    from moectl.errors import UsageError
+    from moectl.run.prepare import check_run, resolve_resume
+
+    old_keys = {"fsdp": False, "mixed_dp": "fsdp", "ep_chunks": 1, "ep_max_rows_factor": None}
+    run = Inputs(tmp_path, checkpointed_run).run_copy()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["parallel"].update(old_keys)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    cfg, info = resolve_resume(run, {"train": {"steps": 4}})
+    assert cfg.parallel.options == {} and check_run(cfg, info).strategy.name == "single"
+    saved["parallel"]["mixed_dp"] = "ddp"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(UsageError, match="parallel.mixed_dp belongs to --strategy mixed, not single"):
+        check_run(*resolve_resume(run, {"train": {"steps": 4}}))

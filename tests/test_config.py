@@ -29,7 +29,7 @@ def test_yaml_path_and_overrides(tmp_path: Path):
     cfg = build_config(
         str(path), parse_set_option(["train.lr=0.05", "model.num_experts=16", "parallel.fsdp=true"])
     )
-    assert cfg.train.lr == 0.05 and cfg.model.num_experts == 16 and cfg.parallel.fsdp is True
+    assert cfg.train.lr == 0.05 and cfg.model.num_experts == 16 and cfg.parallel.options == {"fsdp": True}
     assert cfg.train.steps == 40  # untouched keys keep the preset's value
 
 
@@ -68,3 +68,20 @@ def test_set_syntax():
     with pytest.raises(UsageError, match="section.key=value"):
         parse_set_option(["lr=3"])
     assert parse_set_option(["model.path=null"]) == {"model": {"path": None}}
+
+
+def test_a_strategys_options_round_trip_through_config_yaml(tmp_path: Path):
+    """The keys stay where users write them (`parallel.ep_chunks`); the run's config.yaml records every
+    option of its strategy, typed, and reads back to the same options."""
+    from moectl.run.prepare import check_run
+
+    cfg = build_config("tiny", {"parallel": {"strategy": "ep", "ep_chunks": "2"}})
+    prepared = check_run(cfg)
+    assert prepared.strategy.options.chunks == 2 and prepared.strategy.options.fsdp is False
+    assert cfg.parallel.options == {"fsdp": False, "ep_chunks": 2, "ep_max_rows_factor": None}
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    assert "  ep_chunks: 2\n" in saved.read_text() and "options" not in saved.read_text()
+    again = check_run(build_config(str(saved)))
+    assert again.strategy.options == prepared.strategy.options and again.cfg.to_dict() == cfg.to_dict()
+    assert check_run(build_config("tiny", {"parallel": {"strategy": "ddp"}})).cfg.parallel.options == {}

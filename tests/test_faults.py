@@ -150,9 +150,7 @@ def test_save_outputs_refuses_nonfinite_weights(tmp_path):
         model.lm_head.weight[3, 5] = float("nan")
     summary = Summary("single", 1, 1, 0, 1, 1.0, 1.0, 1.0, None, None, 1.0, 0.0, 1.0)
     with pytest.raises(NonFiniteLoss, match="lm_head.weight"):
-        save_outputs(
-            cfg, Single(ParallelDims(1), cfg.model, cfg.parallel), model, tmp_path, summary, is_rank0=True
-        )
+        save_outputs(cfg, Single(ParallelDims(1), cfg.model), model, tmp_path, summary, is_rank0=True)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -12,6 +12,7 @@ import torch
 from moectl.config import build_config
 from moectl.errors import UsageError
 from moectl.model import fp8
+from moectl.registry import build_strategy
 from tests.ep_blocks import tiny_model
 from tests.util import refused_in_process
 
@@ -94,15 +95,16 @@ def test_fp8_where_it_cannot_run_is_refused_before_anything_is_written(tmp_path,
 
 
 def test_fp8_without_torchao_or_on_an_older_gpu_names_the_fix(monkeypatch):
-    train = build_config("tiny").train
+    cfg = build_config("tiny", {"parallel": {"strategy": "ep"}})
+    train, ep = cfg.train, build_strategy(cfg, 1)
     train.fp8 = True
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 0))
     with pytest.raises(UsageError, match="compute capability 8.9 or newer; this GPU has 8.0"):
-        fp8.check(train, True, torch.bfloat16, "ep", 1)
+        fp8.check(train, True, torch.bfloat16, ep)
     with pytest.raises(UsageError, match="trains bf16 weights"):
-        fp8.check(train, True, torch.float32, "ep", 1)
+        fp8.check(train, True, torch.float32, ep)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
-    fp8.check(train, True, torch.bfloat16, "ep", 1)  # a Hopper GPU with torchao: nothing to refuse
+    fp8.check(train, True, torch.bfloat16, ep)  # a Hopper GPU with torchao: nothing to refuse
     monkeypatch.setitem(sys.modules, "torchao.prototype.moe_training.fp8_grouped_mm", None)
     with pytest.raises(UsageError, match=r"needs torchao .*pip install 'moectl\[fp8\]'"):
-        fp8.check(train, True, torch.bfloat16, "ep", 1)
+        fp8.check(train, True, torch.bfloat16, ep)

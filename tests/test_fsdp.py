@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from moectl.config import ModelConfig, ParallelConfig, build_config
+from moectl.config import ModelConfig, build_config
 from moectl.model.build import build_meta_model, materialize, random_init_source
 from moectl.model.sizing import count_params
 from moectl.parallel.data_parallel import fully_shard_layers
@@ -39,7 +39,7 @@ def test_fsdp_shards_meta_model_and_defers_grad_sync(one_rank_group):
     (Full state dicts are checked against `single` key by key in the multi-process runs above.)
     """
     model_cfg = ModelConfig()
-    strategy = FSDP(ParallelDims(1, dp=1), model_cfg, ParallelConfig(strategy="fsdp"))
+    strategy = FSDP(ParallelDims(1, dp=1), model_cfg)
     device, source = torch.device("cpu"), random_init_source(model_cfg, seed=0)
     model = build_meta_model(model_cfg, torch.float32)
     fully_shard_layers(model, init_device_mesh("cpu", (1,), mesh_dim_names=("dp",)))

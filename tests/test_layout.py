@@ -120,3 +120,25 @@ def test_a_source_checkout_that_was_not_installed_finds_the_builtins(monkeypatch
     monkeypatch.setattr(registry, "entry_points", lambda group: [])
     assert sorted(registry.available_strategies()) == ["ddp", "ep", "fsdp", "mixed", "single", "tp"]
     assert registry.get_strategy("ep").name == "ep"
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_every_builtin_layout_is_one_train_accepts_with_the_same_degrees(world):
+    """On the tiny preset (whose shapes admit every strategy on 2 and 4 processes) each built-in's
+    layouts build (`registry.build_strategy`, as `moectl bench` and `moectl plan` build them), and the
+    `moectl train` flags a layout writes give the same degrees and options when train reads them back."""
+    from moectl.config import apply_overrides, build_config, train_args_overrides
+    from moectl.registry import available_strategies, build_strategy
+
+    cfg = build_config("tiny")
+    for name in available_strategies():
+        strategy_cls = get_strategy(name)
+        for layout in strategy_cls.layouts(world, cfg.model):
+            built = build_strategy(layout.apply(cfg), world, strategy_cls)
+            argv = ["--strategy", name, "--nproc", str(world), *layout.args()]
+            from_flags = build_strategy(apply_overrides(cfg, train_args_overrides(argv, "test")), world)
+            assert built.dims == from_flags.dims and built.dims.world_size == world, (name, argv)
+            assert built.options == from_flags.options == layout.options, (name, argv)
+            assert (built.redundant() is None) == (name != "mixed" or built.dims.dp > 1), (name, argv)
+    offered = {name for name in available_strategies() if get_strategy(name).layouts(world, cfg.model)}
+    assert offered == ({"single"} if world == 1 else {"ddp", "fsdp", "tp", "mixed", "ep"})

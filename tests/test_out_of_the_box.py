@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moectl.bench.runner import RunRecord, _loss_mismatch, degrees_for
+from moectl.bench.record import RunRecord
+from moectl.bench.run_list import degrees_for
+from moectl.bench.verify import loss_mismatch
 from moectl.config import build_config
 from moectl.registry import available_strategies, get_strategy
 from tests.util import README_BENCH_SHOWCASE, REPO, assert_same_training, refused_in_process, run_moectl
@@ -118,20 +120,20 @@ def _record(losses: list[float]) -> RunRecord:
 
 def test_bench_compares_the_loss_of_every_step():
     reference = _record([4.0, 2.0, 0.5])
-    assert _loss_mismatch(_record([4.0 + 3e-5, 2.0, 0.5 + 5e-6]), reference, 1e-5) == (
+    assert loss_mismatch(_record([4.0 + 3e-5, 2.0, 0.5 + 5e-6]), reference, 1e-5) == (
         pytest.approx(3e-5),
         None,
     )
-    largest, why = _loss_mismatch(_record([4.0, 2.0, 0.5 + 2e-5]), reference, 1e-5)
+    largest, why = loss_mismatch(_record([4.0, 2.0, 0.5 + 2e-5]), reference, 1e-5)
     assert largest == pytest.approx(2e-5)
     assert why.startswith("loss 0.50002 at step 3 differs from the reference's 0.5 by 2.00e-05"), why
     assert (
-        "the run recorded 2 steps, the reference 3" in _loss_mismatch(_record([4.0, 2.0]), reference, 1e-5)[1]
+        "the run recorded 2 steps, the reference 3" in loss_mismatch(_record([4.0, 2.0]), reference, 1e-5)[1]
     )
 
 
 def test_bench_passes_lr_to_every_run(tmp_path):
-    from moectl.bench.runner import BenchOptions, plan_bench
+    from moectl.bench.run_list import BenchOptions, plan_bench
 
     plan = plan_bench(BenchOptions(strategies=["single", "ddp"], nproc=2, out=tmp_path / "out", lr=0.05))
     assert plan.cfg.train.lr == 0.05

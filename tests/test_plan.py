@@ -16,18 +16,20 @@ import torch
 import yaml
 
 from moectl.cli import main
-from moectl.config import ParallelConfig, TrainConfig, build_config
+from moectl.config import TrainConfig, build_config
+from moectl.parallel.expert_parallel import ranks_per_token
 from moectl.plan.calibration import CALIBRATION, MEASURED_RUNS, OLD_DISPATCH, ONE_ROW_PER_CHOICE, MeasuredRun
 from moectl.plan.predict import (
-    Layout,
-    a2a_bytes_per_step,
+    collective_bytes,
     gpu_kind_for_device,
-    layout_from_config,
-    layout_problem,
+    layout_strategy,
     predict,
-    ranks_per_token,
     run_config,
+    run_prediction,
 )
+from moectl.plan.table import layout_problem
+from moectl.registry import build_strategy, get_strategy
+from moectl.strategy import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ("fit", "holdout", "profiled")  # the roles held to the bounds
@@ -36,8 +38,8 @@ QWEN = build_config("qwen3-30b-a3b").model
 
 
 def _predicted(run: MeasuredRun):
-    model, train, layout = run_config(run)
-    return predict(model, train, layout, num_gpus=run.world)
+    train, strategy = run_config(run)
+    return predict(strategy, train)
 
 
 @pytest.mark.parametrize("run", [r for r in MEASURED_RUNS if r.role in CHECKED], ids=lambda r: r.name)
@@ -113,15 +115,15 @@ def test_measured_figures_match_the_raw_results():
         assert (data.get("a2a_bytes_per_step") or None) == run.a2a_bytes_per_step, run.name
         if path.endswith(".jsonl"):  # the run's own resolved config: the layout and settings as entered
             config = yaml.safe_load((ROOT / Path(path).parent / row / "config.yaml").read_text())
-            model, train, layout = run_config(run)
+            train, strategy = run_config(run)
             assert config["parallel"]["strategy"] == run.strategy and config["parallel"]["ep_size"] == run.ep
-            for key in ("global_batch", "seq_len", "loss_chunk_tokens"):
+            assert strategy.name == run.strategy and strategy.dims.ep == run.ep
+            for key in ("global_batch", "seq_len", "loss_chunk_tokens", "micro_batch", "compile"):
                 assert config["train"][key] == getattr(train, key), (run.name, key)
-            for key in ("micro_batch", "compile"):
-                assert config["train"][key] == getattr(layout, key), (run.name, key)
-            assert (config["train"]["activation_checkpointing"] != "none") == layout.activation_checkpointing
+            checkpointing = train.activation_checkpointing == "full"
+            assert (config["train"]["activation_checkpointing"] != "none") == checkpointing
             for key in ("num_layers", "num_experts"):
-                assert config["model"][key] == getattr(model, key), (run.name, key)
+                assert config["model"][key] == getattr(strategy.model_config, key), (run.name, key)
             # plan models ep_chunks 1 (the default) only: a chunked run is never held to the bounds
             if config["parallel"]["ep_chunks"] != 1:
                 assert run.role == "out of scope", run.name
@@ -132,7 +134,8 @@ def test_exchange_bytes_are_what_the_runs_sent():
     measured = [r for r in MEASURED_RUNS if r.a2a_bytes_per_step]
     assert {r.ep for r in measured} == {2, 4}
     for run in measured:
-        sent = a2a_bytes_per_step(*run_config(run))
+        train, strategy = run_config(run)
+        sent = collective_bytes(strategy, train, "all-to-all")
         assert sent == pytest.approx(run.a2a_bytes_per_step, rel=0.01), run.name
     assert [round(ranks_per_token(128, 8, ep), 2) for ep in (2, 4, 8)] == [1.99, 3.63, 5.34]
 
@@ -173,37 +176,38 @@ def test_refit_writes_its_figures_into_the_data_file(tmp_path):
 
 # ---- the rules -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "layout, num_gpus, rule",
+    "strategy, layout, micro_batch, rule",
     [
-        (Layout("tp", tp=8), 8, "--tp-size 8 does not divide model.num_kv_heads = 4"),
-        (Layout("ep", dp=6, ep=3), 6, "--ep-size 3 must divide model.num_experts 128"),
-        (Layout("ep", dp=4, ep=8), 4, "--ep-size 8 must divide the world size 4"),
-        (Layout("mixed", dp=1, tp=4), 4, "mixed needs dp ≥ 2 and tp ≥ 2 (got dp 1, tp 4)"),
-        (Layout("fsdp", dp=4), 8, "dp 4 × tp 1 = 4 must equal the 8 GPUs"),
-        (
-            Layout("ddp", dp=8, micro_batch=2),
-            8,
-            "global batch 8 must be divisible by micro-batch 2 × dp 8 = 16",
-        ),
+        ("tp", Layout(8, tp_size=8), 1, "--tp-size 8 does not divide model.num_kv_heads = 4"),
+        ("ep", Layout(6, ep_size=3), 1, "--ep-size 3 must divide model.num_experts 128"),
+        ("ep", Layout(4, ep_size=8), 1, "--ep-size 8 must divide the world size 4"),
+        ("mixed", Layout(4, dp_size=1, tp_size=4), 1, "mixed needs dp ≥ 2 and tp ≥ 2 (got dp 1, tp 4)"),
+        ("fsdp", Layout(8, dp_size=4), 1, "--dp-size 4 must equal the world size 8"),
+        ("ddp", Layout(8), 2, "global batch 8 must be divisible by micro-batch 2 × dp 8 = 16"),
     ],
 )
-def test_layout_problem_names_the_rule_and_numbers(layout, num_gpus, rule):
-    assert rule in layout_problem(QWEN, 8, layout, num_gpus)
+def test_layout_problem_names_the_rule_and_numbers(strategy, layout, micro_batch, rule):
+    assert rule in layout_problem(
+        QWEN, TrainConfig(global_batch=8, micro_batch=micro_batch), strategy, layout
+    )
 
 
 def test_allowed_layout_has_no_problem_and_forbidden_one_does_not_predict():
-    assert layout_problem(QWEN, 64, Layout("mixed", dp=4, tp=2, micro_batch=2), 8) is None
-    train = build_config("qwen3-30b-a3b").train
+    train = TrainConfig(global_batch=64, micro_batch=2)
+    assert layout_problem(QWEN, train, "mixed", Layout(8, dp_size=4, tp_size=2)) is None
     with pytest.raises(ValueError, match="num_kv_heads"):
-        predict(QWEN, train, Layout("tp", tp=8))
+        layout_strategy(QWEN, "tp", Layout(8, tp_size=8))
 
 
 def test_predict_from_a_train_config_as_the_loop_would():
-    parallel = ParallelConfig(strategy="ep", ep_size=2, nproc=2)
-    train = TrainConfig(global_batch=8, micro_batch=2, seq_len=4096, compile=True)
-    layout = layout_from_config(parallel, train, world_size=2)
-    assert layout == Layout("ep", dp=2, ep=2, micro_batch=2, compile=True)
-    p = predict(QWEN, train, layout, gpu_kind_for_device("NVIDIA H200"), num_gpus=2)
+    cfg = build_config(
+        "qwen3-30b-a3b",
+        {"parallel": {"strategy": "ep", "ep_size": 2, "nproc": 2},
+         "train": {"global_batch": 8, "micro_batch": 2, "seq_len": 4096, "compile": True}},
+    )  # fmt: skip
+    strategy = build_strategy(cfg, 2)
+    assert (strategy.dims.dp, strategy.dims.ep) == (2, 2)
+    p = predict(strategy, cfg.train, gpu_kind_for_device("NVIDIA H200"))
     assert p == _predicted(next(r for r in MEASURED_RUNS if r.name == "ep2 full mb2"))
     assert p.comm_s["all-to-all"] > 0 and 0 < p.ep_dispatch_s < p.compute_s
     assert gpu_kind_for_device("NVIDIA A100-SXM4-80GB") is None
@@ -228,7 +232,7 @@ def test_plan_prints_the_table_best_first_with_commands(capsys):
 
 def test_plan_json_parses_and_ranks_fitting_layouts_fastest_first(capsys):
     plan = json.loads(_plan(capsys, "--gpus", "4", "--global-batch", "16", "--json", "--all"))
-    assert set(plan) == {"settings", "usable_gib", "layouts", "forbidden"}  # as the README lists them
+    assert set(plan) == {"settings", "usable_gib", "layouts", "forbidden", "no_cost_model"}  # as the README lists them
     assert plan["settings"] == {"config": "qwen3-30b-a3b", "gpu": "h200", "gpus_per_node": 4, "nodes": 1,
                                 "gpu_mem_gib": 139.8, "global_batch": 16, "seq_len": 4096}  # fmt: skip
     fitting = [row for row in plan["layouts"] if row["fits"]]
@@ -264,8 +268,8 @@ def test_every_offered_layout_is_one_moectl_train_accepts(capsys):
     for row in plan["layouts"]:
         main(["train", *shlex.split(row["command"])[2:], "--dry-run"])
         assert "memory estimate per rank" in capsys.readouterr().out, row["command"]
-    forbidden = plan["forbidden"][0]
-    assert forbidden["label"] == "tp"
+    forbidden = next(f for f in plan["forbidden"] if f["label"] == "tp")  # strategies in registry order
+    assert (forbidden["dp"], forbidden["tp"]) == (1, 8) and "num_kv_heads = 4" in forbidden["rule"]
     with pytest.raises(SystemExit) as exc:
         main(["train", "--config", "qwen3-30b-a3b", "--strategy", "tp", "--tp-size", "8", "--dry-run"])
     assert exc.value.code == 2 and "num_kv_heads = 4" in capsys.readouterr().err
@@ -288,58 +292,98 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        Layout("single"),
-        Layout("ddp", dp=4),
-        Layout("fsdp", dp=8),
-        Layout("tp", tp=4),
-        Layout("mixed", dp=2, tp=2),
-        Layout("mixed", dp=2, tp=2, mixed_dp="ddp"),
-        Layout("ep", dp=8, ep=4),
-        Layout("ep", dp=8, ep=4, ep_fsdp=True),
-    ],
-    ids=lambda layout: layout.label(),
-)
-def test_plan_counts_parameters_as_the_strategies_do(layout):
-    """The plan's per-rank parameters and accumulated gradients are the strategies' own counts."""
+def _counts():
     from moectl.model.sizing import count_params
-    from moectl.plan.predict import _params, parallel_config
-    from moectl.registry import get_strategy
 
-    strategy_cls = get_strategy(layout.strategy)
-    parallel = parallel_config(layout)
-    strategy = strategy_cls(strategy_cls.parallel_dims(parallel, layout.world), QWEN, parallel)
     counts = count_params(QWEN)
-    sharded, whole_grads, _ = _params(QWEN, layout)
-    assert sharded == pytest.approx(strategy.params_per_rank(counts))
-    assert whole_grads == pytest.approx(strategy.grad_params_per_rank(counts, num_micro_batches=2))
+    q_width, kv_width = QWEN.num_heads * QWEN.head_dim, QWEN.num_kv_heads * QWEN.head_dim
+    tp_sharded = QWEN.num_layers * 2 * QWEN.hidden_size * (q_width + kv_width) + counts.experts
+    return counts, tp_sharded
+
+
+@pytest.mark.parametrize(
+    "strategy, layout, params, grads",
+    [
+        ("single", Layout(1), lambda c, t: c.total, lambda c, t: c.total),
+        ("ddp", Layout(4), lambda c, t: c.total, lambda c, t: c.total),
+        ("fsdp", Layout(8), lambda c, t: c.total / 8, lambda c, t: c.total),
+        ("tp", Layout(4, tp_size=4), lambda c, t: c.total - t + t / 4, lambda c, t: c.total - t + t / 4),
+        ("mixed", Layout(4, dp_size=2, tp_size=2), lambda c, t: (c.total - t + t / 2) / 2,
+         lambda c, t: c.total - t + t / 2),
+        ("mixed", Layout(4, dp_size=2, tp_size=2, options=get_strategy("mixed").Options(dp="ddp")),
+         lambda c, t: c.total - t + t / 2, lambda c, t: c.total - t + t / 2),
+        ("ep", Layout(8, ep_size=4), lambda c, t: c.dense + c.experts / 4, lambda c, t: c.dense + c.experts / 4),
+        ("ep", Layout(8, ep_size=4, options=get_strategy("ep").Options(fsdp=True)), lambda c, t: c.total / 8,
+         lambda c, t: c.dense + c.experts / 4),
+    ],
+    ids=["single", "ddp", "fsdp", "tp", "mixed/fsdp", "mixed/ddp", "ep", "ep+fsdp"],
+)  # fmt: skip
+def test_each_strategy_counts_what_a_rank_holds(strategy, layout, params, grads):
+    """The per-rank parameters and the gradients alive while micro-batches accumulate, as each strategy
+    states them (the plan's memory and the --dry-run's estimate both read them)."""
+    counts, tp_sharded = _counts()
+    cost = layout_strategy(QWEN, strategy, layout).step_cost(TrainConfig(global_batch=64), 8, 2)
+    assert cost.params == pytest.approx(params(counts, tp_sharded))
+    assert cost.grads == pytest.approx(grads(counts, tp_sharded))
 
 
 def test_a_gpu_run_writes_the_plans_prediction_beside_its_measurement(monkeypatch):
-    """summary.json's `predicted` on an H200 is `predict` for the run's own layout; None where the plan
-    has no figures."""
+    """summary.json's `predicted` on an H200 is `predict` for the run's own strategy (its degrees and
+    options); None where the plan has no figures."""
     import torch
 
-    from moectl.run.loop import plan_prediction
-
     cfg = build_config(
-        "qwen3-30b-a3b", {"parallel": {"strategy": "ep", "ep_size": 2}, "train": {"micro_batch": 2}}
+        "qwen3-30b-a3b",
+        {"parallel": {"strategy": "ep", "ep_size": 2}, "train": {"micro_batch": 2, "device": "cuda"}},
     )
+    strategy = build_strategy(cfg, 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
-    predicted = plan_prediction(cfg, world_size=2)
-    expected = predict(cfg.model, cfg.train, layout_from_config(cfg.parallel, cfg.train, 2), "h200", 2)
+    predicted = run_prediction(cfg, strategy)
+    expected = predict(strategy, cfg.train, "h200")
     assert predicted["tokens_per_s_per_device"] == expected.tokens_per_s_per_gpu
     assert predicted["peak_mem_gib"] == expected.peak_mem_gib
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A10G")
-    assert plan_prediction(cfg, world_size=2) is None
+    assert run_prediction(cfg, strategy) is None
 
 
 def test_no_prediction_for_launch_bound_layers(monkeypatch):
     import torch
 
-    from moectl.run.loop import plan_prediction
-
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
-    assert plan_prediction(build_config("tiny"), world_size=1) is None
+    cfg = build_config("tiny", {"train": {"device": "cuda"}})
+    assert run_prediction(cfg, build_strategy(cfg, 1)) is None
+
+
+def test_a_plugin_without_a_cost_model_is_listed_as_such(monkeypatch, capsys):
+    """examples/naive_ep, installed as a plugin, states its layouts but no cost: plan lists it under
+    "no cost model" with the command that runs it, instead of dropping it or failing."""
+    from importlib.metadata import EntryPoint
+
+    import moectl.registry as registry
+
+    real = registry.entry_points
+    plugin = EntryPoint("naive_ep", "naive_ep:NaiveEP", registry.ENTRY_POINT_GROUP)
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "naive_ep"))
+    monkeypatch.setattr(registry, "entry_points", lambda group: [*real(group=group), plugin])
+    plan = json.loads(_plan(capsys, "--gpus", "4", "--global-batch", "16", "--json"))
+    (unpriced,) = plan["no_cost_model"]
+    assert (unpriced["strategy"], unpriced["dp"], unpriced["ep"]) == ("naive_ep", 1, 4)
+    assert "--strategy naive_ep --ep-size 4 --nproc 4" in unpriced["command"]
+    assert all(row["strategy"] != "naive_ep" for row in plan["layouts"] + plan["forbidden"])
+    assert {row["strategy"] for row in plan["layouts"]} == {"ddp", "fsdp", "tp", "mixed", "ep"}
+    out = _plan(capsys, "--gpus", "4", "--global-batch", "16")
+    assert re.search(
+        r"^no cost model: naive_ep dp 1 tp 1 ep 4 runs \(moectl train .*--strategy naive_ep", out, re.M
+    )
+    main(["train", *shlex.split(unpriced["command"])[2:], "--dry-run"])
+    assert "naive_ep states no cost model" in capsys.readouterr().out
+
+
+def test_plan_refuses_a_strategy_option_it_would_drop(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _plan(capsys, "--gpus", "4", "--set", "parallel.ep_chunks=2")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert (
+        "--set parallel.ep_chunks is an option of ep, whose values moectl plan tries itself; drop it" in err
+    )

@@ -188,18 +188,18 @@ def test_memory_estimate_counts_one_chunk_of_logits_and_fewer_selective_activati
 def test_plan_reads_the_checkpointing_mode_and_sizes_both_levers():
     """`moectl plan` (and the prediction every GPU run writes) plans full checkpointing as full, and sizes
     a selective or chunked run's memory with the estimate (it has no time figures for them)."""
-    from moectl.plan.predict import layout_from_config, predict
+    from moectl.plan.predict import predict
+    from moectl.registry import build_strategy
 
     def planned(**train_keys):
         cfg = build_config(
             "qwen3-30b-a3b", {"model": {"num_layers": 8}, "train": {"micro_batch": 8, **train_keys}}
         )
-        layout = layout_from_config(cfg.parallel, cfg.train, 1)
-        return layout, predict(cfg.model, cfg.train, layout, "h200", 1)
+        return predict(build_strategy(cfg, 1), cfg.train, "h200")
 
-    assert planned(activation_checkpointing=True)[0].activation_checkpointing is True
-    plain_layout, plain = planned()
-    selective_layout, selective = planned(activation_checkpointing="selective")
-    assert plain_layout == selective_layout and not plain_layout.activation_checkpointing
+    full, plain = planned(activation_checkpointing=True), planned()
+    assert full == planned(activation_checkpointing="full") and full.compute_s > plain.compute_s
+    selective = planned(activation_checkpointing="selective")
+    assert selective.step_time_s == plain.step_time_s  # planned as no checkpointing: no time figures
     assert selective.peak_mem_gib < plain.peak_mem_gib
-    assert planned(loss_chunk_tokens=4096)[1].peak_mem_gib < plain.peak_mem_gib - 10
+    assert planned(loss_chunk_tokens=4096).peak_mem_gib < plain.peak_mem_gib - 10

@@ -252,7 +252,7 @@ def test_clipping_norm_is_the_norm_of_the_unsharded_gradients(feature_reference)
     model = build_meta_model(cfg.model, torch.float32)
     materialize(model, torch.device("cpu"), random_init_source(cfg.model, cfg.train.seed))
     routing = Routing(model, cfg.model, cfg.train, torch.device("cpu"))
-    strategy = Single(ParallelDims(1), cfg.model, cfg.parallel)
+    strategy = Single(ParallelDims(1), cfg.model)
     batch = build_data(cfg.data, cfg.model.vocab_size, cfg.train.seed).global_batch(0, GLOBAL_BATCH, SEQ_LEN)
     loss_sum, aux_sum = train_step(
         model, strategy, batch.split(MICRO_BATCH), GLOBAL_BATCH * SEQ_LEN, routing=routing
@@ -304,7 +304,7 @@ def test_the_auxiliary_loss_enters_the_gradient_as_a_mean_over_the_global_batch(
     coef = 0.5  # large, so the auxiliary term is a sizeable part of the router's gradient
     cfg = build_config("tiny", {"train": {"aux_loss_coef": coef, "seq_len": SEQ_LEN}})
     batch = build_data(cfg.data, cfg.model.vocab_size, cfg.train.seed).global_batch(0, GLOBAL_BATCH, SEQ_LEN)
-    strategy = Single(ParallelDims(1), cfg.model, cfg.parallel)
+    strategy = Single(ParallelDims(1), cfg.model)
 
     def loop_gradients(aux_loss_coef: float) -> dict[str, torch.Tensor]:
         _, model = tiny_model(cfg.train.seed)

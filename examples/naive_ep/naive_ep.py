@@ -22,13 +22,12 @@ from torch import nn
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
 from moectl.model.build import apply_layer_wrappers, decoder_layers
-from moectl.model.sizing import ParamCounts
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.ep_dispatch import route
 from moectl.parallel.expert_parallel import gather_full_state, is_expert_key, localize, shard_on_meta
 from moectl.parallel.gradients import grad_sum_of_squares
 from moectl.parallel.tensor_parallel import copy_to_parallel_region, reduce_from_parallel_region
-from moectl.strategy import Materialize, Strategy
+from moectl.strategy import Layout, Materialize, Strategy
 
 
 class NaiveExpertParallelMoE(nn.Module):
@@ -76,11 +75,9 @@ class NaiveEP(Strategy):
         return ParallelDims(ep, dp=1, ep=ep)
 
     @classmethod
-    def flags_for_world(cls, world_size: int, model: ModelConfig) -> list[str]:
-        return ["--ep-size", str(world_size)]
-
-    def params_per_rank(self, counts: ParamCounts) -> float:
-        return counts.dense + counts.experts / self.dims.ep
+    def layouts(cls, world_size: int, model: ModelConfig) -> list[Layout]:
+        # It states no `step_cost`: `moectl plan` lists it as having no cost model.
+        return [Layout(world_size, ep_size=world_size)] if world_size > 1 else []
 
     @property
     def loss_scale(self) -> float:

@@ -1,7 +1,7 @@
 """What `moectl bench` shows: the console table and the optional `bench.png`.
 
-Both read the bench.json payload (see moectl/bench/runner.py), so they can be redrawn from a saved file.
-matplotlib is an optional extra (`pip install 'moectl[plot]'`); without it the plot is skipped with
+Both read the bench.json payload (moectl/bench/record.py; its schema is in the README), so they can be
+redrawn from a saved file. matplotlib is an optional extra (`pip install 'moectl[plot]'`); without it the plot is skipped with
 one line, never an error.
 """
 

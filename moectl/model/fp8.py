@@ -8,7 +8,7 @@ casting the input costs about what FP8 saves on a GEMM a quarter of q's size. Th
 decide the routing), the lm_head and loss (the logits' precision is the loss's), attention and norms stay
 bf16.
 
-`train.fp8_experts`: under `ep`, the experts' grouped GEMMs run as torchao's rowwise FP8 grouped GEMM (the
+`train.fp8_experts`: under a strategy that runs the experts as one grouped GEMM (`ep`), those GEMMs run as torchao's rowwise FP8 grouped GEMM (the
 dispatch pads each expert's group to 16 rows for it). At Qwen3-30B-A3B's expert shapes (hidden 2048,
 width 768) its quantisation passes cost more than the faster GEMMs save (BENCHMARKS.md, "FP8"), so it is
 off unless asked for.
@@ -20,6 +20,7 @@ starts.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,20 +28,24 @@ from torch import nn
 from moectl.config import TrainConfig
 from moectl.errors import UsageError
 
+if TYPE_CHECKING:
+    from moectl.strategy import Strategy
+
 MIN_CAPABILITY = (8, 9)
 #: Where in a decoder layer Linear modules run in FP8 (fqn fragments); the rest stay bf16.
 FP8_LINEARS = ("self_attn.q_proj", "self_attn.o_proj")
 
 
-def check(train: TrainConfig, on_gpu: bool, dtype: torch.dtype, strategy: str, tp_degree: int) -> None:
-    """Refuse `train.fp8` / `train.fp8_experts` where they cannot run, with the fix, before anything starts."""
+def check(train: TrainConfig, on_gpu: bool, dtype: torch.dtype, strategy: Strategy) -> None:
+    """Refuse `train.fp8` / `train.fp8_experts` where they cannot run under `strategy` (its degrees and
+    what it states it runs), with the fix, before anything starts."""
     flag = "train.fp8" if train.fp8 else "train.fp8_experts"
-    if train.fp8_experts and strategy != "ep":
+    if train.fp8_experts and not strategy.grouped_experts:
         raise UsageError(
-            f"train.fp8_experts runs ep's grouped GEMMs; --strategy {strategy} runs transformers' experts: "
-            "use --strategy ep or drop --set train.fp8_experts=true"
+            f"train.fp8_experts runs the experts' grouped GEMMs; --strategy {strategy.name} runs transformers' "
+            "experts: use --strategy ep or drop --set train.fp8_experts=true"
         )
-    if tp_degree > 1:
+    if strategy.dims.tp > 1:
         raise UsageError(
             f"{flag} does not run under tensor parallelism (--tp-size > 1); use --strategy ep, fsdp, ddp or "
             f"single, or drop --set {flag}=true"

@@ -47,6 +47,13 @@ class ParallelDims:
         """Every rank reads the same data and holds its own experts (dp = tp = 1, ep = world > 1)."""
         return self.world_size > 1 and self.dp == self.tp == 1 and self.ep == self.world_size
 
+    def spans_nodes(self, axis: str, ranks_per_node: int) -> bool:
+        """Whether a group of `axis` reaches beyond one node of `ranks_per_node` ranks: `tp` and `ep` groups
+        are consecutive ranks (within a node while they fit), the others stride over the world."""
+        if axis in ("tp", "ep"):
+            return getattr(self, axis) > ranks_per_node
+        return self.world_size > ranks_per_node
+
     def check(self, model: ModelConfig, strategy: str) -> None:
         """The rules every strategy shares; each failure names the numbers and the fix."""
         for axis in ("dp", "tp", "ep"):

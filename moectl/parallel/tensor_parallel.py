@@ -31,8 +31,9 @@ from torch.distributed.tensor.parallel import (
 
 from moectl.config import ModelConfig
 from moectl.io.dcp_layouts import LocalBoxes, permuted_blocks_view
-from moectl.model.build import decoder_layers
+from moectl.model.build import decoder_layers, local_shard
 from moectl.model.sizing import ParamCounts
+from moectl.parallel.cost import Collective, Exposure, ring
 
 GATE_UP_SUFFIX = "mlp.experts.gate_up_proj"
 #: expert weight -> the tensor dim that holds the intermediate width (the dim TP splits)
@@ -205,6 +206,16 @@ def tensor_parallel_params_per_rank(model: ModelConfig, counts: ParamCounts, tp_
     return counts.total - sharded + sharded / tp_size
 
 
+def tensor_parallel_all_reduces(
+    model: ModelConfig, tokens: int, num_micro_batches: int, tp_size: int, spans_nodes: bool, param_bytes: int
+) -> Collective:
+    """The activation all-reduces of one step: two per decoder layer in forward, two in backward, of a
+    micro-batch's `tokens` hidden states each."""
+    activation = tokens * model.hidden_size * param_bytes * ring(tp_size)
+    sent = num_micro_batches * model.num_layers * 4 * activation
+    return Collective("tp all-reduce", sent, tp_size, spans_nodes, Exposure.ACTIVATIONS)
+
+
 def tensor_parallel_shard(name: str, full: torch.Tensor, tp_size: int) -> torch.Tensor:
     """The full tensor as TP stores it before slicing: gate_up_proj rows in rank blocks."""
     return gate_up_to_rank_blocks(full, tp_size) if name.endswith(GATE_UP_SUFFIX) else full
@@ -225,3 +236,19 @@ def gate_up_to_hf_order(state: dict[str, torch.Tensor], tp_size: int) -> dict[st
         key: gate_up_from_rank_blocks(value, tp_size) if key.endswith(GATE_UP_SUFFIX) else value
         for key, value in state.items()
     }
+
+
+class TensorParallelState:
+    """The strategy members of a model made tensor parallel by `apply_tensor_parallel` over
+    `self.dims.tp`: its initial slices, its checkpoint layout and the gathered state dict, gate_up's rows
+    in HF order. A mixin listed before `Strategy` (tp, mixed)."""
+
+    def shard(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        return local_shard(param, tensor_parallel_shard(name, full, self.dims.tp))
+
+    def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor | LocalBoxes:
+        return gate_up_checkpoint_view(param_name, tensor, self.dims.tp)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        state = super().full_state_dict(model)
+        return None if state is None else gate_up_to_hf_order(state, self.dims.tp)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from moectl.config import (
     MAX_NODES,
     MAX_PROCESSES_PER_NODE,
     ModelConfig,
+    RunConfig,
     TrainConfig,
     build_config,
     merge_overrides,
@@ -20,13 +22,17 @@ from moectl.config import (
 from moectl.errors import UsageError
 from moectl.plan.calibration import CALIBRATION, GPU_KINDS, Calibration
 from moectl.plan.predict import (
+    BYTES_PER_PARAM,
     HEADROOM_GIB,
     SMALLEST_CALIBRATED_HIDDEN,
-    Layout,
     Prediction,
-    layout_problem,
+    batch_problem,
+    layout_strategy,
+    planned,
     predict,
 )
+from moectl.registry import available_strategies, get_strategy, option_owners
+from moectl.strategy import Layout, Strategy
 from moectl.tables import Column, output_console, show_table
 
 MICRO_BATCHES = (1, 2, 4, 8)
@@ -35,8 +41,23 @@ MAX_GPU_MEM_GIB = 100_000
 
 
 @dataclass(frozen=True)
+class PlannedLayout:
+    """A strategy's layout as plan shows it, with the training settings plan varies."""
+
+    strategy: str
+    label: str  # the strategy with its options (`ep+fsdp`, `mixed/ddp`)
+    dp: int | None  # None: the strategy refused the degrees before stating them
+    tp: int | None
+    ep: int | None
+    options: dict[str, Any] = field(default_factory=dict)
+    micro_batch: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = True
+
+
+@dataclass(frozen=True)
 class PlanRow:
-    layout: Layout
+    layout: PlannedLayout
     prediction: Prediction
     does_not_fit: str | None  # what exceeds the memory; None when it fits
     command: str
@@ -45,19 +66,31 @@ class PlanRow:
 @dataclass(frozen=True)
 class Plan:
     rows: list[PlanRow]  # fitting layouts fastest first, then the others smallest first
-    forbidden: list[tuple[Layout, str]]  # degree sets the model or the batch forbids, with the rule
+    forbidden: list[tuple[PlannedLayout, str]]  # layouts the model, the batch or the strategy rules out
     usable_gib: float
+    no_cost_model: list[tuple[PlannedLayout, str]] = field(default_factory=list)  # with the command
 
 
-def candidate_degrees(num_gpus: int) -> list[Layout]:
-    """Every strategy and degree set for the world, forbidden ones included (they are reported)."""
-    if num_gpus == 1:
-        return [Layout("single")]
-    small = [d for d in range(1, math.isqrt(num_gpus) + 1) if num_gpus % d == 0]
-    factors = sorted({*small, *(num_gpus // d for d in small)} - {1})
-    out = [Layout("ddp", dp=num_gpus), Layout("fsdp", dp=num_gpus), Layout("tp", tp=num_gpus)]
-    out += [Layout("mixed", dp=num_gpus // tp, tp=tp, mixed_dp=m) for tp in factors for m in ("fsdp", "ddp")]
-    return out + [Layout("ep", dp=num_gpus, ep=ep, ep_fsdp=f) for ep in factors for f in (False, True)]
+def layout_problem(model: ModelConfig, train: TrainConfig, strategy: str, layout: Layout) -> str | None:
+    """The first rule `layout` of `strategy` breaks, naming the numbers; None when plan offers it: its
+    degrees and options as `moectl train` checks them, the strategy's reason not to offer it (another
+    strategy runs the same), the split of the global batch at `train.micro_batch`."""
+    try:
+        checked = layout_strategy(model, strategy, layout)
+    except ValueError as exc:
+        return str(exc)
+    return checked.redundant() or batch_problem(train, checked.dims)
+
+
+def _planned_layout(name: str, strategy_cls: type[Strategy], layout: Layout) -> PlannedLayout:
+    """How plan shows `layout`: with the degrees the strategy states for it (also where the model's
+    rules then refuse them; None where the strategy refuses them itself)."""
+    try:
+        dims = strategy_cls.parallel_dims(layout.apply(RunConfig()).parallel, layout.world_size)
+        degrees = dims.dp, dims.tp, dims.ep
+    except UsageError:
+        degrees = None, None, None
+    return PlannedLayout(name, layout.options.label(name), *degrees, layout.options.by_key())
 
 
 def make_plan(
@@ -71,69 +104,83 @@ def make_plan(
     sets: tuple[str, ...] = (),
     cal: Calibration = CALIBRATION,
 ) -> Plan:
-    """Every allowed layout (micro-batch, checkpointing and compile variants of each degree set) predicted."""
+    """Every registered strategy's layouts of the machine (micro-batch, checkpointing and compile
+    variants of each) predicted; the ones it cannot run listed with the rule, the ones of a strategy
+    without a cost model listed as such."""
     num_gpus, usable = gpus_per_node * nodes, gpu_mem_gib - HEADROOM_GIB
-    rows, forbidden = [], []
-    for base in candidate_degrees(num_gpus):
-        variants = [
-            dataclasses.replace(base, micro_batch=mb, activation_checkpointing=ac, compile=compiled)
-            for mb in MICRO_BATCHES
-            for ac in (False, True)
-            for compiled in (True, False)
-        ]
-        allowed = [v for v in variants if layout_problem(model, train.global_batch, v, num_gpus) is None]
-        if not allowed:
-            forbidden.append((base, layout_problem(model, train.global_batch, base, num_gpus) or ""))
-        for layout in allowed:
-            p = predict(model, train, layout, gpu, num_gpus, nodes, cal)
-            m, why = p.memory, None
-            if p.peak_mem_gib > usable:
-                why = (
-                    f"{p.peak_mem_gib:.1f} GiB > {usable:.1f} usable: weights + optimizer state "
-                    f"{m.weights_and_optimizer:.1f}, activations {m.activations:.1f}, logits {m.logits:.1f}"
-                    + (f", exchange buffers {m.buffers:.1f}" if m.buffers else "")
-                )
-            rows.append(
-                PlanRow(layout, p, why, train_command(config_name, train, layout, gpus_per_node, nodes, sets))
+    rows, forbidden, no_cost_model = [], [], []
+    for name in available_strategies():
+        strategy_cls = get_strategy(name)
+        for layout in strategy_cls.layouts(num_gpus, model):
+            base = _planned_layout(name, strategy_cls, layout)
+            try:
+                strategy = layout_strategy(model, strategy_cls, layout)
+            except ValueError as exc:
+                forbidden.append((base, str(exc)))
+                continue
+            variants = [
+                (dataclasses.replace(base, micro_batch=mb, activation_checkpointing=ac, compile=compiled),
+                 planned(train, mb, ac, compiled))
+                for mb in MICRO_BATCHES
+                for ac in (False, True)
+                for compiled in (True, False)
+            ]  # fmt: skip
+            allowed = [(v, t) for v, t in variants if batch_problem(t, strategy.dims) is None]
+            problem = strategy.redundant() or (
+                None if allowed else batch_problem(dataclasses.replace(train, micro_batch=1), strategy.dims)
             )
+            if problem:
+                forbidden.append((base, problem))
+                continue
+            if strategy.step_cost(train, gpus_per_node, BYTES_PER_PARAM) is None:
+                command = train_command(config_name, train, base, layout, gpus_per_node, nodes, sets)
+                no_cost_model.append((base, command))
+                continue
+            for variant, variant_train in allowed:
+                p = predict(strategy, variant_train, gpu, nodes, cal)
+                m, why = p.memory, None
+                if p.peak_mem_gib > usable:
+                    why = (
+                        f"{p.peak_mem_gib:.1f} GiB > {usable:.1f} usable: weights + optimizer state "
+                        f"{m.weights_and_optimizer:.1f}, activations {m.activations:.1f}, logits {m.logits:.1f}"
+                        + (f", exchange buffers {m.buffers:.1f}" if m.buffers else "")
+                    )
+                command = train_command(config_name, train, variant, layout, gpus_per_node, nodes, sets)
+                rows.append(PlanRow(variant, p, why, command))
     rows.sort(
         key=lambda r: (
             (1, r.prediction.peak_mem_gib) if r.does_not_fit else (0, -r.prediction.tokens_per_s_per_gpu)
         )
     )
-    return Plan(rows, forbidden, usable)
+    return Plan(rows, forbidden, usable, no_cost_model)
 
 
 def train_command(
     config_name: str,
     train: TrainConfig,
+    variant: PlannedLayout,
     layout: Layout,
     gpus_per_node: int,
     nodes: int,
     sets: tuple[str, ...],
 ) -> str:
     """The `moectl train` command that runs the layout (on every node, each with its --node-rank)."""
-    parts = ["moectl train", f"--config {config_name}", f"--strategy {layout.strategy}"]
-    parts += [f"--ep-size {layout.ep}"] if layout.strategy == "ep" else []
-    parts += [f"--dp-size {layout.dp}"] if layout.strategy == "mixed" else []
-    parts += [f"--tp-size {layout.tp}"] if layout.strategy in ("tp", "mixed") else []
-    parts += [f"--nproc {gpus_per_node}"] if layout.world > 1 else []
+    parts = ["moectl train", f"--config {config_name}", f"--strategy {variant.strategy}", *layout.args()]
+    parts += [f"--nproc {gpus_per_node}"] if layout.world_size > 1 else []
     parts += [f"--nnodes {nodes} --node-rank RANK --rdzv-endpoint HOST:PORT"] if nodes > 1 else []
     parts += [
-        f"--global-batch {train.global_batch} --micro-batch {layout.micro_batch} --seq-len {train.seq_len}"
+        f"--global-batch {train.global_batch} --micro-batch {variant.micro_batch} --seq-len {train.seq_len}"
     ]
     parts += [f"--set {item}" for item in sets]
-    if layout.activation_checkpointing != train.activation_checkpointing:
-        parts.append(f"--set train.activation_checkpointing={str(layout.activation_checkpointing).lower()}")
-    if layout.compile != train.compile:
-        parts.append(f"--set train.compile={str(layout.compile).lower()}")
-    parts += ["--set parallel.fsdp=true"] if layout.ep_fsdp else []
-    parts += (
-        [f"--set parallel.mixed_dp={layout.mixed_dp}"]
-        if layout.strategy == "mixed" and layout.mixed_dp != "fsdp"
-        else []
-    )
+    if variant.activation_checkpointing != train.activation_checkpointing:
+        parts.append(f"--set train.activation_checkpointing={str(variant.activation_checkpointing).lower()}")
+    if variant.compile != train.compile:
+        parts.append(f"--set train.compile={str(variant.compile).lower()}")
     return " ".join(parts)
+
+
+def _degrees(lay: PlannedLayout) -> str:
+    return f"{lay.label} " + " ".join(f"{axis} {getattr(lay, axis) or '?'}" for axis in ("dp", "tp", "ep"))
 
 
 def shown_rows(plan: Plan, every_variant: bool) -> list[PlanRow]:
@@ -142,7 +189,7 @@ def shown_rows(plan: Plan, every_variant: bool) -> list[PlanRow]:
     seen, shown = set(), []
     for row in plan.rows:
         lay = row.layout
-        key = (lay.strategy, lay.dp, lay.tp, lay.ep, lay.ep_fsdp, lay.mixed_dp)
+        key = (lay.label, lay.dp, lay.tp, lay.ep)
         if every_variant or key not in seen:
             shown.append(row)
         seen.add(key)
@@ -153,7 +200,6 @@ def plan_json(plan: Plan, settings: dict, every_variant: bool) -> dict:
     rows = [
         {
             **dataclasses.asdict(row.layout),
-            "label": row.layout.label(),
             "fits": row.does_not_fit is None,
             "does_not_fit": row.does_not_fit,
             **dataclasses.asdict(row.prediction),
@@ -161,10 +207,15 @@ def plan_json(plan: Plan, settings: dict, every_variant: bool) -> dict:
         }
         for row in shown_rows(plan, every_variant)
     ]
-    forbidden = [
-        {**dataclasses.asdict(lay), "label": lay.label(), "rule": rule} for lay, rule in plan.forbidden
-    ]
-    return {"settings": settings, "usable_gib": plan.usable_gib, "layouts": rows, "forbidden": forbidden}
+    forbidden = [{**dataclasses.asdict(lay), "rule": rule} for lay, rule in plan.forbidden]
+    no_cost_model = [{**dataclasses.asdict(lay), "command": command} for lay, command in plan.no_cost_model]
+    return {
+        "settings": settings,
+        "usable_gib": plan.usable_gib,
+        "layouts": rows,
+        "forbidden": forbidden,
+        "no_cost_model": no_cost_model,
+    }
 
 
 def plan_command(
@@ -199,6 +250,14 @@ def plan_command(
         k: v for k, v in {"seq_len": seq_len, "global_batch": global_batch}.items() if v is not None
     }
     cfg = build_config(config, merge_overrides(parse_set_option(sets), {"train": train_flags}))
+    for key in cfg.parallel.options:
+        owners = option_owners(key)
+        if not owners:
+            raise UsageError(f"unknown key 'parallel.{key}'; no strategy owns it (see moectl train --help)")
+        raise UsageError(
+            f"--set parallel.{key} is an option of {' and '.join(owners)}, whose values moectl plan tries "
+            "itself; drop it"
+        )
     if cfg.model.path:  # the dimensions of a local checkpoint's config.json
         from pathlib import Path
 
@@ -228,7 +287,7 @@ def plan_command(
     cells = [
         [
             str(number),
-            row.layout.label(),
+            row.layout.label,
             str(row.layout.dp),
             str(row.layout.tp),
             str(row.layout.ep),
@@ -251,9 +310,10 @@ def plan_command(
     # Commands stay whole on one line (copied as they are); the notes below them wrap at words.
     for line in [f"{n:>3}. {row.does_not_fit or row.command}" for n, row in enumerate(rows, 1)]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
-    lines = [
-        f"forbidden: {lay.label()} dp {lay.dp} tp {lay.tp} ep {lay.ep}: {rule}"
-        for lay, rule in plan.forbidden
+    lines = [f"forbidden: {_degrees(lay)}: {rule}" for lay, rule in plan.forbidden]
+    lines += [
+        f"no cost model: {_degrees(lay)} runs ({command}), but the strategy states no cost for plan to predict"
+        for lay, command in plan.no_cost_model
     ]
     lines.append(
         "comm = share of the step spent waiting for communication. The model and its calibration: "

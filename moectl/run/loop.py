@@ -30,7 +30,6 @@ from moectl.model.loss import TokenLoss, build_token_loss, token_loss_sum
 from moectl.model.routing import Routing
 from moectl.model.sizing import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.parallel.gradients import clip_gradients_
-from moectl.plan.predict import SMALLEST_CALIBRATED_HIDDEN, gpu_kind_for_device, layout_from_config, predict
 from moectl.run import plots as run_plots
 from moectl.run import runtime
 from moectl.run.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_step
@@ -149,8 +148,11 @@ def train_step(
     return loss_sum, aux_total
 
 
-def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Summary:
-    """Build, train and save; every rank runs this, rank 0 reports and writes."""
+def run_training(
+    cfg: RunConfig, strategy: Strategy, run_dir: Path | None, predicted: dict[str, float] | None = None
+) -> Summary:
+    """Build, train and save; every rank runs this, rank 0 reports and writes. `predicted`: what
+    `moectl plan` predicts for the run (moectl.plan.predict.run_prediction), written beside what it measured."""
     train = cfg.train
     device = runtime.pick_device(train)
     dtype = runtime.training_dtype(train, device.type == "cuda")
@@ -314,7 +316,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         degrees={"dp": strategy.dims.dp, "tp": strategy.dims.tp, "ep": strategy.dims.ep},
         **_training_figures(train, history, routing),
-        predicted=plan_prediction(cfg, world) if device.type == "cuda" else None,
+        predicted=predicted,
         strategy_metrics={
             key: statistics.median(figures[key] for figures in timed_figures) for key in timed_figures[0]
         }
@@ -362,28 +364,6 @@ def _resume_notes(saved: set[str], routing: Routing) -> list[str]:
     if routing.tracks_load and "expert_load" not in saved:
         notes.append("the checkpoint holds no expert load: expert_load.safetensors counts from this step on")
     return notes
-
-
-def plan_prediction(cfg: RunConfig, world_size: int) -> dict[str, float] | None:
-    """`moectl plan`'s prediction for this run, so every GPU run checks the plan's model; None where the
-    plan has no figures (an unknown GPU, a plugin strategy, fp32 weights, layers far smaller than the
-    calibrated ones, which are launch-bound)."""
-    kind = gpu_kind_for_device(torch.cuda.get_device_name())
-    if kind is None or runtime.training_dtype(cfg.train, True) != torch.bfloat16:
-        return None
-    if cfg.model.hidden_size < SMALLEST_CALIBRATED_HIDDEN:
-        return None
-    layout = layout_from_config(cfg.parallel, cfg.train, world_size)
-    try:
-        prediction = predict(cfg.model, cfg.train, layout, kind, world_size, cfg.parallel.nnodes)
-    except ValueError:
-        return None
-    return {
-        "gpu": kind,
-        "tokens_per_s_per_device": prediction.tokens_per_s_per_gpu,
-        "peak_mem_gib": prediction.peak_mem_gib,
-        "mfu": prediction.mfu,
-    }
 
 
 def save_outputs(

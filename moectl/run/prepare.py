@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from moectl.config import ParallelConfig, RunConfig, build_config, merge_overrides
+from moectl.config import PARALLEL_KEYS, ParallelConfig, RunConfig, build_config, merge_overrides
 from moectl.data.sources import check_data
 from moectl.errors import UsageError
 from moectl.io.checkpoint import CheckpointInfo, latest_checkpoint
@@ -27,7 +27,7 @@ from moectl.model.sizing import (
     format_count,
     seed_flops_per_token,
 )
-from moectl.registry import build_strategy
+from moectl.registry import build_strategy, drop_defaults_of_others
 from moectl.run import runtime
 from moectl.run.preflight import verify_checkpoint
 from moectl.run.tensorboard_log import check_available as check_tensorboard_available
@@ -54,20 +54,9 @@ def resolve(config: str | None, overrides: dict[str, dict[str, Any]]) -> RunConf
     return cfg
 
 
-# A resume may change how the run is laid out, never what it computes.
-LAYOUT_KEYS = (
-    "nproc",
-    "dp_size",
-    "tp_size",
-    "ep_size",
-    "nnodes",
-    "node_rank",
-    "rdzv_endpoint",
-    "fsdp",
-    "mixed_dp",
-    "ep_chunks",
-    "ep_max_rows_factor",
-)
+# A resume may change how the run is laid out, never what it computes: these keys and the strategy's
+# own options (`parallel.<key>` of its `Options`).
+LAYOUT_KEYS = ("nproc", "dp_size", "tp_size", "ep_size", "nnodes", "node_rank", "rdzv_endpoint")
 FIXED_ON_RESUME = {
     "model": None,  # every key
     "data": None,
@@ -80,8 +69,8 @@ def resolve_resume(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple
 
     Any parallel flag replaces the saved layout as a whole (the saved strategy stays unless
     --strategy is given): `--resume R --nproc 4` means "ddp on 4", not "ddp on 4 with the old
-    dp_size". Keys that define the computation (model, data, seed, batch shape, optimizer kind)
-    cannot change: the checkpoint would not fit them.
+    dp_size", and the saved strategy's options go too. Keys that define the computation (model, data,
+    seed, batch shape, optimizer kind) cannot change: the checkpoint would not fit them.
     """
     config_file = run_dir / "config.yaml"
     require_directory(run_dir, "--resume", "give the run directory to continue")
@@ -94,11 +83,17 @@ def resolve_resume(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple
             "runs write them with --checkpoint-every N"
         )
     saved = build_config(str(config_file))
-    if set(overrides.get("parallel", {})) - {"timeout_s"}:
+    given = overrides.get("parallel", {})
+    new_layout = bool(set(given) - {"timeout_s"})
+    if new_layout:
         defaults = asdict(ParallelConfig())
         fresh_layout = {key: defaults[key] for key in LAYOUT_KEYS}
-        overrides = {**overrides, "parallel": {**fresh_layout, **overrides["parallel"]}}
+        overrides = {**overrides, "parallel": {**fresh_layout, **given}}
     cfg = build_config(str(config_file), overrides)
+    if new_layout:
+        cfg.parallel.options = {key: value for key, value in given.items() if key not in PARALLEL_KEYS}
+    else:
+        cfg.parallel.options = drop_defaults_of_others(cfg.parallel.strategy, cfg.parallel.options)
     for section, keys in FIXED_ON_RESUME.items():
         old, new = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
         for key in keys or old:
@@ -148,6 +143,7 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
     else:
         world_size = None
     strategy = build_strategy(cfg, world_size)
+    cfg.parallel.options = strategy.options.by_key()  # config.yaml records every option's value
     if world_size is None:
         world_size = strategy.dims.world_size
         if world_size % parallel.nnodes:
@@ -180,7 +176,7 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
         from moectl.model import fp8
 
         on_gpu = runtime.uses_gpu(train)
-        fp8.check(train, on_gpu, runtime.training_dtype(train, on_gpu), strategy.name, strategy.dims.tp)
+        fp8.check(train, on_gpu, runtime.training_dtype(train, on_gpu), strategy)
     if cfg.data.source != "synthetic":
         check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
@@ -209,9 +205,7 @@ def describe(p: PreparedRun, console: Console) -> None:
     """The --dry-run report: resolved config, parameter counts, flops per token, memory per rank."""
     cfg = p.cfg
     counts = count_params(cfg.model)
-    per_rank = p.strategy.params_per_rank(counts)
-    grads = p.strategy.grad_params_per_rank(counts, p.num_micro_batches)
-    memory = estimate_memory_gib(cfg.model, cfg.train, per_rank, param_bytes(cfg), grads)
+    cost = p.strategy.step_cost(cfg.train, p.nproc_per_node, param_bytes(cfg))
     console.print(cfg.to_yaml(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"{p.strategy.name} on {p.world_size} process(es):", markup=False, highlight=False)
     rows = [
@@ -228,10 +222,17 @@ def describe(p: PreparedRun, console: Console) -> None:
         ("flops / token, seed style (6·N_active)", f"{seed_flops_per_token(cfg.model):.4g}"),
         ("data-parallel degree", str(p.strategy.dims.dp)),
         ("micro-batches per step (accumulation)", str(p.num_micro_batches)),
-        ("parameters per rank", f"{format_count(per_rank)} ({round(per_rank):,})"),
-        (
-            "memory estimate per rank",
-            f"{memory:.2f} GiB at {'bf16' if param_bytes(cfg) == 2 else 'fp32'} ({memory_note(cfg)})",
-        ),
     ]
+    if cost is None:
+        rows.append(("parameters and memory per rank", f"n/a: {p.strategy.name} states no cost model"))
+    else:
+        grads = cost.grads if p.num_micro_batches > 1 else cost.params
+        memory = estimate_memory_gib(cfg.model, cfg.train, cost.params, param_bytes(cfg), grads)
+        rows += [
+            ("parameters per rank", f"{format_count(cost.params)} ({round(cost.params):,})"),
+            (
+                "memory estimate per rank",
+                f"{memory:.2f} GiB at {'bf16' if param_bytes(cfg) == 2 else 'fp32'} ({memory_note(cfg)})",
+            ),
+        ]
     print_rows(console, rows)

@@ -55,9 +55,10 @@ def run(p: PreparedRun, run_dir: Path | None) -> Path:
 def _train_here(cfg: RunConfig, strategy: Strategy, run_dir: Path) -> None:
     # Imported only by the processes that train: a launcher checks and starts workers, and the training
     # loop's imports (transformers among them) would add seconds to every launch.
+    from moectl.plan.predict import run_prediction
     from moectl.run.loop import run_training
 
-    run_training(cfg, strategy, run_dir)
+    run_training(cfg, strategy, run_dir, run_prediction(cfg, strategy))
 
 
 def _node_dir(cfg: RunConfig, target: Path) -> Path:

@@ -156,6 +156,7 @@ def main(config_path: str, run_dir: str) -> int:
 
     from moectl.config import build_config
     from moectl.errors import UsageError
+    from moectl.plan.predict import run_prediction
     from moectl.registry import build_strategy
     from moectl.run import report, runtime
     from moectl.run.faults import TrainingStopped
@@ -168,7 +169,7 @@ def main(config_path: str, run_dir: str) -> int:
     runtime.init_process_group(device, cfg.parallel.timeout_s)
     try:
         strategy = build_strategy(cfg, runtime.world_size())
-        run_training(cfg, strategy, Path(run_dir))
+        run_training(cfg, strategy, Path(run_dir), run_prediction(cfg, strategy))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
