@@ -232,7 +232,13 @@ def test_plan_prints_the_table_best_first_with_commands(capsys):
 
 def test_plan_json_parses_and_ranks_fitting_layouts_fastest_first(capsys):
     plan = json.loads(_plan(capsys, "--gpus", "4", "--global-batch", "16", "--json", "--all"))
-    assert set(plan) == {"settings", "usable_gib", "layouts", "forbidden", "no_cost_model"}  # as the README lists them
+    assert set(plan) == {
+        "settings",
+        "usable_gib",
+        "layouts",
+        "forbidden",
+        "no_cost_model",
+    }  # as the README lists them
     assert plan["settings"] == {"config": "qwen3-30b-a3b", "gpu": "h200", "gpus_per_node": 4, "nodes": 1,
                                 "gpu_mem_gib": 139.8, "global_batch": 16, "seq_len": 4096}  # fmt: skip
     fitting = [row for row in plan["layouts"] if row["fits"]]
