@@ -39,6 +39,7 @@ from moectl.run.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_
 from moectl.run.report import StepProfiler, StepReporter
 from moectl.run.schedule import lr_at, set_lr
 from moectl.run.tensorboard_log import TensorBoardLog
+from moectl.run.wandb_log import WandbLog
 from moectl.strategy import Strategy, full_state_items
 
 ROUTER_BIAS_FILE = "router_bias.safetensors"
@@ -195,6 +196,9 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         for note in resume_notes:
             reporter.message(note)
     tensorboard = TensorBoardLog(run_dir, start_step, enabled=is_rank0 and train.tensorboard)
+    wandb_log = WandbLog(cfg, run_dir, start_step, enabled=is_rank0 and train.wandb)
+    if wandb_log.note:
+        reporter.message(wandb_log.note)
 
     def save_checkpoint(steps_done: int) -> None:
         if run_dir is not None:
@@ -277,6 +281,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                     history.records.append(record)
                     reporter.step(record)
                     tensorboard.step(record, step_routing.imbalance_per_layer)
+                    wandb_log.step(record, step_routing.imbalance_per_layer)
                 profiler.step()
                 if stop_now or is_due(step + 1, train):
                     save_checkpoint(step + 1)
@@ -285,6 +290,9 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
                         stop.signum or signal.SIGTERM,
                         f"stopped by {stop.name} after step {step + 1}; " + checkpoint.resume_hint(run_dir),
                     )
+    except BaseException as exc:
+        wandb_log.finish(exit_code=getattr(exc, "exit_code", 1))
+        raise
     finally:
         reporter.close()
         tensorboard.close()
@@ -321,7 +329,12 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         if timed_figures
         else {},
     )
-    save_outputs(cfg, strategy, model, run_dir, summary, is_rank0, routing, history, model_dtype=dtype)
+    try:
+        save_outputs(cfg, strategy, model, run_dir, summary, is_rank0, routing, history, model_dtype=dtype)
+    except BaseException as exc:
+        wandb_log.finish(exit_code=getattr(exc, "exit_code", 1))
+        raise
+    wandb_log.finish(asdict(summary))
     return summary
 
 

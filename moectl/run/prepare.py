@@ -31,6 +31,7 @@ from moectl.registry import build_strategy
 from moectl.run import runtime
 from moectl.run.preflight import verify_checkpoint
 from moectl.run.tensorboard_log import check_available as check_tensorboard_available
+from moectl.run.wandb_log import check as check_wandb
 from moectl.strategy import Strategy
 
 
@@ -188,6 +189,7 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
         HFCheckpoint(Path(cfg.model.path)).check_fits(cfg.model)
     if train.tensorboard:
         check_tensorboard_available()
+    check_wandb(train)
     return PreparedRun(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step, resume_from)
 
 
