@@ -25,6 +25,7 @@ from tests.util import (
     load_weights,
     refused_in_process,
     run_moectl_in_process,
+    train_run,
 )
 
 FINAL_STEP = f"step_{NUMERICS_STEPS:06d}"
@@ -126,6 +127,48 @@ def test_the_streaming_writer_writes_what_save_pretrained_writes(tmp_path):
         assert sorted(p.name for p in mine.iterdir()) == names
         for name in names:
             assert filecmp.cmp(mine / name, theirs / name, shallow=False), (tied, dtype, name)
+
+
+def _word_tokenizer(directory: Path) -> Path:
+    """A small word-level tokenizer made here (no download), saved as transformers saves one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>", *"the cat sat on a mat and dog ran far".split()]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def test_a_run_with_a_tokenizer_exports_it_beside_the_weights(tmp_path):
+    """data.tokenizer: the export and model/ both hold the tokenizer, which encodes as the run's did;
+    --no-tokenizer leaves it out."""
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = _word_tokenizer(tmp_path / "tokenizer")
+    text = tmp_path / "stories.txt"
+    text.write_text("the cat sat on a mat and the dog ran far\n" * 200)
+    run = train_run(
+        tmp_path / "run", "--data", str(text), "--set", f"data.tokenizer={tokenizer_dir}",
+        "--steps", "2", "--global-batch", "8", "--micro-batch", "2", "--checkpoint-every", "2",
+        in_process=True,
+    )  # fmt: skip
+    sample = "the dog sat on the mat"
+    expected = AutoTokenizer.from_pretrained(str(tokenizer_dir))(sample)["input_ids"]
+    out = tmp_path / "exported"
+    _export(run / "checkpoints" / "step_000002", out)
+    for directory in (out, run / "model"):
+        assert (directory / "tokenizer.json").is_file(), sorted(p.name for p in directory.iterdir())
+        assert AutoTokenizer.from_pretrained(str(directory))(sample)["input_ids"] == expected
+    bare = tmp_path / "bare"
+    _export(run / "checkpoints" / "step_000002", bare, "--no-tokenizer")
+    assert sorted(p.name for p in bare.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
 
 
 # The export in a fresh interpreter: the growth of its resident memory over the export alone (the peak
