@@ -4,7 +4,8 @@ A strategy (1) states the degrees it uses (`parallel_dims`, checked by `Parallel
 rule of its own), (2) parallelises the meta-device model in place on the named meshes of its
 `ParallelDims`, calling `materialize` when its wrappers need real storage, (3) gives the loop a
 no-sync context for micro-batches whose gradients must not be reduced yet and a hook after backward
-for reductions it does by hand, and (4) streams the full, unsharded state dict with HF keys to rank 0, tensor by tensor.
+for reductions it does by hand, and (4) streams the full, unsharded state dict with HF keys to rank 0,
+tensor by tensor.
 
 Wrap order, stated once for every strategy: TP / EP -> FP8 linears (`train.fp8`) -> activation
 checkpointing -> compile -> FSDP/DDP.

@@ -59,13 +59,14 @@ def _moectl_model_from_checkpoint(run: Path, step_dir: Path) -> torch.nn.Module:
     import torch.distributed.checkpoint as dcp
 
     from moectl.config import build_config
-    from moectl.io.checkpoint import placeholder_source
+    from moectl.io.checkpoint import placeholder_source, single_process_is_fine
     from moectl.model.build import build_meta_model, materialize
 
     cfg = build_config(str(run / "config.yaml"))
     model = build_meta_model(cfg.model, torch.float32)
     materialize(model, torch.device("cpu"), placeholder_source)
-    dcp.load({"model": dict(model.state_dict())}, checkpoint_id=str(step_dir), no_dist=True)
+    with single_process_is_fine():
+        dcp.load({"model": dict(model.state_dict())}, checkpoint_id=str(step_dir), no_dist=True)
     return model.eval()
 
 

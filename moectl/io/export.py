@@ -41,6 +41,7 @@ from moectl.io.hf_writer import (
     saved_tensor_shapes,
 )
 from moectl.io.outputs import check_writable
+from moectl.model.build import hf_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DCP_METADATA = ".metadata"
@@ -191,9 +192,6 @@ def export_checkpoint(
     if dtype != "auto" and dtype not in DTYPES:
         raise UsageError(f"export: --dtype must be auto, {' or '.join(DTYPES)}, got {dtype!r}")
     tokenizer_dir = _tokenizer_dir(source) if tokenizer else None
-
-    from moectl.model.build import hf_config
-
     reader = CheckpointModelReader(source.path)
     config = hf_config(source.config.model)
     expected = saved_tensor_shapes(config)

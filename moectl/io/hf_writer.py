@@ -128,7 +128,7 @@ class HFModelWriter:
         self.tied = TIED_KEY in self.model.state_dict() and TIED_KEY not in in_memory
         #: in-memory key -> its shape; the keys `add` expects
         self.expected = {name: tuple(tensor.shape) for name, tensor in in_memory.items()}
-        # Whole meta tensors, not views: the splitter sizes a tensor by its storage (a view's is the fused one).
+        # Whole meta tensors, not views: the splitter sizes a tensor by its storage (a view's: the fused one).
         on_disk = {
             name: torch.empty(view.shape, dtype=dtype, device="meta")
             for name, view in split_expert_tensors(in_memory).items()

@@ -73,12 +73,12 @@ class WandbLog:
             settings=wandb.Settings(console="off", silent=True),
         )
         self._write_state()
-        where = (
-            self.run.url
-            if self.run.url
-            else f"{self.run.dir}; upload it with: wandb sync {Path(self.run.dir).parent}"
-        )
-        self.note = f"W&B run {self.run.name} ({'resumed' if state.get('id') else 'new'}): {where}"
+        how = "resumed" if state.get("id") else "new"
+        if self.run.settings.mode in ("offline", "dryrun"):
+            where = f"offline; upload it with: wandb sync {Path(self.run.dir).parent}"
+        else:
+            where = self.run.url
+        self.note = f"W&B run {self.run.name} ({how}): {where}"
 
     def _read_state(self) -> dict[str, Any]:
         try:
