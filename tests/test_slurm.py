@@ -80,6 +80,7 @@ def test_srun_variables_give_nodes_rank_and_rendezvous_and_flags_win():
     batch = {key: value for key, value in SRUN.items() if key != "SLURM_STEP_ID"}
     assert slurm_layout(set(), batch) == {} and slurm_layout(set(), {}) == {}
     assert slurm_layout(set(), {**SRUN, "TORCHELASTIC_RUN_ID": "x"}) == {}
+    assert slurm_layout(set(), {**SRUN, "RANK": "3", "WORLD_SIZE": "8"}) == {}
     with pytest.raises(UsageError, match="--rdzv-endpoint"):
         slurm_layout(set(), {**SRUN, "SLURM_STEP_NODELIST": "gpu[01-"})
 

@@ -111,7 +111,8 @@ def slurm_layout(
 ) -> dict[str, Any]:
     """The parallel keys SLURM supplies under `srun` (KEYS less those in `explicit`); {} elsewhere."""
     environ = os.environ if environ is None else environ
-    if not under_srun(environ) or "TORCHELASTIC_RUN_ID" in environ:
+    under_torchrun = "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ)
+    if not under_srun(environ) or under_torchrun:  # an outside launcher already set the world
         return {}
     tasks = environ.get("SLURM_STEP_TASKS_PER_NODE")
     if tasks and _tasks_per_node(tasks) > 1:
