@@ -349,3 +349,28 @@ recipe_two_gpu_console() {  # what a first run shows on the GPU image: no stray 
     grep -vE "^(== moectl worker rank |step [0-9]+: )" "$log" || true
   done
 }
+
+recipe_four_gpu_export() {  # moectl export on the GPU image: bf16 checkpoints of ep 4 and mixed (fsdp 2 x tp 2), 8-layer cut
+  # Each step-4 export must equal the run's model/ exactly (compare-weights at rtol 0), with the export's
+  # peak RSS near the largest tensor (gate_up_proj, 0.8 GB in bf16), not the 11 GB model; transformers loads it.
+  local q="$CUT8 --global-batch 8 --micro-batch 2 --steps 4 --checkpoint-every 2 --set train.timing_warmup_steps=1"
+  run ep4_export 300 $q --strategy ep --ep-size 4 --nproc 4
+  run mixed4_export 300 $q --strategy mixed --dp-size 2 --tp-size 2 --nproc 4
+  for name in ep4_export mixed4_export; do
+    $PY - "$RUNS/$name" <<'PYEOF'
+import resource, subprocess, sys, time
+run, started = sys.argv[1], time.time()
+subprocess.run([sys.executable, "-m", "moectl", "export", f"{run}/checkpoints/step_000004", f"{run}_hf"], check=True)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+print(f"export of {run}: {time.time() - started:.0f} s, peak RSS {peak:.2f} GiB")
+PYEOF
+    $MOECTL compare-weights "$RUNS/${name}_hf" "$RUNS/$name/model" --rtol 0 --per-tensor-rtol 0 | tail -2
+  done
+  $PY - "$RUNS/ep4_export_hf" <<'PYEOF'
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print("from_pretrained:", model.dtype, f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
+PYEOF
+  rm -rf "$RUNS"/*_export_hf
+}

@@ -169,6 +169,33 @@ def compare_weights(
     )
 
 
+@app.command(cls=_Command, short_help="Turn a step checkpoint into a Hugging Face model directory.")
+def export(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CHECKPOINT",
+            help="RUN_DIR/checkpoints/step_N of any layout, or a run directory (its latest complete checkpoint).",
+        ),
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="New (or empty) output directory.")],
+    dtype: Annotated[
+        str, Opt(help="auto (the dtype the run writes its model/ in), float32 or bfloat16.")
+    ] = "auto",
+    max_shard_size: Annotated[
+        str, Opt(help="Largest safetensors file before the weights are sharded with an index, e.g. 5GB.")
+    ] = "50GB",
+    no_tokenizer: Annotated[
+        bool, Opt("--no-tokenizer", help="Leave out the run's tokenizer (data.tokenizer).")
+    ] = False,
+) -> None:
+    """Write a step checkpoint as save_pretrained would (config, safetensors, tokenizer), on the CPU, tensor by tensor."""
+    from moectl.io.export import export_checkpoint
+
+    source = export_checkpoint(checkpoint, out, dtype, max_shard_size, tokenizer=not no_tokenizer)
+    print(f"exported step {source.step} of {source.run_dir} to {out}")
+
+
 @app.command(cls=_Command, short_help="Time many strategies; --verify checks their weights.")
 def bench(
     strategies: Annotated[

@@ -76,6 +76,11 @@ class TrainConfig:
     )
     expert_load_stats: bool = True  # count tokens per expert per step (load_imbalance, expert_load.*)
     tensorboard: bool = False  # rank 0 writes TensorBoard event files under RUN_DIR/tensorboard/
+    wandb: bool = False  # rank 0 logs to Weights & Biases (files under RUN_DIR/wandb/)
+    wandb_project: str = "moectl"
+    wandb_run_name: str | None = None  # default: the run directory's name
+    wandb_tags: str | None = None  # comma-separated
+    wandb_mode: str | None = None  # online or offline; default: WANDB_MODE, else online
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     device: str = "auto"  # auto, cpu, cuda
     # none, full (recompute every layer in backward) or selective (keep GEMM and attention outputs, recompute

@@ -4,8 +4,8 @@ A strategy (1) states the degrees it uses (`parallel_dims`, checked by `Parallel
 rule of its own) and the layouts worth running on a world (`layouts`), (2) parallelises the meta-device
 model in place on the named meshes of its `ParallelDims`, calling `materialize` when its wrappers need
 real storage, (3) gives the loop a no-sync context for micro-batches whose gradients must not be
-reduced yet and a hook after backward for reductions it does by hand, (4) returns the full, unsharded
-state dict with HF keys on rank 0, (5) states what it holds and sends per step (`step_cost`), and owns
+reduced yet and a hook after backward for reductions it does by hand, (4) streams the full, unsharded
+state dict with HF keys to rank 0, tensor by tensor, (5) states what it holds and sends per step (`step_cost`), and owns
 its options (`Options`, set as `parallel.<key>`).
 
 Wrap order, stated once for every strategy: TP / EP -> FP8 linears (`train.fp8`) -> activation
@@ -17,21 +17,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
 from moectl.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig, coerce
 from moectl.errors import UsageError
-from moectl.model.build import canonical_name, local_shard
+from moectl.model.build import local_shard
 from moectl.parallel.cost import StepCost
 from moectl.parallel.dims import ParallelDims
+from moectl.parallel.full_state import full_tensors
 from moectl.parallel.gradients import grad_sum_of_squares
 
 Materialize = Callable[[nn.Module], None]
@@ -237,13 +237,22 @@ class Strategy:
         """
         return tensor
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """The whole model with HF keys, gathered to rank 0 on the CPU; None on other ranks."""
-        if self.dims.world_size == 1:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        else:
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(model, options=options)
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return None
-        return {canonical_name(k): v for k, v in state.items()}
+    def full_state_dict(self, model: nn.Module) -> Iterable[tuple[str, torch.Tensor | None]]:
+        """The whole model with HF keys, tensor by tensor: (name, full tensor on the CPU) on rank 0,
+        (name, None) elsewhere. Every rank iterates to the end (the gathers are collective); no process
+        ever holds more than one gathered tensor. [DTensors gathered one at a time]
+
+        A plugin may still return the older form, a dict on rank 0 and None elsewhere
+        (`full_state_items` reads both)."""
+        return full_tensors(model)
+
+
+def full_state_items(
+    state: Iterable[tuple[str, torch.Tensor | None]] | Mapping[str, torch.Tensor] | None,
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """`Strategy.full_state_dict`'s answer as (name, tensor) pairs, whichever form it came in."""
+    if state is None:
+        return iter(())
+    if isinstance(state, Mapping):
+        return iter(state.items())
+    return iter(state)

@@ -18,6 +18,7 @@ Its options: `parallel.fsdp`, `parallel.ep_chunks`, `parallel.ep_max_rows_factor
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -279,7 +280,7 @@ class ExpertParallel(Strategy):
             )
         return DTensor.from_local(tensor, self.dims.mesh("experts"), [Replicate(), Shard(0)], run_check=False)
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor | None]]:
         holds_rank0_experts = self.dims.local_rank("ep_replicate") == 0
         ep_group = None if self._ep_mesh is None else self._ep_mesh.get_group()
         return gather_full_state(model, ep_group, holds_rank0_experts)

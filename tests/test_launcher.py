@@ -126,30 +126,37 @@ def test_runs_under_an_outside_torchrun(tmp_path, single_reference):
 
 
 def test_two_nodes_on_localhost_train_like_single(tmp_path, single_reference):
-    """Two launchers (--nnodes 2, --node-rank 0/1) rendezvous on localhost and share one run directory:
-    node 0 (global rank 0) writes the model and metrics, node 1 only its config and logs under node1/."""
+    """Two launchers rendezvous on localhost as two nodes of an `srun` step, and share one run directory:
+    node 1 takes the nodes, its node rank and the rendezvous host from SLURM's variables alone (the
+    compressed node list parsed, the port from MASTER_PORT); node 0 gives --nnodes and --rdzv-endpoint
+    itself, which win over its variables (they name port 29500). Node 0 (global rank 0) writes the
+    model and metrics, node 1 only its config and logs under node1/."""
     run_dir = tmp_path / "two-nodes"
-    flags = (
-        f"--strategy ddp --nnodes 2 --nproc 1 --rdzv-endpoint 127.0.0.1:{_free_port()} --run-dir {run_dir}"
-    )
+    port = _free_port()
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_NNODES": "2",
+        "SLURM_STEP_NODELIST": "127.0.0.[1-2]",
+        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+    }
+    flags = {
+        0: ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}"],
+        1: [],
+    }
     # Both "nodes" share this machine's cores: one thread per worker, as on a real node split.
-    env = _subprocess_env(OMP_NUM_THREADS="1")
+    env = {
+        0: _subprocess_env(OMP_NUM_THREADS="1", SLURM_NODEID="0", **slurm),
+        1: _subprocess_env(OMP_NUM_THREADS="1", SLURM_NODEID="1", MASTER_PORT=str(port), **slurm),
+    }
+    common = ["--strategy", "ddp", "--nproc", "1", "--run-dir", str(run_dir), *NUMERICS_ARGS]
     nodes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "moectl",
-                "train",
-                *flags.split(),
-                *NUMERICS_ARGS,
-                "--node-rank",
-                str(rank),
-            ],
+            [sys.executable, "-m", "moectl", "train", *common, *flags[rank]],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env=env[rank],
             cwd=REPO,
         )
         for rank in (1, 0)  # node 1 first: it must wait for node 0's store, not fail
@@ -166,6 +173,8 @@ def test_two_nodes_on_localhost_train_like_single(tmp_path, single_reference):
     assert (run_dir / "logs" / "rank0.log").is_file(), "node 0 wrote no worker log"
     assert (run_dir / "node1" / "logs" / "rank1.log").is_file(), "node 1 wrote no worker log"
     assert sorted(p.name for p in (run_dir / "node1").iterdir()) == ["config.yaml", "logs"]
+    saved = (run_dir / "node1" / "config.yaml").read_text()
+    assert f"rdzv_endpoint: 127.0.0.1:{port}" in saved and "node_rank: 1" in saved and "nnodes: 2" in saved
 
 
 def test_the_worker_servers_import_output_is_kept_for_the_rank_logs(capfd, monkeypatch):

@@ -15,6 +15,8 @@ come out identical on every rank and need no reduction; expert gradients are loc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -113,5 +115,5 @@ class NaiveEP(Strategy):
             dist.all_reduce(expert_squares, group=self.dims.group("ep"))
         return (grad_sum_of_squares(dense) + expert_squares).sqrt()
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor | None]]:
         return gather_full_state(model, self.dims.group("ep"), holds_rank0_experts=True)

@@ -127,7 +127,7 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _single_process_is_fine() -> Iterator[None]:
+def single_process_is_fine() -> Iterator[None]:
     """DCP warns "assuming the intent is to save/load in a single process" without a process group: it is."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -147,11 +147,13 @@ def save_checkpoint(
     strategy,
     keep: int,
     extra: dict[str, torch.Tensor] | None = None,
+    model_dtype: torch.dtype | None = None,
 ) -> Path:
     """Collective: every rank calls it at the same step. Returns the final checkpoint directory.
 
     `extra`: training state beside the model and optimizer (the router bias, the expert load so
-    far), tensors that are the same on every rank; their names go into meta.json."""
+    far), tensors that are the same on every rank; their names go into meta.json. `model_dtype`: the
+    dtype the run writes its model/ in, which `moectl export` writes this step in (meta.json)."""
     root = run_dir / CHECKPOINTS_DIR
     final = root / step_dir_name(steps_done)
     staging = root / f".{final.name}.partial"
@@ -163,7 +165,7 @@ def save_checkpoint(
     state, _ = _training_state(model, optimizer, strategy)
     if extra:
         state["extra"] = dict(extra)
-    with _single_process_is_fine():
+    with single_process_is_fine():
         dcp.save(state, checkpoint_id=str(staging))
     device = next(model.parameters()).device
     torch.save(_rng_state(device), staging / f"rng_rank{rank:05d}.pt")
@@ -177,6 +179,8 @@ def save_checkpoint(
             "torch": torch.__version__,
             "extra": sorted(extra or {}),
         }
+        if model_dtype is not None:
+            meta["model_dtype"] = str(model_dtype).removeprefix("torch.")
         write_json_atomic(staging / META_FILE, meta)
         write_text_atomic(staging / COMPLETE_MARKER, "ok\n")
         if final.exists():  # the same step saved again (a resumed run re-reaching it)
@@ -224,7 +228,7 @@ def load_checkpoint(
     wanted = {key: tensor for key, tensor in (extra or {}).items() if key in saved_extra}
     if wanted:
         state["extra"] = wanted
-    with _single_process_is_fine():
+    with single_process_is_fine():
         dcp.load(state, checkpoint_id=str(info.path))
     for container, key, original in replaced:
         loaded = container[key]

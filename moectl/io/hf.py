@@ -6,20 +6,16 @@ so a corrupt or truncated file is a clear error rather than a crash on rank 3 te
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers import Qwen3MoeForCausalLM
-from transformers.utils import logging as hf_logging
 
 from moectl.config import ModelConfig
 from moectl.errors import UsageError
 from moectl.io.hf_layout import canonical_units, fuse_expert_tensors, parse_per_expert_key
-from moectl.io.outputs import follow_umask
+from moectl.io.hf_writer import HFModelWriter
 from moectl.io.safetensors_reader import open_checkpoint
 from moectl.model.build import hf_config
 
@@ -93,25 +89,11 @@ class HFCheckpoint:
 
 
 def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config, out_dir: Path) -> None:
-    """Write what `AutoModelForCausalLM.from_pretrained` loads, through transformers' own save_pretrained.
-
-    The weights are assigned into a meta-device model (no copy), saved into a temporary directory
-    beside the target, and renamed into place, so a crash never leaves a half-written model.
-    """
-    hf_logging.disable_progress_bar()
-
-    with torch.device("meta"):
-        model = Qwen3MoeForCausalLM(hf_config)
-    model.load_state_dict(state_dict, assign=True, strict=True)
-    model.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(staging)
-        follow_umask(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """Write what `AutoModelForCausalLM.from_pretrained` loads (moectl.io.hf_writer, the files
+    save_pretrained writes), in the dtype of the tensors, staged beside the target and renamed into
+    place, so a crash never leaves a half-written model."""
+    dtype = next(iter(state_dict.values())).dtype
+    with HFModelWriter(out_dir, hf_config, dtype) as writer:
+        for name, tensor in state_dict.items():
+            writer.add(name, tensor)
+        writer.commit()

@@ -10,6 +10,7 @@ DTensor dispatch on the way), and plain CUDA parameters keep the optimizer on it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from math import comb
 
 import torch
@@ -20,6 +21,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moectl.config import ModelConfig
 from moectl.model.build import canonical_name
+from moectl.parallel.full_state import full_tensors
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 #: Bytes that travel with each of a row's top-k choices in the dispatch: its local expert id (int32) and
@@ -78,22 +80,21 @@ def localize(module: nn.Module) -> None:
 
 def gather_full_state(
     model: nn.Module, ep_group: dist.ProcessGroup | None, holds_rank0_experts: bool
-) -> dict[str, torch.Tensor] | None:
-    """The whole model with HF keys and global expert order, on rank 0's CPU; None on other ranks.
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """The whole model with HF keys and global expert order, tensor by tensor: (name, full CPU tensor)
+    on rank 0, (name, None) elsewhere (`moectl.parallel.full_state.full_tensors`); every rank iterates.
 
     DTensors (FSDP shards) are gathered with `full_tensor()` on every rank; the local expert blocks
     are then gathered over the EP group that contains rank 0 (`holds_rank0_experts`), in EP-rank
-    order, which is global expert order. One tensor at a time, so no rank holds the full model on
-    the device.
+    order, which is global expert order. One tensor at a time, so no rank holds the full model.
     """
     is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
-        if ep_group is not None and is_expert_key(name) and holds_rank0_experts:
-            blocks = [torch.empty_like(full) for _ in range(ep_group.size())] if is_rank0 else None
-            dist.gather(full.contiguous(), blocks, dst=0, group=ep_group)
-            full = torch.cat(blocks) if is_rank0 else full
-        if is_rank0:
-            state[canonical_name(name)] = full.cpu()
-    return state if is_rank0 else None
+
+    def gather_experts(name: str, full: torch.Tensor) -> torch.Tensor:
+        if ep_group is None or not is_expert_key(name) or not holds_rank0_experts:
+            return full
+        blocks = [torch.empty_like(full) for _ in range(ep_group.size())] if is_rank0 else None
+        dist.gather(full.contiguous(), blocks, dst=0, group=ep_group)
+        return torch.cat(blocks) if is_rank0 else full
+
+    return full_tensors(model, gather_experts)

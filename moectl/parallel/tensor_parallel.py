@@ -14,6 +14,7 @@ itself, so `materialize`, FSDP2 over a `dp` axis, full-state-dict gathering and
 from __future__ import annotations
 
 import types
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -230,12 +231,14 @@ def gate_up_checkpoint_view(param_name: str, tensor: torch.Tensor, tp_size: int)
     return permuted_blocks_view(tensor, 1, stored_order)
 
 
-def gate_up_to_hf_order(state: dict[str, torch.Tensor], tp_size: int) -> dict[str, torch.Tensor]:
-    """A gathered state dict with gate_up_proj back in HF's [gate; up] row order."""
-    return {
-        key: gate_up_from_rank_blocks(value, tp_size) if key.endswith(GATE_UP_SUFFIX) else value
-        for key, value in state.items()
-    }
+def gate_up_to_hf_order(
+    state: Iterable[tuple[str, torch.Tensor | None]], tp_size: int
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Gathered (name, tensor) pairs with gate_up_proj back in HF's [gate; up] row order (None stays None)."""
+    for key, value in state:
+        if value is not None and key.endswith(GATE_UP_SUFFIX):
+            value = gate_up_from_rank_blocks(value, tp_size)
+        yield key, value
 
 
 class TensorParallelState:
@@ -249,6 +252,5 @@ class TensorParallelState:
     def checkpoint_tensor(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor | LocalBoxes:
         return gate_up_checkpoint_view(param_name, tensor, self.dims.tp)
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        state = super().full_state_dict(model)
-        return None if state is None else gate_up_to_hf_order(state, self.dims.tp)
+    def full_state_dict(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor | None]]:
+        return gate_up_to_hf_order(super().full_state_dict(model), self.dims.tp)

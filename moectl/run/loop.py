@@ -9,6 +9,7 @@ import os
 import signal
 import statistics
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from moectl.config import RunConfig, TrainConfig
 from moectl.data.sources import build_data, rank_slice
 from moectl.io import checkpoint
 from moectl.io.checkpoint import is_due
-from moectl.io.hf import HFCheckpoint, save_hf_model
+from moectl.io.hf import HFCheckpoint
+from moectl.io.hf_writer import HFModelWriter
 from moectl.io.outputs import follow_umask, write_json_atomic
 from moectl.model.build import build_meta_model, hf_config, materialize, random_init_source
 from moectl.model.loss import TokenLoss, build_token_loss, token_loss_sum
@@ -36,7 +38,8 @@ from moectl.run.faults import Interrupted, NonFiniteLoss, StopSignals, agree_on_
 from moectl.run.report import StepProfiler, StepReporter
 from moectl.run.schedule import lr_at, set_lr
 from moectl.run.tensorboard_log import TensorBoardLog
-from moectl.strategy import Strategy
+from moectl.run.wandb_log import WandbLog
+from moectl.strategy import Strategy, full_state_items
 
 ROUTER_BIAS_FILE = "router_bias.safetensors"
 EXPERT_LOAD_FILE = "expert_load.safetensors"
@@ -197,6 +200,9 @@ def run_training(
         for note in resume_notes:
             reporter.message(note)
     tensorboard = TensorBoardLog(run_dir, start_step, enabled=is_rank0 and train.tensorboard)
+    wandb_log = WandbLog(cfg, run_dir, start_step, enabled=is_rank0 and train.wandb)
+    if wandb_log.note:
+        reporter.message(wandb_log.note)
 
     def save_checkpoint(steps_done: int) -> None:
         if run_dir is not None:
@@ -208,6 +214,7 @@ def run_training(
                 strategy,
                 train.keep_checkpoints,
                 extra=routing.checkpoint_state(),
+                model_dtype=dtype,
             )
 
     step_times, step_figures = [], []
@@ -278,6 +285,7 @@ def run_training(
                     history.records.append(record)
                     reporter.step(record)
                     tensorboard.step(record, step_routing.imbalance_per_layer)
+                    wandb_log.step(record, step_routing.imbalance_per_layer)
                 profiler.step()
                 if stop_now or is_due(step + 1, train):
                     save_checkpoint(step + 1)
@@ -286,6 +294,9 @@ def run_training(
                         stop.signum or signal.SIGTERM,
                         f"stopped by {stop.name} after step {step + 1}; " + checkpoint.resume_hint(run_dir),
                     )
+    except BaseException as exc:
+        wandb_log.finish(exit_code=getattr(exc, "exit_code", 1))
+        raise
     finally:
         reporter.close()
         tensorboard.close()
@@ -324,7 +335,12 @@ def run_training(
         else {},
         not_timed=None if timed else _not_timed(len(step_times), train.timing_warmup_steps),
     )
-    save_outputs(cfg, strategy, model, run_dir, summary, is_rank0, routing, history)
+    try:
+        save_outputs(cfg, strategy, model, run_dir, summary, is_rank0, routing, history, model_dtype=dtype)
+    except BaseException as exc:
+        wandb_log.finish(exit_code=getattr(exc, "exit_code", 1))
+        raise
+    wandb_log.finish(asdict(summary))
     return summary
 
 
@@ -375,17 +391,14 @@ def save_outputs(
     is_rank0: bool,
     routing: Routing | None = None,
     history: History | None = None,
+    model_dtype: torch.dtype | None = None,
 ) -> None:
-    state = strategy.full_state_dict(model) if cfg.train.save_model else None
+    if cfg.train.save_model:
+        target = run_dir / "model" if is_rank0 and run_dir is not None else None
+        dtype = model_dtype or next(model.parameters()).dtype
+        write_model(strategy.full_state_dict(model), hf_config(cfg.model), dtype, target, cfg.data.tokenizer)
     if not is_rank0 or run_dir is None:
         return
-    if state is not None:
-        bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
-        if bad:
-            raise NonFiniteLoss(
-                f"non-finite weights in {bad[0]} (and {len(bad) - 1} more); the model was not written"
-            )
-        save_hf_model(state, hf_config(cfg.model), run_dir / "model")
     if routing is not None and routing.uses_bias:
         _save_tensors_atomic(routing.bias_tensors(), run_dir / ROUTER_BIAS_FILE)
     if routing is not None and routing.tracks_load:
@@ -395,6 +408,47 @@ def save_outputs(
     record = asdict(summary)
     record.update(record.pop("strategy_metrics"))
     write_json_atomic(run_dir / "summary.json", record)
+
+
+def write_model(
+    state: Iterable[tuple[str, torch.Tensor | None]] | Mapping[str, torch.Tensor] | None,
+    config,
+    dtype: torch.dtype,
+    out_dir: Path | None,
+    tokenizer: str | None = None,
+) -> None:
+    """Write a strategy's `full_state_dict`, tensor by tensor as it arrives, into `out_dir` (rank 0;
+    None on the other ranks, which only drive their part of the gathers). Every rank drains the
+    tensors to the end even after a failure, so no peer is left waiting in a gather; non-finite weights
+    are never written (the staged directory is removed)."""
+    writer, failure = None, None
+    bad: list[str] = []
+    try:
+        if out_dir is not None:
+            tokenizer_dir = Path(tokenizer) if tokenizer else None
+            writer = HFModelWriter(out_dir, config, dtype, tokenizer_dir=tokenizer_dir)
+    except Exception as exc:  # raised once the peers are done gathering
+        failure = exc
+    for name, tensor in full_state_items(state):
+        if writer is None or tensor is None or failure is not None:
+            continue
+        if not torch.isfinite(tensor).all():
+            bad.append(name)
+            continue
+        try:
+            writer.add(name, tensor)
+        except Exception as exc:
+            failure = exc
+    if writer is not None and (failure is not None or bad):
+        writer.abort()
+    if failure is not None:
+        raise failure
+    if bad:
+        raise NonFiniteLoss(
+            f"non-finite weights in {bad[0]} (and {len(bad) - 1} more); the model was not written"
+        )
+    if writer is not None:
+        writer.commit()
 
 
 def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

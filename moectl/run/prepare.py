@@ -30,7 +30,10 @@ from moectl.model.sizing import (
 from moectl.registry import build_strategy, drop_defaults_of_others
 from moectl.run import runtime
 from moectl.run.preflight import verify_checkpoint
+from moectl.run.slurm import default_run_dir as slurm_run_dir
+from moectl.run.slurm import slurm_layout
 from moectl.run.tensorboard_log import check_available as check_tensorboard_available
+from moectl.run.wandb_log import check as check_wandb
 from moectl.strategy import Strategy
 from moectl.tables import print_rows
 
@@ -64,13 +67,16 @@ FIXED_ON_RESUME = {
 }
 
 
-def resolve_resume(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple[RunConfig, CheckpointInfo]:
+def resolve_resume(
+    run_dir: Path, overrides: dict[str, dict[str, Any]], from_environment: frozenset[str] = frozenset()
+) -> tuple[RunConfig, CheckpointInfo]:
     """The saved config.yaml of `run_dir` with the new flags on top, and the checkpoint to continue from.
 
     Any parallel flag replaces the saved layout as a whole (the saved strategy stays unless
     --strategy is given): `--resume R --nproc 4` means "ddp on 4", not "ddp on 4 with the old
     dp_size", and the saved strategy's options go too. Keys that define the computation (model, data,
-    seed, batch shape, optimizer kind) cannot change: the checkpoint would not fit them.
+    seed, batch shape, optimizer kind) cannot change: the checkpoint would not fit them. Parallel keys
+    in `from_environment` (SLURM's nodes and rendezvous) update the saved layout without replacing it.
     """
     config_file = run_dir / "config.yaml"
     require_directory(run_dir, "--resume", "give the run directory to continue")
@@ -84,7 +90,7 @@ def resolve_resume(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple
         )
     saved = build_config(str(config_file))
     given = overrides.get("parallel", {})
-    new_layout = bool(set(given) - {"timeout_s"})
+    new_layout = bool(set(given) - {"timeout_s"} - from_environment)
     if new_layout:
         defaults = asdict(ParallelConfig())
         fresh_layout = {key: defaults[key] for key in LAYOUT_KEYS}
@@ -122,14 +128,20 @@ def prepare(
     run_dir: Path | None = None,
 ) -> tuple[PreparedRun, Path | None]:
     """`moectl train`'s flags to a checked plan and the run directory to write (a resume writes into
-    the run it continues)."""
+    the run it continues). Under `srun`, SLURM's variables supply the nodes and the rendezvous the
+    flags leave out (moectl.run.slurm)."""
+    slurm = slurm_layout(frozenset(overrides.get("parallel", {})))
+    overrides = merge_overrides({"parallel": slurm}, overrides) if slurm else overrides
     if resume is None:
-        return check_run(resolve(config, overrides)), run_dir
+        cfg = resolve(config, overrides)
+        if run_dir is None and cfg.run_dir is None:
+            cfg.run_dir = slurm_run_dir(cfg.parallel.strategy)
+        return check_run(cfg), run_dir
     if config is not None:
         raise UsageError("--resume continues with the run's own config.yaml; drop --config")
     if run_dir is not None and run_dir.resolve() != resume.resolve():
         raise UsageError("--resume writes into the run it continues; drop --run-dir")
-    return check_run(*resolve_resume(resume, overrides)), resume
+    return check_run(*resolve_resume(resume, overrides, frozenset(slurm))), resume
 
 
 def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> PreparedRun:
@@ -185,6 +197,7 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
         HFCheckpoint(Path(cfg.model.path)).check_fits(cfg.model)
     if train.tensorboard:
         check_tensorboard_available()
+    check_wandb(train)
     return PreparedRun(cfg, strategy, world_size, nproc_per_node, train.global_batch // per_step, resume_from)
 
 
