@@ -26,13 +26,23 @@ def matplotlib_available() -> bool:
     return True
 
 
-def write_loss_plot(path: Path, steps: list[int], losses: list[float], lrs: list[float | None]) -> None:
+def write_loss_plot(
+    path: Path,
+    steps: list[int],
+    losses: list[float],
+    lrs: list[float | None],
+    val_losses: list[float | None] | None = None,
+) -> None:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     loss_axes = figure.subplots()
     shown = [step + 1 for step in steps]
     loss_axes.plot(shown, losses, color="tab:blue", label="loss")
+    evaluated = [(step, value) for step, value in zip(shown, val_losses or [], strict=False) if value is not None]
+    if evaluated:
+        loss_axes.plot(*zip(*evaluated, strict=True), color="tab:green", marker="o", label="validation loss")
+        loss_axes.legend(loc="upper right")
     loss_axes.set_xlabel("step")
     loss_axes.set_ylabel("loss", color="tab:blue")
     loss_axes.xaxis.get_major_locator().set_params(integer=True)
@@ -42,7 +52,7 @@ def write_loss_plot(path: Path, steps: list[int], losses: list[float], lrs: list
         lr_axes.plot(*zip(*with_lr, strict=True), color="tab:orange", linestyle="--", label="learning rate")
         lr_axes.set_ylabel("learning rate", color="tab:orange")
         lr_axes.set_ylim(bottom=0)
-    loss_axes.set_title("training loss and learning rate")
+    loss_axes.set_title("training loss and learning rate" + (", validation loss" if evaluated else ""))
     save_figure_atomic(figure, path)
 
 

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from moectl.config import ParallelConfig, RunConfig, build_config, merge_overrides
+from moectl.config import DataConfig, ParallelConfig, RunConfig, build_config, merge_overrides
 from moectl.data.sources import check_data
 from moectl.errors import UsageError
 from moectl.io.checkpoint import CheckpointInfo, latest_checkpoint
@@ -69,7 +69,7 @@ LAYOUT_KEYS = (
 )
 FIXED_ON_RESUME = {
     "model": None,  # every key
-    "data": None,
+    "data": tuple(key for key in asdict(DataConfig()) if key not in ("cache_dir", "num_proc")),
     "train": ("seed", "global_batch", "seq_len", "optimizer", "momentum"),
 }
 
@@ -180,8 +180,12 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
 
         on_gpu = runtime.uses_gpu(train)
         fp8.check(train, on_gpu, runtime.training_dtype(train, on_gpu), strategy.name, strategy.dims.tp)
-    if cfg.data.source != "synthetic":
-        check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
+    check_data(cfg.data, cfg.model.vocab_size, train.seq_len, train.global_batch)
+    if train.eval_every and not (cfg.data.val_source or cfg.data.val_fraction):
+        raise UsageError(
+            f"train.eval_every={train.eval_every} evaluates a validation set: give --val-data SRC or "
+            "--set data.val_fraction=F"
+        )
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
         from moectl.io.hf import HFCheckpoint
 
