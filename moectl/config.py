@@ -60,7 +60,9 @@ class DataConfig:
     document_masking: bool = True  # packed rows: no attention across documents, positions restart
     val_source: str | None = None  # a corpus held out for the validation loss (--val-data)
     val_fraction: float = 0.0  # or this share of the corpus's documents, held out whole
-    cache_dir: str | None = None  # where token caches go; default $MOECTL_DATA_CACHE or ~/.cache/moectl/tokens
+    cache_dir: str | None = (
+        None  # where token caches go; default $MOECTL_DATA_CACHE or ~/.cache/moectl/tokens
+    )
     num_proc: int = 0  # processes that tokenize a corpus; 0 = every core
 
 
@@ -103,7 +105,9 @@ class TrainConfig:
     profile_steps: int = 0  # > 0: rank 0 profiles this many steps after warm-up into RUN_DIR/profile.txt
     eval_every: int = 0  # with a validation set: its loss every N steps (and after the last); 0 = last only
     eval_batches: int = 0  # global batches of the validation set per evaluation; 0 = all of it
-    attention: str = "sdpa"  # attention kernels: sdpa, flex_attention or eager (transformers' implementations)
+    attention: str = (
+        "sdpa"  # attention kernels: sdpa, flex_attention or eager (transformers' implementations)
+    )
 
 
 @dataclass

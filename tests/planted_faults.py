@@ -65,8 +65,8 @@ FAULTS = [
         "rank-1-reads-rank-0-slice",
         "data-parallel rank 1 trains on rank 0's slice of the global batch",
         "moectl/data/sources.py",
-        "    per_rank = batch.shape[0] // dp_size\n",
-        "    per_rank = batch.shape[0] // dp_size\n    dp_rank = 0 if dp_rank == 1 else dp_rank\n",
+        "    per_rank = batch.num_rows // dp_size\n",
+        "    per_rank = batch.num_rows // dp_size\n    dp_rank = 0 if dp_rank == 1 else dp_rank\n",
         ["tests/test_ddp.py::test_data_parallel_matches_single"],
     ),
     Fault(
@@ -74,7 +74,7 @@ FAULTS = [
         "the loss is divided by the rank's own token count instead of the global batch's",
         "moectl/run/loop.py",
         "local.split(train.micro_batch), num_target_tokens, loss_fn",
-        "local.split(train.micro_batch), local[:, 1:].numel(), loss_fn",
+        "local.split(train.micro_batch), local.num_targets(), loss_fn",
         ["tests/test_ddp.py::test_data_parallel_matches_single"],
     ),
     Fault(

@@ -64,9 +64,7 @@ def is_token_cache(path: Path) -> bool:
 
 def is_saved_dataset(path: Path) -> bool:
     """A `datasets.save_to_disk` directory (a Dataset or a DatasetDict)."""
-    return path.is_dir() and (
-        (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
-    )
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
 def is_corpus(source: str) -> bool:
@@ -150,7 +148,9 @@ def _check_parquet_shards(source: CorpusSource, what: str) -> None:
             pq.ParquetFile(file)
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable parquet"
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UsageError(f"{what}: {file} is not a readable parquet file ({reason}); replace the shard") from None
+            raise UsageError(
+                f"{what}: {file} is not a readable parquet file ({reason}); replace the shard"
+            ) from None
 
 
 def open_dataset(source: CorpusSource, scratch: Path, num_proc: int, what: str) -> Any:
@@ -198,7 +198,8 @@ class BuildSettings:
 
     def key(self, source_fingerprint: str, tokenizer_fingerprint: str) -> str:
         text = json.dumps(
-            [CACHE_VERSION, source_fingerprint, tokenizer_fingerprint, self.format, self.column], sort_keys=True
+            [CACHE_VERSION, source_fingerprint, tokenizer_fingerprint, self.format, self.column],
+            sort_keys=True,
         )
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -234,7 +235,9 @@ def _tokenize_rows(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.
             text_bytes += len(value.encode("utf-8"))
         kept = [value for value in values if value]
         encoded = encode_texts(tokenizer, kept) if kept else []
-        lengths = [len(ids) if value else 0 for value, ids in zip(values, _fill(values, encoded), strict=True)]
+        lengths = [
+            len(ids) if value else 0 for value, ids in zip(values, _fill(values, encoded), strict=True)
+        ]
     else:
         encoded, flags, lengths = [], [], []
         for offset, messages in enumerate(values):
@@ -248,7 +251,9 @@ def _tokenize_rows(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.
     tokens = np.concatenate([np.asarray(ids, dtype=np.uint32) for ids in encoded] or [np.empty(0, np.uint32)])
     target_array = None
     if flags is not None:
-        target_array = np.concatenate([np.asarray(f, dtype=np.uint8) for f in flags] or [np.empty(0, np.uint8)])
+        target_array = np.concatenate(
+            [np.asarray(f, dtype=np.uint8) for f in flags] or [np.empty(0, np.uint8)]
+        )
     return tokens, np.asarray(lengths, dtype=np.int64), target_array, text_bytes, untargeted
 
 
@@ -311,9 +316,13 @@ def _build(settings: BuildSettings, source: CorpusSource, work: Path, key: str, 
     context = multiprocessing.get_context("fork") if procs > 1 else None
     with (
         open(work / TOKENS_FILE, "wb") as tokens_out,
-        open(work / TARGETS_FILE, "wb") if settings.format == "chat" else contextlib.nullcontext() as targets_out,
+        open(work / TARGETS_FILE, "wb")
+        if settings.format == "chat"
+        else contextlib.nullcontext() as targets_out,
         _progress(rows, settings.what) as progress,
-        context.Pool(procs, _init_worker, (settings, dataset)) if context else contextlib.nullcontext() as pool,
+        context.Pool(procs, _init_worker, (settings, dataset))
+        if context
+        else contextlib.nullcontext() as pool,
     ):
         task = progress.add_task("tokenize", total=rows, rate="")
         if pool is None:
@@ -326,7 +335,11 @@ def _build(settings: BuildSettings, source: CorpusSource, work: Path, key: str, 
             if targets_out is not None:
                 targets.tofile(targets_out)
             lengths.append(doc_lengths)
-            text_bytes, untargeted, num_tokens = text_bytes + nbytes, untargeted + missing, num_tokens + len(tokens)
+            text_bytes, untargeted, num_tokens = (
+                text_bytes + nbytes,
+                untargeted + missing,
+                num_tokens + len(tokens),
+            )
             rate = text_bytes / 1e6 / max(time.perf_counter() - started, 1e-9)
             progress.update(task, advance=len(doc_lengths), rate=f"{rate:,.1f} MB/s")
     _worker.clear()
@@ -379,7 +392,9 @@ def build_summary(meta: dict[str, Any], path: Path) -> str:
     if meta["empty_documents_left_out"]:
         line += f"; {meta['empty_documents_left_out']:,} empty document(s) left out"
     if meta["documents_without_targets"]:
-        line += f"; {meta['documents_without_targets']:,} conversation(s) without an assistant turn (no targets)"
+        line += (
+            f"; {meta['documents_without_targets']:,} conversation(s) without an assistant turn (no targets)"
+        )
     return line
 
 
@@ -402,7 +417,9 @@ def ensure_cache(settings: BuildSettings, cache_dir: Path | None = None, note=pr
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create the token cache folder {root} ({exc.strerror}); set data.cache_dir") from None
+        raise UsageError(
+            f"cannot create the token cache folder {root} ({exc.strerror}); set data.cache_dir"
+        ) from None
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(root / f".{name}.lock"))

@@ -71,7 +71,9 @@ def tokenizer_fingerprint(directory: str | None) -> str:
 
 def check_chat_template(tokenizer: Any, directory: str | None) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
-        where = f"the tokenizer in {directory}" if directory else "the byte-level fallback (no data.tokenizer)"
+        where = (
+            f"the tokenizer in {directory}" if directory else "the byte-level fallback (no data.tokenizer)"
+        )
         raise UsageError(
             f"data.format=chat renders conversations with the tokenizer's chat template, and {where} has "
             "none; give --set data.tokenizer=DIR of a tokenizer with a chat template (chat_template.jinja)"
@@ -104,7 +106,9 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str, where: str) -> list[tuple[int, int]]:
+def _assistant_spans(
+    tokenizer: Any, messages: list[dict[str, str]], text: str, where: str
+) -> list[tuple[int, int]]:
     """Character spans of the assistant turns in `text` (the whole rendered conversation), found by
     rendering prefixes: the prompt up to turn i (with the generation prompt) and up to its end.
 

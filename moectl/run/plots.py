@@ -39,7 +39,9 @@ def write_loss_plot(
     loss_axes = figure.subplots()
     shown = [step + 1 for step in steps]
     loss_axes.plot(shown, losses, color="tab:blue", label="loss")
-    evaluated = [(step, value) for step, value in zip(shown, val_losses or [], strict=False) if value is not None]
+    evaluated = [
+        (step, value) for step, value in zip(shown, val_losses or [], strict=False) if value is not None
+    ]
     if evaluated:
         loss_axes.plot(*zip(*evaluated, strict=True), color="tab:green", marker="o", label="validation loss")
         loss_axes.legend(loc="upper right")

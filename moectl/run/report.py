@@ -45,7 +45,11 @@ def step_line(record: dict[str, Any], world_size: int) -> str:
     return (
         f"loss {record['loss']:.4f} | {speed} | MFU {format_mfu(record['mfu'])} | "
         f"mem {record['mem_gib']:.2f} GiB"
-        + (f" | val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:,.2f})" if "val_loss" in record else "")
+        + (
+            f" | val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:,.2f})"
+            if "val_loss" in record
+            else ""
+        )
         + (f" | {WARMUP_LABEL}" if record["warmup"] else "")
     )
 
@@ -155,7 +159,10 @@ def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
     ]
     if summary.get("final_val_loss") is not None:
         rows.append(
-            ("validation", f"loss {summary['final_val_loss']:.4f}, perplexity {summary['final_val_ppl']:,.2f}")
+            (
+                "validation",
+                f"loss {summary['final_val_loss']:.4f}, perplexity {summary['final_val_ppl']:,.2f}",
+            )
         )
     model_dir = run_dir / "model"
     rows.append(
