@@ -135,7 +135,8 @@ def _quiet_datasets() -> Any:
             "reading a text or chat corpus needs the datasets package: pip install 'moectl[data]'"
         ) from None
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Its readers log a failure before raising it; the raised error becomes our one line.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 10)
     return datasets
 
 
@@ -143,14 +144,17 @@ def _check_parquet_shards(source: CorpusSource, what: str) -> None:
     """Read each parquet shard's footer (metadata only): a corrupt shard is named before any work."""
     import pyarrow.parquet as pq
 
+    rows = 0
     for file in source.files:
         try:
-            pq.ParquetFile(file)
+            rows += pq.ParquetFile(file).metadata.num_rows
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable parquet"
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UsageError(
                 f"{what}: {file} is not a readable parquet file ({reason}); replace the shard"
             ) from None
+    if rows == 0:
+        raise UsageError(f"{what} {source.path} holds no rows; give a dataset with documents")
 
 
 def open_dataset(source: CorpusSource, scratch: Path, num_proc: int, what: str) -> Any:
