@@ -181,8 +181,8 @@ class ReadmeRuns:
         self.cwd = cwd
         self.lane = lane
         # The environment as the session starts: tests change os.environ (monkeypatch) while a queued
-        # command may be starting on the background thread.
-        self.environ = dict(os.environ)
+        # command may be starting on the background thread. Token caches stay in the directory.
+        self.environ = {**os.environ, "MOECTL_DATA_CACHE": str(cwd / ".token-cache")}
 
     def start(self, command: str) -> None:
         self.lane.start(("readme", command), run_as_printed, command, self.cwd, 1500, self.environ)
@@ -195,9 +195,13 @@ class ReadmeRuns:
 @pytest.fixture(scope="session")
 def readme_run(tmp_path_factory, background_lane) -> ReadmeRuns:
     """The README's commands, each run once per session: test_out_of_the_box runs every one, and
-    test_bench reads the bench showcase's output, test_layout the plugin example's run."""
+    test_bench reads the bench showcase's output, test_layout the plugin example's run, test_corpus the
+    corpus commands' runs."""
+    from tests.corpus import make_readme_files
+
     cwd = tmp_path_factory.mktemp("readme")
     (cwd / "examples").symlink_to(REPO / "examples")
+    make_readme_files(cwd)  # the small corpus, chats and tokenizer the corpus commands read
     return ReadmeRuns(cwd, background_lane)
 
 

@@ -89,3 +89,12 @@ def save_chat_dataset(directory: Path, chats: list[list[dict[str, str]]]) -> Pat
 
     datasets.Dataset.from_dict({"messages": chats}).save_to_disk(str(directory))
     return directory
+
+
+def make_readme_files(directory: Path) -> None:
+    """What the README's corpus commands read, in the directory they run from: `tokenizer/`, `corpus/`
+    (parquet shards of text) and `chats/train.jsonl`, `chats/val.jsonl`."""
+    make_tokenizer(directory / "tokenizer")
+    write_parquet_shards(directory / "corpus", texts(2000, seed=11), shards=4)
+    write_chat_jsonl(directory / "chats" / "train.jsonl", conversations(400, seed=12))
+    write_chat_jsonl(directory / "chats" / "val.jsonl", conversations(80, seed=13))

@@ -27,6 +27,7 @@ from tests.corpus import (
     write_chat_jsonl,
     write_parquet_shards,
 )
+from tests.util import REPO
 
 EOS = 1
 
@@ -245,3 +246,39 @@ def test_the_cache_is_built_once_shared_and_keyed_by_the_content(tmp_path):
     write_parquet_shards(source, texts(401, seed=6), shards=2)  # a changed file: another cache
     changed, said = _build(source, cache_dir, None)
     assert changed.path != built[0] and changed.num_documents == 401 and said
+
+
+# ---- the README's corpus commands ----------------------------------------------------------------
+def _corpus_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Training on a corpus") :]
+    block = section[
+        section.index("```bash") + len("```bash") : section.index("```", section.index("```bash") + 7)
+    ]
+    return [line.strip() for line in block.strip().splitlines()]
+
+
+@pytest.mark.readme(*_corpus_commands())
+def test_the_readme_pretrains_on_parquet_and_fine_tunes_on_chat_as_printed(readme_run):
+    """The README's commands as printed, on the small corpus, chats and tokenizer `readme_run` makes: the
+    cache `data prepare` built is the one the pre-training maps; both runs report a validation loss; the
+    fine-tuning starts from the pre-trained model and learns only the assistant turns."""
+    prepare, pretrain, finetune = _corpus_commands()
+    results = [readme_run(command) for command in (prepare, pretrain, finetune)]
+    for command, result in zip((prepare, pretrain, finetune), results, strict=True):
+        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "tokenized 2,000 documents" in results[0].stdout, results[0].stdout
+    assert "tokenized" not in results[1].stdout  # the cache of `data prepare`, mapped
+    assert "data: 1,800 documents" in results[1].stdout and "validation: 200 documents" in results[1].stdout
+    for name, evaluated in (("pretrain", [9, 19, 29, 39]), ("chat", [19])):
+        run = readme_run.cwd / "runs" / name
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "val_loss" in r] == evaluated
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["final_val_loss"] == records[-1]["val_loss"] and summary["final_val_ppl"] > 1
+        assert records[-1]["loss"] < records[0]["loss"]
+    chat_records = [
+        json.loads(line) for line in (readme_run.cwd / "runs/chat/metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(0 < r["target_tokens"] < 16 * 64 / 2 for r in chat_records)  # assistant turns only
+    assert "val loss" in results[2].stdout and "validation   loss" in results[2].stdout
