@@ -409,6 +409,10 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda i: ["--set", "data.val_fraction=1.5"],
         "data.val_fraction must lie in",
     ),
+    "flex-attention-on-the-cpu": (
+        lambda i: ["--set", "train.attention=flex_attention"],
+        "train.attention=flex_attention trains on GPUs only",
+    ),
     "unknown-data-format": (lambda i: ["--set", "data.format=sft"], "data.format must be one of text, chat"),
     "resume-bad-new-layout": (
         lambda i: ["--resume", str(i.run_copy()), "--steps", "4", "--strategy", "single", "--nproc", "2"],

@@ -358,6 +358,8 @@ def evaluate(
     if train.eval_batches:
         batches = min(batches, train.eval_batches)
     dp_rank, dp_size = strategy.dims.dp_rank, strategy.dims.dp
+    runtime.synchronize(device)
+    started = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64, device=device)
     num_targets = 0
     model.eval()
@@ -374,7 +376,12 @@ def evaluate(
         dist.all_reduce(total, group=strategy.loss_group())
     strategy.step_metrics()
     val_loss = total.item() / max(num_targets, 1)
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": num_targets}
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 700.0)),
+        "val_tokens": num_targets,
+        "val_time_s": time.perf_counter() - started,
+    }
 
 
 def _last_value(history: History, key: str) -> Any:

@@ -181,6 +181,11 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
         on_gpu = runtime.uses_gpu(train)
         fp8.check(train, on_gpu, runtime.training_dtype(train, on_gpu), strategy.name, strategy.dims.tp)
     check_data(cfg.data, cfg.model.vocab_size, train.seq_len, train.global_batch)
+    if train.attention == "flex_attention" and not runtime.uses_gpu(train):
+        raise UsageError(
+            "train.attention=flex_attention trains on GPUs only (torch's FlexAttention has no backward on "
+            "the CPU); use sdpa or eager here"
+        )
     if train.eval_every and not (cfg.data.val_source or cfg.data.val_fraction):
         raise UsageError(
             f"train.eval_every={train.eval_every} evaluates a validation set: give --val-data SRC or "
