@@ -160,6 +160,30 @@ FAULTS = [
             "test_the_auxiliary_loss_enters_the_gradient_as_a_mean_over_the_global_batch"
         ],
     ),
+    Fault(
+        "validation-loss-of-one-rank",
+        "the validation loss is each rank's own slice's, not summed over the data-parallel ranks",
+        "moectl/run/loop.py",
+        "        dist.all_reduce(total, group=strategy.loss_group())\n",
+        "        pass\n",
+        ["tests/test_ddp.py::test_data_parallel_matches_single[ddp]"],
+    ),
+    Fault(
+        "document-start-is-a-target",
+        "in a packed row, a document's first token counts as a target of the previous document's EOS",
+        "moectl/data/packing.py",
+        "                        is_target[filled] = False  # a document's first token follows another document's EOS\n",
+        "                        pass\n",
+        ["tests/test_corpus.py::test_a_packed_document_gets_the_loss_and_gradients_it_gets_alone"],
+    ),
+    Fault(
+        "chunked-loss-drops-positions",
+        "the chunked loss's forward drops the position ids: packed rows lose their document masking",
+        "moectl/model/loss.py",
+        "    hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state\n",
+        "    kwargs.pop('position_ids', None)\n    hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state\n",
+        ["tests/test_fsdp.py::test_fsdp_matches_single"],
+    ),
 ]
 
 
