@@ -232,7 +232,10 @@ CASES: dict[str, tuple[Case, str]] = {
         "negative token id",
     ),
     "unknown-suffix": (lambda i: ["--data", str(i.file("tokens.csv", "1,2,3\n"))], "unknown type"),
-    "jsonl-not-json": (lambda i: ["--data", str(i.file("d.jsonl", "not json\n"))], "line 1 is not JSON"),
+    "jsonl-not-json": (
+        lambda i: _corpus_flags(i, i.file("d.jsonl", "not json\n")),
+        "d.jsonl (JSON parse error: Invalid value. in row 0); check the files",
+    ),
     "too-few-tokens": (
         lambda i: ["--data", str(i.tokens("short.bin", np.arange(10, dtype=np.uint16)))],
         "holds 10 tokens; seq_len 64",

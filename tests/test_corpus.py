@@ -88,6 +88,8 @@ def test_a_packed_document_gets_the_loss_and_gradients_it_gets_alone(tmp_path, c
     assert packed.position_ids[0].tolist() == [i for size in sizes for i in range(size)][:seq_len]
     model, loss_fn = _tiny_model(chunk_tokens)
     starts = np.concatenate([[0], np.cumsum(sizes)])
+    # The predictions across a document boundary (an EOS predicting the next document's first token)
+    assert (packed.targets[0, starts[1:-1] - 1] == IGNORE_INDEX).all()
     for k in range(len(sizes)):
         alone_tokens = packed.tokens[:, starts[k] : starts[k + 1]]
         alone_labels = alone_tokens[:, 1:].clone()

@@ -91,12 +91,17 @@ def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, str]:
                     f"{path} size is not a multiple of {itemsize} bytes; check --set data.token_dtype"
                 )
             tokens = np.memmap(path, dtype=cfg.token_dtype, mode="r")
-        else:
+        elif path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)
             if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
                 raise UsageError(
                     f"{path} must hold a 1-D integer token array, got {tokens.dtype} {tokens.shape}"
                 )
+        else:
+            raise UsageError(
+                f"data file {path} has an unknown type; use .bin or .npy tokens, or a corpus (.parquet, "
+                ".jsonl, .txt, a folder of them, a datasets.save_to_disk directory)"
+            )
     except (ValueError, OSError, EOFError) as exc:  # numpy raises EOFError for a file with no header
         raise UsageError(
             f"cannot read data file {path} ({exc or type(exc).__name__}); check the file"
