@@ -284,3 +284,40 @@ def test_the_readme_pretrains_on_parquet_and_fine_tunes_on_chat_as_printed(readm
     ]
     assert all(0 < r["target_tokens"] < 16 * 64 / 2 for r in chat_records)  # assistant turns only
     assert "val loss" in results[2].stdout and "validation   loss" in results[2].stdout
+
+
+def test_evaluation_leaves_routing_and_gradients_alone(tmp_path):
+    """A validation pass moves no router bias, adds nothing to the expert load, leaves no gradient and
+    gives back a token-weighted loss: the sum over its batches' targets ÷ their count."""
+    from moectl.model.routing import Routing
+    from moectl.parallel.dims import ParallelDims
+    from moectl.run.loop import evaluate
+    from strategies.single import Single
+
+    cfg = build_config("tiny", {"train": {"router_bias_update": 0.01, "global_batch": 4, "micro_batch": 2}})
+    model, loss_fn = _tiny_model(0)
+    routing = Routing(model, cfg.model, cfg.train, torch.device("cpu"))
+    biases = [bias.clone() for bias in routing.biases()]
+    cache = _cache(tmp_path / "cache", [30, 50, 20, 70, 40, 25], chat=True)
+    validation = PackedDocuments(cache, np.arange(6), 16, seed=0, shuffle=False)
+    figures = evaluate(
+        model,
+        Single(ParallelDims(1), cfg.model, cfg.parallel),
+        validation,
+        cfg.train,
+        loss_fn,
+        torch.device("cpu"),
+    )
+    assert all(torch.equal(a, b) for a, b in zip(routing.biases(), biases, strict=True))
+    assert not routing.step_load.any() and not routing.total_load.any()
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    batches = validation.rows_per_epoch // 4
+    assert batches == 3
+    total = count = 0
+    with torch.no_grad():
+        for index in range(batches):
+            batch = validation.batch(index * 4, 4)
+            total += loss_fn(model, batch, 1.0).item()
+            count += batch.num_targets()
+    assert figures["val_tokens"] == count and figures["val_loss"] == pytest.approx(total / count, rel=1e-6)
+    assert figures["val_ppl"] == pytest.approx(np.exp(total / count), rel=1e-6)
