@@ -268,7 +268,7 @@ def _fill(values: list[Any], encoded: list[list[int]]) -> Iterator[list[int]]:
         yield next(it) if value else []
 
 
-def _progress(total_rows: int, what: str):
+def _progress(what: str):
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -292,7 +292,7 @@ def _progress(total_rows: int, what: str):
     )
 
 
-def _build(settings: BuildSettings, source: CorpusSource, work: Path, key: str, note) -> dict[str, Any]:
+def _build(settings: BuildSettings, source: CorpusSource, work: Path, key: str) -> dict[str, Any]:
     """Tokenize the whole source into `work` (a fresh directory); returns the meta it wrote."""
     from moectl.data.tokenizer import check_chat_template, load_tokenizer
 
@@ -323,7 +323,7 @@ def _build(settings: BuildSettings, source: CorpusSource, work: Path, key: str, 
         open(work / TARGETS_FILE, "wb")
         if settings.format == "chat"
         else contextlib.nullcontext() as targets_out,
-        _progress(rows, settings.what) as progress,
+        _progress(settings.what) as progress,
         context.Pool(procs, _init_worker, (settings, dataset))
         if context
         else contextlib.nullcontext() as pool,
@@ -439,7 +439,7 @@ def ensure_cache(settings: BuildSettings, cache_dir: Path | None = None, note=pr
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         try:
-            meta = _build(settings, source, work, key, note)
+            meta = _build(settings, source, work, key)
             os.replace(work, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
