@@ -279,6 +279,7 @@ def _progress(what: str):
         TimeRemainingColumn,
     )
 
+    console = Console(file=sys.stderr)
     return Progress(
         TextColumn(f"[bold]tokenizing {what}"),
         BarColumn(),
@@ -287,8 +288,9 @@ def _progress(what: str):
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=Console(file=sys.stderr),
+        console=console,
         transient=True,
+        disable=not console.is_terminal,  # logs get the summary line at the end, not a bar's remains
     )
 
 
