@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	# Without a GPU, take the CPU build of torch first: an unpinned torch would pull multi-GB CUDA wheels.
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
 		$(PIP) install -q $(TORCH_CPU); fi
-	$(PIP) install -q -e '.[dev,plot,tensorboard,wandb]'
+	$(PIP) install -q -e '.[dev,plot,tensorboard,wandb,data]'
 	touch $@
 	@echo "moectl installed in $(VENV): run '. $(VENV)/bin/activate' then 'moectl train'"
 

@@ -374,3 +374,19 @@ print("from_pretrained:", model.dtype, f"{sum(p.numel() for p in model.parameter
 PYEOF
   rm -rf "$RUNS"/*_export_hf
 }
+
+recipe_packed_documents() {  # 8-layer cut on one GPU, packed rows of long-tailed documents (mean ~1,000
+  # tokens): plain causal vs document masking under sdpa and flex_attention; validation every 10 steps
+  local cache="$RUNS/packed-cache"
+  [ -f "$cache/meta.json" ] || $PY bench/packed_cache.py "$cache" --tokens 8000000 --mean-length 1000
+  local q="$CUT8 --data $cache --strategy ep --ep-size 1 --global-batch 8 --micro-batch 2 --steps 14 --set train.timing_warmup_steps=4 --set train.save_model=false --set train.compile=true"
+  run packed_causal 300 $q --set data.document_masking=false
+  run packed_docmask_sdpa 300 $q
+  run packed_docmask_flex 300 $q --set train.attention=flex_attention
+  run packed_docmask_sdpa_val 300 $q --set data.val_fraction=0.01 --set train.eval_every=5
+  grep -h '"val_time_s"' "$RUNS"/packed_docmask_sdpa_val/metrics.jsonl | $PY -c "
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print('step', r['step'], 'val_loss', round(r['val_loss'], 4), 'val_tokens', r['val_tokens'], 'val_time_s', round(r['val_time_s'], 3))"
+}

@@ -69,7 +69,16 @@ def train(
     model: Annotated[
         Path | None, Opt(help="Local HF checkpoint directory (config.json + safetensors) to start from.")
     ] = None,
-    data: Annotated[str | None, Opt(help="'synthetic' or a .bin/.npy/.txt/.jsonl file.")] = None,
+    data: Annotated[
+        str | None,
+        Opt(
+            help="'synthetic', a .bin/.npy token file, or a corpus: a datasets.save_to_disk directory, a "
+            ".parquet/.jsonl/.txt file or a folder of them, or a token cache (moectl data prepare)."
+        ),
+    ] = None,
+    val_data: Annotated[
+        str | None, Opt(help="A corpus held out for the validation loss (see train.eval_every).")
+    ] = None,
     run_dir: Annotated[Path | None, Opt(help="Output directory. Default: runs/<time>-<strategy>.")] = None,
     checkpoint_every: Annotated[
         int | None, Opt(help="Write a resumable checkpoint every N steps (and on Ctrl-C / SIGTERM).")
@@ -132,6 +141,7 @@ def train(
             seed=seed,
             model=model,
             data=data,
+            val_data=val_data,
             checkpoint_every=checkpoint_every,
         ),
     )
@@ -298,6 +308,45 @@ def plan(
     from moectl.plan.table import plan_command
 
     plan_command(config, gpus, nodes, gpu, gpu_mem, seq_len, global_batch, set_ or [], all_variants, json_out)
+
+
+data_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Corpora: tokenize ahead of a run.",
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(data_app, name="data", short_help="Corpora: tokenize ahead of a run.")
+
+
+@data_app.command("prepare", cls=_Command, short_help="Tokenize a corpus into the token cache runs read.")
+def data_prepare(
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="SRC",
+            help="A datasets.save_to_disk directory, a .parquet/.jsonl/.txt file or a folder of them.",
+        ),
+    ],
+    tokenizer: Annotated[
+        Path | None, Opt(help="Local tokenizer directory (data.tokenizer). Default: byte-level.")
+    ] = None,
+    format_: Annotated[str, Opt("--format", help="text or chat (data.format).")] = "text",
+    text_field: Annotated[str, Opt(help="format=text: the column of documents (data.text_field).")] = "text",
+    messages_field: Annotated[
+        str, Opt(help="format=chat: the column of conversations (data.messages_field).")
+    ] = "messages",
+    cache_dir: Annotated[
+        Path | None, Opt(help="Where token caches go (data.cache_dir). Default: ~/.cache/moectl/tokens.")
+    ] = None,
+    num_proc: Annotated[int, Opt(help="Tokenizing processes (data.num_proc); 0 = every core.")] = 0,
+) -> None:
+    """Tokenize SRC once into a memory-mapped token cache; runs with the same source, tokenizer and
+    format (and every rank of them) map it instead of tokenizing again. Prints the cache directory."""
+    from moectl.data.cache import prepare_command
+
+    prepare_command(source, tokenizer, format_, text_field, messages_field, cache_dir, num_proc)
 
 
 def _is_rank0() -> bool:

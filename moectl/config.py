@@ -48,10 +48,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" or a path to .bin / .npy / .txt / .jsonl
+    # "synthetic", a flat .bin / .npy token file, or a corpus: a datasets.save_to_disk directory, a
+    # .parquet / .jsonl / .txt file or a folder of them, or a token cache made by `moectl data prepare`
+    source: str = "synthetic"
     token_dtype: str = "uint16"  # element type of flat .bin token files: uint16 or uint32
-    tokenizer: str | None = None  # local tokenizer directory for text files; byte-level if absent
+    tokenizer: str | None = None  # local tokenizer directory for corpora; byte-level if absent
     noise: float = 0.0  # synthetic only: share of tokens replaced by random ones
+    format: str = "text"  # corpora: text (a text column) or chat (a column of role/content turns)
+    text_field: str = "text"  # format=text: the column holding the documents
+    messages_field: str = "messages"  # format=chat: the column holding the conversations
+    packing: bool = True  # documents back to back in rows of seq_len; false: one document per row, padded
+    document_masking: bool = True  # packed rows: no attention across documents, positions restart
+    val_source: str | None = None  # a corpus held out for the validation loss (--val-data)
+    val_fraction: float = 0.0  # or this share of the corpus's documents, held out whole
+    cache_dir: str | None = (
+        None  # where token caches go; default $MOECTL_DATA_CACHE or ~/.cache/moectl/tokens
+    )
+    num_proc: int = 0  # processes that tokenize a corpus; 0 = every core
 
 
 @dataclass
@@ -96,6 +109,11 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk; 0 keeps all
     save_model: bool = True  # write the final HF model directory
     profile_steps: int = 0  # > 0: rank 0 profiles this many steps after warm-up into RUN_DIR/profile.txt
+    eval_every: int = 0  # with a validation set: its loss every N steps (and after the last); 0 = last only
+    eval_batches: int = 0  # global batches of the validation set per evaluation; 0 = all of it
+    attention: str = (
+        "sdpa"  # attention kernels: sdpa, flex_attention or eager (transformers' implementations)
+    )
 
 
 @dataclass
@@ -281,6 +299,7 @@ TRAIN_FLAG_KEYS = {
     "checkpoint_every": "train.checkpoint_every",
     "model": "model.path",
     "data": "data.source",
+    "val_data": "data.val_source",
 }
 
 
@@ -481,6 +500,9 @@ def validate(cfg: RunConfig) -> None:
         "train.keep_checkpoints": t.keep_checkpoints,
         "train.seed": t.seed,
         "data.noise": d.noise,
+        "data.num_proc": d.num_proc,
+        "train.eval_every": t.eval_every,
+        "train.eval_batches": t.eval_batches,
         "parallel.node_rank": p.node_rank,
     }.items():
         if not value >= 0:
@@ -496,6 +518,8 @@ def validate(cfg: RunConfig) -> None:
         "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
         "train.lr_schedule": (t.lr_schedule, ("constant", "cosine", "linear")),
         "data.token_dtype": (d.token_dtype, ("uint16", "uint32")),
+        "data.format": (d.format, ("text", "chat")),
+        "train.attention": (t.attention, ("sdpa", "flex_attention", "eager")),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
@@ -513,6 +537,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if not 0 <= d.noise <= 1:
         raise UsageError(f"data.noise must lie in [0, 1], got {d.noise}")
+    if not 0 <= d.val_fraction < 1:
+        raise UsageError(f"data.val_fraction must lie in [0, 1), got {d.val_fraction}")
     if not 0 <= t.min_lr_ratio <= 1:
         raise UsageError(f"train.min_lr_ratio must lie in [0, 1], got {t.min_lr_ratio}")
     if p.node_rank >= p.nnodes:

@@ -65,8 +65,8 @@ FAULTS = [
         "rank-1-reads-rank-0-slice",
         "data-parallel rank 1 trains on rank 0's slice of the global batch",
         "moectl/data/sources.py",
-        "    per_rank = batch.shape[0] // dp_size\n",
-        "    per_rank = batch.shape[0] // dp_size\n    dp_rank = 0 if dp_rank == 1 else dp_rank\n",
+        "    per_rank = batch.num_rows // dp_size\n",
+        "    per_rank = batch.num_rows // dp_size\n    dp_rank = 0 if dp_rank == 1 else dp_rank\n",
         ["tests/test_ddp.py::test_data_parallel_matches_single"],
     ),
     Fault(
@@ -74,7 +74,7 @@ FAULTS = [
         "the loss is divided by the rank's own token count instead of the global batch's",
         "moectl/run/loop.py",
         "local.split(train.micro_batch), num_target_tokens, loss_fn",
-        "local.split(train.micro_batch), local[:, 1:].numel(), loss_fn",
+        "local.split(train.micro_batch), local.num_targets(), loss_fn",
         ["tests/test_ddp.py::test_data_parallel_matches_single"],
     ),
     Fault(
@@ -159,6 +159,33 @@ FAULTS = [
             "tests/test_training_features.py::"
             "test_the_auxiliary_loss_enters_the_gradient_as_a_mean_over_the_global_batch"
         ],
+    ),
+    Fault(
+        "validation-loss-of-one-rank",
+        "the validation loss is each rank's own slice's, not summed over the data-parallel ranks",
+        "moectl/run/loop.py",
+        "        dist.all_reduce(total, group=strategy.loss_group())\n",
+        "        pass\n",
+        ["tests/test_ddp.py::test_data_parallel_matches_single[ddp]"],
+    ),
+    Fault(
+        "document-start-is-a-target",
+        "in a packed row, a document's first token counts as a target of the previous document's EOS",
+        "moectl/data/packing.py",
+        "                        is_target[filled] = False  # a document's first token follows another document's EOS\n",
+        "                        pass\n",
+        [
+            "tests/test_corpus.py::test_a_packed_document_gets_the_loss_and_gradients_it_gets_alone",
+            "tests/test_corpus.py::test_packed_rows_are_a_pure_function_of_seed_and_step_and_cover_every_document",
+        ],
+    ),
+    Fault(
+        "chunked-loss-drops-positions",
+        "the chunked loss's forward drops the position ids: packed rows lose their document masking",
+        "moectl/model/loss.py",
+        "    hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state\n",
+        "    kwargs.pop('position_ids', None)\n    hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state\n",
+        ["tests/test_fsdp.py::test_fsdp_matches_single"],
     ),
 ]
 

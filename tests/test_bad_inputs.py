@@ -122,6 +122,40 @@ def _truncate_shard(run: Path) -> None:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
+def _corpus_flags(i: Inputs, source: Path, *more: str, tokenizer: Path | None = None) -> list[str]:
+    """`--data SOURCE` with a token cache outside the case's directory (it holds a lock file)."""
+    flags = ["--data", str(source), "--set", f"data.cache_dir={i.tmp.parent / 'token-cache'}", *more]
+    return flags + (["--set", f"data.tokenizer={tokenizer}"] if tokenizer else [])
+
+
+def _parquet(i: Inputs, name: str, columns: dict[str, list]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = i.tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def _tokenizer(i: Inputs, chat_template: bool = True) -> Path:
+    from tests.corpus import make_tokenizer
+
+    return make_tokenizer(i.tmp / "tokenizer", chat_template=chat_template)
+
+
+def _chat_jsonl(i: Inputs, chats: list) -> Path:
+    from tests.corpus import write_chat_jsonl
+
+    return write_chat_jsonl(i.tmp / "chats.jsonl", chats)
+
+
+def _corrupt_shard(i: Inputs) -> Path:
+    _parquet(i, "shards/part-00000.parquet", {"text": ["a good shard"] * 20})
+    i.file("shards/part-00001.parquet", b"PAR1 this shard was cut off in the middle")
+    return i.tmp / "shards"
+
+
 Case = Callable[[Inputs], list[str]]
 YAML = "-c"
 # id -> (args builder, a fragment the one-line message must contain)
@@ -247,7 +281,10 @@ CASES: dict[str, tuple[Case, str]] = {
         "negative token id",
     ),
     "unknown-suffix": (lambda i: ["--data", str(i.file("tokens.csv", "1,2,3\n"))], "unknown type"),
-    "jsonl-not-json": (lambda i: ["--data", str(i.file("d.jsonl", "not json\n"))], "line 1 is not JSON"),
+    "jsonl-not-json": (
+        lambda i: _corpus_flags(i, i.file("d.jsonl", "not json\n")),
+        "d.jsonl (JSON parse error: Invalid value. in row 0); check the files",
+    ),
     "too-few-tokens": (
         lambda i: ["--data", str(i.tokens("short.bin", np.arange(10, dtype=np.uint16)))],
         "holds 10 tokens; seq_len 64",
@@ -377,6 +414,65 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda i: ["--resume", str(i.run_copy()), "--steps", "4", "--set", "parallel.ep_chunks=2"],
         "parallel.ep_chunks belongs to --strategy ep, not single; drop it",
     ),
+    # ---- corpora ----
+    "corpus-without-the-column": (
+        lambda i: _corpus_flags(
+            i, _parquet(i, "c/part-0.parquet", {"body": ["some text"] * 9, "id": [1] * 9})
+        ),
+        "has no column 'text' (its columns: body, id); set data.text_field",
+    ),
+    "corpus-empty": (
+        lambda i: _corpus_flags(i, _parquet(i, "empty.parquet", {"text": []})),
+        "holds no rows",
+    ),
+    "corpus-corrupt-parquet-shard": (
+        lambda i: _corpus_flags(i, _corrupt_shard(i)),
+        "part-00001.parquet is not a readable parquet file",
+    ),
+    "chat-without-an-assistant-turn": (
+        lambda i: _corpus_flags(
+            i,
+            _chat_jsonl(i, [[{"role": "user", "content": "the cat sat"}]] * 5),
+            *("--set", "data.format=chat"),
+            tokenizer=_tokenizer(i),
+        ),
+        "no conversation has an assistant turn",
+    ),
+    "chat-tokenizer-without-a-template": (
+        lambda i: _corpus_flags(
+            i,
+            _chat_jsonl(i, [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the"}]]),
+            *("--set", "data.format=chat"),
+            tokenizer=_tokenizer(i, chat_template=False),
+        ),
+        "has none; give --set data.tokenizer=DIR of a tokenizer with a chat template",
+    ),
+    "validation-shorter-than-a-batch": (
+        lambda i: _corpus_flags(
+            i,
+            _parquet(i, "train.parquet", {"text": ["the cat sat on the mat " * 20] * 30}),
+            *("--val-data", str(_parquet(i, "val.parquet", {"text": ["the dog ran"] * 3}))),
+            tokenizer=_tokenizer(i),
+        ),
+        "holds 0 row(s) of 65 tokens, fewer than one batch of 16",
+    ),
+    "eval-every-without-a-validation-set": (
+        lambda i: ["--set", "train.eval_every=5"],
+        "train.eval_every=5 evaluates a validation set: give --val-data SRC",
+    ),
+    "validation-set-with-synthetic-data": (
+        lambda i: ["--set", "data.val_fraction=0.1"],
+        "a validation set needs a corpus",
+    ),
+    "val-fraction-out-of-range": (
+        lambda i: ["--set", "data.val_fraction=1.5"],
+        "data.val_fraction must lie in",
+    ),
+    "flex-attention-on-the-cpu": (
+        lambda i: ["--set", "train.attention=flex_attention"],
+        "train.attention=flex_attention trains on GPUs only",
+    ),
+    "unknown-data-format": (lambda i: ["--set", "data.format=sft"], "data.format must be one of text, chat"),
     "resume-bad-new-layout": (
         lambda i: ["--resume", str(i.run_copy()), "--steps", "4", "--strategy", "single", "--nproc", "2"],
         "single runs on one process",

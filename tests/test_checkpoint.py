@@ -18,7 +18,14 @@ import pytest
 import torch
 
 from tests.layouts import CHECKPOINT_EVERY, KEEP_CHECKPOINTS, RING, runs_in_one_process
-from tests.util import NUMERICS_STEPS, assert_same_training, losses, run_moectl, run_moectl_in_process
+from tests.util import (
+    NUMERICS_STEPS,
+    assert_same_training,
+    losses,
+    run_moectl,
+    run_moectl_in_process,
+    val_losses,
+)
 
 PAIRS = [
     ("single", "ddp"),
@@ -75,6 +82,22 @@ def test_resume_under_another_layout_matches_single(
     assert_same_training(run, single_reference)
     saved_config = (run / "config.yaml").read_text()
     assert f"strategy: {RING[resumed_by][1]}" in saved_config  # the run now records its new layout
+
+
+def test_a_run_killed_and_resumed_on_packed_data_is_byte_identical(tmp_path, trained):
+    """The shared `single` run (packed chat rows with document masking, a validation loss every 4 steps)
+    as a kill after its step-4 checkpoint leaves it, resumed: the model files are the same bytes, and
+    every step's loss and every validation loss the same numbers (the rows are a function of the step)."""
+    reference = trained("single")
+    run = rewind(reference, tmp_path / "run", RESUME_STEP)
+    result = resume(run, RING["single"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    files = sorted(p.name for p in (reference / "model").iterdir())
+    assert files == sorted(p.name for p in (run / "model").iterdir())
+    for name in files:
+        assert (run / "model" / name).read_bytes() == (reference / "model" / name).read_bytes(), name
+    assert losses(run) == losses(reference)
+    assert val_losses(run) == val_losses(reference) and len(val_losses(run)) == 2
 
 
 @pytest.mark.layouts("ddp")

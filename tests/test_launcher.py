@@ -62,7 +62,7 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
-def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_reference):
+def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_reference, layout_data):
     """A SIGKILLed rank ends the job fast with exit code 1, naming rank 1, the logs and the resume
     command; every rank logged to the run directory; the last complete checkpoint resumes (on one
     process: the layout may change) and the run ends with the weights of one never interrupted."""
@@ -80,6 +80,7 @@ def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_re
         str(run_dir),
         *flags,
         *NUMERICS_ARGS,
+        *layout_data,
         env={"TMPDIR": str(scratch)},
     )
     ended = time.time()
@@ -106,13 +107,13 @@ def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_re
     assert_same_training(run_dir, single_reference)
 
 
-def test_runs_under_an_outside_torchrun(tmp_path, single_reference):
+def test_runs_under_an_outside_torchrun(tmp_path, single_reference, layout_data):
     """(b): `torchrun ... -m moectl train` trains in the workers torchrun started, same weights as single."""
     run_dir = tmp_path / "torchrun"
     torchrun = f"-m torch.distributed.run --nproc-per-node 2 --rdzv-endpoint 127.0.0.1:{_free_port()}"
     moectl = f"-m moectl train --strategy ddp --run-dir {run_dir}"
     result = subprocess.run(
-        [sys.executable, *torchrun.split(), *moectl.split(), *NUMERICS_ARGS],
+        [sys.executable, *torchrun.split(), *moectl.split(), *NUMERICS_ARGS, *layout_data],
         capture_output=True,
         text=True,
         timeout=300,
@@ -125,7 +126,7 @@ def test_runs_under_an_outside_torchrun(tmp_path, single_reference):
     assert_same_training(run_dir, single_reference)
 
 
-def test_two_nodes_on_localhost_train_like_single(tmp_path, single_reference):
+def test_two_nodes_on_localhost_train_like_single(tmp_path, single_reference, layout_data):
     """Two launchers rendezvous on localhost as two nodes of an `srun` step, and share one run directory:
     node 1 takes the nodes, its node rank and the rendezvous host from SLURM's variables alone (the
     compressed node list parsed, the port from MASTER_PORT); node 0 gives --nnodes and --rdzv-endpoint
@@ -149,7 +150,7 @@ def test_two_nodes_on_localhost_train_like_single(tmp_path, single_reference):
         0: _subprocess_env(OMP_NUM_THREADS="1", SLURM_NODEID="0", **slurm),
         1: _subprocess_env(OMP_NUM_THREADS="1", SLURM_NODEID="1", MASTER_PORT=str(port), **slurm),
     }
-    common = ["--strategy", "ddp", "--nproc", "1", "--run-dir", str(run_dir), *NUMERICS_ARGS]
+    common = ["--strategy", "ddp", "--nproc", "1", "--run-dir", str(run_dir), *NUMERICS_ARGS, *layout_data]
     nodes = [
         subprocess.Popen(
             [sys.executable, "-m", "moectl", "train", *common, *flags[rank]],

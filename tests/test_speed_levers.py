@@ -87,11 +87,11 @@ def test_compiled_chunk_kernel_equals_eager():
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-2, atol=1e-6)
 
 
-def test_chunked_loss_trains_the_same_model(tmp_path, single_reference):
+def test_chunked_loss_trains_the_same_model(tmp_path, single_reference, layout_data):
     """train.loss_chunk_tokens moves the head inside the root module's forward (FSDP2 gathers it there,
     DDP hooks it there): on one process here; under fsdp, ep and mixed over DDP in the shared layouts,
     each compared with `single` (test_fsdp, test_ep, test_tp)."""
-    run = train_run(tmp_path / "chunked", *NUMERICS_ARGS, *CHUNKED_LOSS, in_process=True)
+    run = train_run(tmp_path / "chunked", *NUMERICS_ARGS, *CHUNKED_LOSS, *layout_data, in_process=True)
     assert_same_training(run, single_reference)
     for layout in ("fsdp", "ep", "mixed_ddp"):
         assert " ".join(CHUNKED_LOSS) in " ".join(LAYOUTS[layout]), layout

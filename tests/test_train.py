@@ -45,28 +45,29 @@ def test_accumulation_equals_one_big_micro_batch(tmp_path):
     assert_same_training(accumulated, one_shot, rtol=1e-6, loss_tol=1e-6)
 
 
-def _compiled_run(tmp_path_factory) -> Callable[[], Path]:
+def _compiled_run(tmp_path_factory, layout_data: list[str]) -> Callable[[], Path]:
     run_dir = tmp_path_factory.mktemp("compiled") / "run"
     compiled = ["--set", "train.compile=true", "--set", "train.activation_checkpointing=selective"]
-    return lambda: train_run(run_dir, *NUMERICS_ARGS, *compiled)
+    return lambda: train_run(run_dir, *NUMERICS_ARGS, *compiled, *layout_data)
 
 
 def start_ahead(lane, request, items) -> None:
     """The compiled run (half a minute of compiling with an empty cache) starts on the background lane."""
     wanted = "test_compiled_layers_and_loss_with_selective_recompute_train_the_same_model"
     if shutil.which("cc") and any(item.originalname == wanted for item in items):
-        lane.start("compiled", _compiled_run(request.getfixturevalue("tmp_path_factory")))
+        factory, data = request.getfixturevalue("tmp_path_factory"), request.getfixturevalue("layout_data")
+        lane.start("compiled", _compiled_run(factory, data))
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
 def test_compiled_layers_and_loss_with_selective_recompute_train_the_same_model(
-    background_lane, tmp_path_factory, single_reference
+    background_lane, tmp_path_factory, single_reference, layout_data
 ):
     """train.compile=true (each decoder layer and the loss through Inductor) with
     activation_checkpointing=selective (the partitioner's recompute flags on those compiled graphs)
     changes speed, not the model. One run for both: selective adds only the flags to the compiled
     layers (tests/test_speed_levers.py checks what they save), and each compile costs seconds here."""
-    run = background_lane.result_or_run("compiled", lambda: _compiled_run(tmp_path_factory)())
+    run = background_lane.result_or_run("compiled", lambda: _compiled_run(tmp_path_factory, layout_data)())
     assert_same_training(run, single_reference)
 
 
@@ -206,7 +207,7 @@ def test_plugin_strategy_from_a_file(tmp_path):
     assert json.loads((run / "summary.json").read_text())["strategy"] == "mine"
 
 
-def test_plugin_strategy_as_module_and_class(tmp_path, monkeypatch, single_reference):
+def test_plugin_strategy_as_module_and_class(tmp_path, monkeypatch, single_reference, layout_data):
     """`--strategy package.module:Class` from an importable package trains what its base trains."""
     package = tmp_path / "site" / "acme_layouts"
     package.mkdir(parents=True)
@@ -215,7 +216,9 @@ def test_plugin_strategy_as_module_and_class(tmp_path, monkeypatch, single_refer
         "from strategies.single import Single\n\n\nclass Plain(Single):\n    name = 'acme-plain'\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    args = ["--strategy", "acme_layouts.layouts:Plain", *NUMERICS_ARGS]
+    args = ["--strategy", "acme_layouts.layouts:Plain", *NUMERICS_ARGS, *layout_data]
     run = train_run(tmp_path / "run", *args, in_process=True)
     assert json.loads((run / "summary.json").read_text())["strategy"] == "acme-plain"
-    assert_same_training(run, single_reference, update_rtol=0, rtol=0, loss_tol=0)  # the same code path
+    assert_same_training(
+        run, single_reference, update_rtol=0, rtol=0, loss_tol=0, val_loss_tol=0
+    )  # same path

@@ -314,8 +314,8 @@ def test_the_auxiliary_loss_enters_the_gradient_as_a_mean_over_the_global_batch(
         return {name: param.grad.clone() for name, param in model.named_parameters()}
 
     _, model = tiny_model(cfg.train.seed)
-    out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
-    token_loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+    out = model(input_ids=batch.input_ids, output_router_logits=True, use_cache=False)
+    token_loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten())
     per_sequence = [
         load_balancing_loss_func(
             tuple(layer.view(GLOBAL_BATCH, SEQ_LEN, -1)[s] for layer in out.router_logits),

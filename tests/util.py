@@ -47,6 +47,8 @@ WHOLE_MODEL_RTOL = 1e-5
 UPDATE_RTOL = 1e-4
 #: largest |loss − reference loss| at any step
 LOSS_TOL = 1e-5
+#: largest |validation loss − reference's| at any evaluation: a forward pass of the same weights
+VAL_LOSS_TOL = 1e-6
 
 
 #: the console script `make setup` installs beside this interpreter
@@ -157,6 +159,12 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def val_losses(run_dir: Path) -> dict[int, float]:
+    """Validation loss by step, of the steps that evaluated."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: record["val_loss"] for record in records if "val_loss" in record}
+
+
 # ---- numerics: what two runs trained ------------------------------------------------------------
 _INITIAL_WEIGHTS: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -196,6 +204,7 @@ class TrainingComparison:
     whole_update_error: float  # ‖A − B‖ / ‖B − W0‖ over all tensors
     tensors: list[TensorError]  # worst update error first
     max_loss_diff: float
+    max_val_loss_diff: float = 0.0  # over the evaluations (none: 0)
 
     @property
     def worst(self) -> TensorError:
@@ -204,7 +213,8 @@ class TrainingComparison:
     def describe(self, rows: int = 5) -> str:
         lines = [
             f"whole model: relative error {self.whole_model_error:.3e}, update error "
-            f"{self.whole_update_error:.3e}; largest step loss difference {self.max_loss_diff:.3e}",
+            f"{self.whole_update_error:.3e}; largest step loss difference {self.max_loss_diff:.3e}, "
+            f"validation loss difference {self.max_val_loss_diff:.3e}",
             "worst tensors (update error ‖a − b‖/‖b − w0‖, relative error ‖a − b‖/‖b‖, ‖b − w0‖):",
         ]
         lines += [
@@ -246,11 +256,16 @@ def compare_training(run: Path, reference: Path) -> TrainingComparison:
         f"{len(run_losses)} steps recorded, reference {len(ref_losses)}"
     )
     max_loss_diff = max(abs(x - y) for x, y in zip(run_losses, ref_losses, strict=True))
+    run_val, ref_val = val_losses(run), val_losses(reference)
+    assert run_val.keys() == ref_val.keys(), (
+        f"evaluated at steps {sorted(run_val)}, reference {sorted(ref_val)}"
+    )
     return TrainingComparison(
         whole_model_error=(diff_sq / ref_sq) ** 0.5,
         whole_update_error=(diff_sq / update_sq) ** 0.5 if update_sq else float("inf"),
         tensors=tensors,
         max_loss_diff=max_loss_diff,
+        max_val_loss_diff=max((abs(run_val[s] - ref_val[s]) for s in ref_val), default=0.0),
     )
 
 
@@ -261,8 +276,10 @@ def assert_same_training(
     update_rtol: float = UPDATE_RTOL,
     rtol: float = WHOLE_MODEL_RTOL,
     loss_tol: float = LOSS_TOL,
+    val_loss_tol: float = VAL_LOSS_TOL,
 ) -> TrainingComparison:
-    """The numerics contract: every tensor's update, the whole model and every step's loss agree.
+    """The numerics contract: every tensor's update, the whole model, every step's loss and every
+    validation loss agree.
 
     With MOECTL_TEST_NUMERICS_LOG=FILE every comparison of the run is appended to FILE (one JSON line:
     the test, the worst tensor, both errors): how the bounds above were measured.
@@ -275,6 +292,7 @@ def assert_same_training(
             "update_error": comparison.worst.update_error,
             "whole_model_error": comparison.whole_model_error,
             "max_loss_diff": comparison.max_loss_diff,
+            "max_val_loss_diff": comparison.max_val_loss_diff,
         }
         with open(log, "a") as file:
             file.write(json.dumps(record) + "\n")
@@ -287,6 +305,10 @@ def assert_same_training(
         problems.append(f"whole-model relative error {comparison.whole_model_error:.3e} > {rtol:.0e}")
     if comparison.max_loss_diff > loss_tol:
         problems.append(f"a step's loss differs by {comparison.max_loss_diff:.3e} > {loss_tol:.0e}")
+    if comparison.max_val_loss_diff > val_loss_tol:
+        problems.append(
+            f"a validation loss differs by {comparison.max_val_loss_diff:.3e} > {val_loss_tol:.0e}"
+        )
     assert not problems, (
         f"trained differently from the reference: {'; '.join(problems)}\n{comparison.describe()}\n"
         f"run: {run}\nreference: {reference}"

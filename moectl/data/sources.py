@@ -3,21 +3,27 @@
 Every rank can compute any step's batch without talking to the others; data-parallel rank r takes
 rows [r·n, (r+1)·n) of it. That is what makes a run under any strategy see the same sequences as
 the single-process reference, and what makes resume exact (the data position is just the step).
+
+Sources: synthetic sequences; flat token files (`.bin`, `.npy`) read as random windows; and corpora
+(`datasets.save_to_disk` directories, `.parquet`/`.jsonl`/`.txt` files or folders of them, or a token
+cache made by `moectl data prepare`), tokenized once into a cache (moectl/data/cache.py) and packed into
+rows by documents (moectl/data/packing.py).
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from moectl.config import DataConfig
+from moectl.data.cache import BuildSettings, TokenCache, ensure_cache, is_corpus, is_token_cache
+from moectl.data.packing import Batch, PackedDocuments, split_validation
 from moectl.errors import UsageError
-from moectl.io.paths import require_directory, require_file
+from moectl.io.paths import require_file
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKEN_SUFFIXES = (".bin", ".npy")
 
 
@@ -38,7 +44,7 @@ class SyntheticData:
         self.seed = seed
         self.successor = torch.randperm(vocab_size, generator=_step_generator(seed, -1))
 
-    def global_batch(self, step: int, num_sequences: int, seq_len: int) -> torch.Tensor:
+    def global_batch(self, step: int, num_sequences: int, seq_len: int) -> Batch:
         generator = _step_generator(self.seed, step)
         tokens = torch.empty(num_sequences, seq_len + 1, dtype=torch.long)
         tokens[:, 0] = torch.randint(self.vocab_size, (num_sequences,), generator=generator)
@@ -49,7 +55,7 @@ class SyntheticData:
             tokens[:, position] = torch.where(
                 noise_mask[:, position], noise_tokens[:, position], tokens[:, position]
             )
-        return tokens
+        return Batch(tokens)
 
 
 class TokenWindows:
@@ -60,7 +66,7 @@ class TokenWindows:
         self.seed = seed
         self.source = source
 
-    def global_batch(self, step: int, num_sequences: int, seq_len: int) -> torch.Tensor:
+    def global_batch(self, step: int, num_sequences: int, seq_len: int) -> Batch:
         num_starts = len(self.tokens) - seq_len
         if num_starts <= 0:
             raise UsageError(f"{self.source} holds {len(self.tokens)} tokens; seq_len {seq_len} needs more")
@@ -68,52 +74,13 @@ class TokenWindows:
             num_starts, (num_sequences,), generator=_step_generator(self.seed, step)
         ).tolist()
         rows = [np.asarray(self.tokens[start : start + seq_len + 1], dtype=np.int64) for start in starts]
-        return torch.from_numpy(np.stack(rows))
-
-
-def _load_text(path: Path, tokenizer_dir: str | None) -> np.ndarray:
-    if path.suffix == ".jsonl":
-        texts = []
-        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UsageError(
-                    f'{path} line {line_number} is not JSON; each line needs {{"text": ...}}'
-                ) from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UsageError(f"{path} line {line_number} has no string field 'text'")
-            texts.append(record["text"])
-    else:
-        texts = [path.read_text(encoding="utf-8", errors="replace")]
-    if tokenizer_dir is None:
-        joined = "\n".join(texts).encode("utf-8")
-        return np.frombuffer(joined, dtype=np.uint8).astype(np.int64)
-    tokenizer_path = require_directory(
-        Path(tokenizer_dir), "tokenizer directory", "give data.tokenizer a local tokenizer directory"
-    )
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
-    except Exception as exc:  # transformers raises many kinds here; all mean "not a usable tokenizer"
-        raise UsageError(
-            f"cannot load a tokenizer from {tokenizer_path} ({type(exc).__name__}); check the directory"
-        ) from None
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-    return np.asarray(ids, dtype=np.int64)
+        return Batch(torch.from_numpy(np.stack(rows)))
 
 
 def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, str]:
-    """Open a token or text file; a missing or malformed file is a UsageError."""
+    """Open a flat token file (.bin or .npy); a missing or malformed file is a UsageError."""
     path = require_file(
-        Path(cfg.source), "data file", "give --data a .bin/.npy/.txt/.jsonl file or 'synthetic'"
+        Path(cfg.source), "data file", "give --data a .bin/.npy token file, a corpus or 'synthetic'"
     )
     try:
         if path.suffix == ".bin":
@@ -129,10 +96,11 @@ def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, str]:
                 raise UsageError(
                     f"{path} must hold a 1-D integer token array, got {tokens.dtype} {tokens.shape}"
                 )
-        elif path.suffix in TEXT_SUFFIXES:
-            tokens = _load_text(path, cfg.tokenizer)
         else:
-            raise UsageError(f"data file {path} has an unknown type; use .bin, .npy, .txt or .jsonl")
+            raise UsageError(
+                f"data file {path} has an unknown type; use .bin or .npy tokens, or a corpus (.parquet, "
+                ".jsonl, .txt, a folder of them, a datasets.save_to_disk directory)"
+            )
     except (ValueError, OSError, EOFError) as exc:  # numpy raises EOFError for a file with no header
         raise UsageError(
             f"cannot read data file {path} ({exc or type(exc).__name__}); check the file"
@@ -140,10 +108,7 @@ def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, str]:
     return tokens, str(path)
 
 
-def build_data(cfg: DataConfig, vocab_size: int, seed: int) -> SyntheticData | TokenWindows:
-    if cfg.source == "synthetic":
-        return SyntheticData(vocab_size, seed, cfg.noise)
-    tokens, source = load_tokens(cfg)
+def _check_token_range(tokens: np.ndarray, source: str, vocab_size: int) -> None:
     if len(tokens):
         head = tokens[:10_000_000]
         highest, lowest = int(head.max()), int(head.min())
@@ -154,19 +119,140 @@ def build_data(cfg: DataConfig, vocab_size: int, seed: int) -> SyntheticData | T
             )
         if lowest < 0:
             raise UsageError(f"{source} holds a negative token id ({lowest}); token ids start at 0")
-    return TokenWindows(tokens, seed, source)
 
 
-def check_data(cfg: DataConfig, vocab_size: int, seq_len: int) -> None:
-    """Everything about the data that can fail, checked in the parent before a run directory exists."""
-    data = build_data(cfg, vocab_size, 0)
-    if isinstance(data, TokenWindows) and len(data.tokens) <= seq_len:
+def corpus_cache(cfg: DataConfig, source: str, what: str, note=print) -> TokenCache:
+    """The token cache of a corpus (built on first use), opened."""
+    import os
+
+    settings = BuildSettings(
+        source=source,
+        tokenizer=cfg.tokenizer,
+        format=cfg.format,
+        column=cfg.messages_field if cfg.format == "chat" else cfg.text_field,
+        num_proc=cfg.num_proc or len(os.sched_getaffinity(0)),
+        what=what,
+    )
+    path = ensure_cache(settings, Path(cfg.cache_dir) if cfg.cache_dir else None, note)
+    cache = TokenCache(path)
+    if is_token_cache(Path(source)) and cache.meta.get("format") != cfg.format:
         raise UsageError(
-            f"{data.source} holds {len(data.tokens)} tokens; seq_len {seq_len} needs at least {seq_len + 1}"
+            f"{what} {source} is a token cache of format {cache.meta.get('format')!r}; set "
+            f"data.format={cache.meta.get('format')}"
         )
+    return cache
 
 
-def rank_slice(batch: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
+@dataclass
+class TrainingData:
+    """What a run reads: its training rows and, when asked for, a validation set."""
+
+    train: SyntheticData | TokenWindows | PackedDocuments
+    validation: PackedDocuments | None = None
+
+    def describe(self, global_batch: int) -> list[str]:
+        """Lines for the console at the start of a run (corpora only)."""
+        lines = []
+        if isinstance(self.train, PackedDocuments):
+            train = self.train
+            rows = train.rows_per_epoch
+            how = "packed" if train.packing else "one document per row"
+            if train.document_masking:
+                how += ", document masking"
+            line = (
+                f"data: {len(train.documents):,} documents, {train.num_tokens:,} tokens; {rows:,} rows of "
+                f"{train.seq_len} per epoch ({how})"
+            )
+            if not train.packing:
+                cut = int((train.lengths[train.documents] > train.seq_len + 1).sum())
+                line += f"; {cut:,} document(s) longer than seq_len + 1 are cut there"
+            lines.append(line)
+        if self.validation is not None:
+            batches = self.validation.rows_per_epoch // global_batch
+            lines.append(
+                f"validation: {len(self.validation.documents):,} documents, {batches:,} batch(es) of "
+                f"{global_batch} rows"
+            )
+        return lines
+
+
+def open_data(cfg: DataConfig, vocab_size: int, seed: int, seq_len: int, note=print) -> TrainingData:
+    """The run's data (building token caches on first use)."""
+    if cfg.source == "synthetic":
+        if cfg.val_source or cfg.val_fraction:
+            raise UsageError("a validation set needs a corpus: --data SRC (not synthetic) with it")
+        return TrainingData(SyntheticData(vocab_size, seed, cfg.noise))
+    if not (is_corpus(cfg.source) or is_token_cache(Path(cfg.source))):
+        if cfg.val_source or cfg.val_fraction:
+            raise UsageError(
+                f"{cfg.source} is a flat token file without documents; a validation set needs a corpus"
+            )
+        tokens, source = load_tokens(cfg)
+        _check_token_range(tokens, source, vocab_size)
+        return TrainingData(TokenWindows(tokens, seed, source))
+    if cfg.val_source and cfg.val_fraction:
+        raise UsageError("give either --val-data or data.val_fraction, not both")
+    cache = corpus_cache(cfg, cfg.source, "--data", note)
+    if cache.meta["vocab_size"] > vocab_size:
+        raise UsageError(
+            f"the tokenizer has {cache.meta['vocab_size']:,} tokens but model.vocab_size is {vocab_size:,}; "
+            "use a matching tokenizer or raise model.vocab_size"
+        )
+    documents = np.arange(cache.num_documents)
+    validation = None
+    options = {"packing": cfg.packing, "document_masking": cfg.document_masking}
+    if cfg.val_fraction:
+        documents, held_out = split_validation(cache.num_documents, cfg.val_fraction)
+        if len(documents) == 0:
+            raise UsageError(
+                f"data.val_fraction={cfg.val_fraction} holds out all {cache.num_documents} documents; lower it"
+            )
+        validation = PackedDocuments(cache, held_out, seq_len, seed, shuffle=False, **options)
+    elif cfg.val_source:
+        val_cache = corpus_cache(cfg, cfg.val_source, "--val-data", note)
+        if val_cache.meta["vocab_size"] > vocab_size:
+            raise UsageError(
+                f"--val-data's tokenizer has {val_cache.meta['vocab_size']:,} tokens but model.vocab_size is "
+                f"{vocab_size:,}"
+            )
+        validation = PackedDocuments(
+            val_cache, np.arange(val_cache.num_documents), seq_len, seed, shuffle=False, **options
+        )
+    return TrainingData(PackedDocuments(cache, documents, seq_len, seed, **options), validation)
+
+
+def build_data(
+    cfg: DataConfig, vocab_size: int, seed: int, seq_len: int = 64
+) -> SyntheticData | TokenWindows | PackedDocuments:
+    """The training rows of `open_data`."""
+    return open_data(cfg, vocab_size, seed, seq_len).train
+
+
+def check_data(cfg: DataConfig, vocab_size: int, seq_len: int, global_batch: int, note=print) -> TrainingData:
+    """Everything about the data that can fail, checked in the parent before a run directory exists
+    (token caches are built here, once, before any worker starts)."""
+    data = open_data(cfg, vocab_size, 0, seq_len, note)
+    train = data.train
+    if isinstance(train, TokenWindows) and len(train.tokens) <= seq_len:
+        raise UsageError(
+            f"{train.source} holds {len(train.tokens)} tokens; seq_len {seq_len} needs at least {seq_len + 1}"
+        )
+    if isinstance(train, PackedDocuments) and train.rows_per_epoch == 0:
+        raise UsageError(
+            f"--data {cfg.source} holds {train.num_tokens} training tokens; seq_len {seq_len} needs at least "
+            f"{seq_len + 1}"
+        )
+    if data.validation is not None and data.validation.rows_per_epoch < global_batch:
+        val = data.validation
+        what = f"--val-data {cfg.val_source}" if cfg.val_source else f"data.val_fraction={cfg.val_fraction}"
+        raise UsageError(
+            f"the validation set ({what}) holds {val.rows_per_epoch} row(s) of {seq_len + 1} tokens, fewer "
+            f"than one batch of {global_batch}; give more validation data or a smaller --global-batch"
+        )
+    return data
+
+
+def rank_slice(batch: Batch, dp_rank: int, dp_size: int) -> Batch:
     """Data-parallel rank r takes its contiguous block of the global batch."""
-    per_rank = batch.shape[0] // dp_size
-    return batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    per_rank = batch.num_rows // dp_size
+    return batch.rows(dp_rank * per_rank, (dp_rank + 1) * per_rank)

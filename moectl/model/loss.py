@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moectl.data.packing import IGNORE_INDEX
+
 #: (logits [c, V], targets [c], grad_scale) -> (summed loss in fp32, d(grad_scale · loss)/d logits)
 ChunkLossFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
-#: (model, tokens [B, S + 1], grad_scale) -> summed token loss of the micro-batch
-TokenLoss = Callable[[nn.Module, torch.Tensor, float], torch.Tensor]
+#: (model, micro-batch (moectl.data.packing.Batch), grad_scale) -> summed token loss of the micro-batch
+TokenLoss = Callable[[nn.Module, Any, float], torch.Tensor]
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy, computed in fp32 (a bf16 log-softmax over 151,936 words loses
+    """Summed next-token cross-entropy over the targets (labels IGNORE_INDEX count nothing), computed in fp32 (a bf16 log-softmax over 151,936 words loses
     digits). Compiled (train.compile), the upcast and log-softmax fuse into a few kernels that keep
     no fp32 copy of the logits (BENCHMARKS.md, "Changes, predicted and measured")."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
@@ -133,21 +136,28 @@ def chunked_linear_cross_entropy(
     )
 
 
-def _chunked_loss_forward(self, input_ids: torch.Tensor, targets: torch.Tensor, grad_scale: float, **kwargs):
+def _chunked_loss_forward(
+    self, input_ids: torch.Tensor, targets: torch.Tensor, grad_scale: float, masked: bool = False, **kwargs
+):
     """The causal LM's forward when the loss is chunked: decoder, then the fused head + loss.
 
     Why inside the root module's forward (and not a call to lm_head after it): FSDP2 gathers the root's
     parameters (embedding, final norm, lm_head) around this forward, and DDP prepares its gradient hooks
-    in its own forward; both see a plain module call this way.
+    in its own forward; both see a plain module call this way. With `masked` targets (packed documents,
+    chat data) only the target tokens' hidden states reach the head: the others would cost logits for
+    nothing (most of a chat row).
     """
     hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+    if masked and not isinstance(hidden, DTensor):
+        keep = targets.reshape(-1) != IGNORE_INDEX
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets.reshape(-1)[keep]
     return chunked_linear_cross_entropy(
         hidden, self.lm_head.weight, targets, self.loss_chunk_tokens, grad_scale, self.chunk_loss_fn
     )
 
 
 def build_token_loss(model: nn.Module, chunk_tokens: int, compiled: bool) -> TokenLoss:
-    """The loss the loop calls per micro-batch: (model, tokens, grad_scale) -> summed token loss.
+    """The loss the loop calls per micro-batch: (model, batch, grad_scale) -> summed token loss.
 
     chunk_tokens > 0 switches the (meta-device, not yet parallelised) causal LM's forward to the chunked
     head and loss; 0 keeps the model's own logits and `token_loss_sum`. Compiled, the per-chunk loss and
@@ -156,9 +166,9 @@ def build_token_loss(model: nn.Module, chunk_tokens: int, compiled: bool) -> Tok
     if chunk_tokens <= 0:
         loss_sum = torch.compile(token_loss_sum) if compiled else token_loss_sum
 
-        def logits_loss(model: nn.Module, tokens: torch.Tensor, grad_scale: float) -> torch.Tensor:
-            logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
-            return loss_sum(logits, tokens[:, 1:])
+        def logits_loss(model: nn.Module, batch: Any, grad_scale: float) -> torch.Tensor:
+            logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+            return loss_sum(logits, batch.labels)
 
         return logits_loss
 
@@ -166,7 +176,14 @@ def build_token_loss(model: nn.Module, chunk_tokens: int, compiled: bool) -> Tok
     model.chunk_loss_fn = torch.compile(fused_chunk_loss_and_grad) if compiled else chunk_loss_and_grad
     model.forward = types.MethodType(_chunked_loss_forward, model)
 
-    def chunked_loss(model: nn.Module, tokens: torch.Tensor, grad_scale: float) -> torch.Tensor:
-        return model(input_ids=tokens[:, :-1], targets=tokens[:, 1:], grad_scale=grad_scale, use_cache=False)
+    def chunked_loss(model: nn.Module, batch: Any, grad_scale: float) -> torch.Tensor:
+        return model(
+            input_ids=batch.input_ids,
+            targets=batch.labels,
+            grad_scale=grad_scale,
+            masked=batch.masked,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
 
     return chunked_loss

@@ -21,7 +21,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moectl.config import RunConfig, TrainConfig
-from moectl.data.sources import build_data, rank_slice
+from moectl.data.packing import Batch, PackedDocuments
+from moectl.data.sources import open_data, rank_slice
 from moectl.io import checkpoint
 from moectl.io.checkpoint import is_due
 from moectl.io.hf import HFCheckpoint
@@ -68,6 +69,8 @@ class Summary:
     peak_mem_gib: float
     final_loss: float
     losses: list[float] = field(default_factory=list)
+    final_val_loss: float | None = None  # the last evaluation's held-out loss (a validation set given)
+    final_val_ppl: float | None = None
     device: str = "cpu"
     degrees: dict[str, int] = field(default_factory=dict)  # dp, tp, ep
     final_lr: float | None = None
@@ -116,8 +119,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
 def train_step(
     model,
     strategy,
-    micro_batches,
-    num_target_tokens,
+    micro_batches: list[Batch],
+    num_target_tokens: int,
     loss_fn: TokenLoss | None = None,
     routing: Routing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,12 +131,14 @@ def train_step(
     micro-batch): gradients then add up across micro-batches and data-parallel ranks to exactly the
     gradient of one big batch, so any accumulation or parallel layout trains the same model. The
     auxiliary loss is normalised the same way, by the global number of sequences (moectl/model/routing.py).
-    `loss_fn(model, tokens, grad_scale)` is `moectl.model.loss.build_token_loss`'s (default: the model's
+    `loss_fn(model, batch, grad_scale)` is `moectl.model.loss.build_token_loss`'s (default: the model's
     logits and `token_loss_sum`); grad_scale is the factor the summed loss is multiplied by here.
+    num_target_tokens counts the target tokens of the whole global batch (packed documents and chat
+    data leave some tokens out), so that every layout still sums to the gradient of one big batch.
     """
     loss_fn = loss_fn or build_token_loss(model, chunk_tokens=0, compiled=False)
-    grad_scale = strategy.loss_scale / num_target_tokens
-    loss_sum = torch.zeros((), device=micro_batches[0].device)
+    grad_scale = strategy.loss_scale / max(num_target_tokens, 1)
+    loss_sum = torch.zeros((), device=micro_batches[0].tokens.device)
     aux_total = None
     for index, tokens in enumerate(micro_batches):
         is_last = index == len(micro_batches) - 1
@@ -170,12 +175,14 @@ def run_training(
     else:
         source = random_init_source(cfg.model, train.seed)
     model = build_meta_model(cfg.model, dtype)
+    if train.attention != "sdpa":
+        model.set_attn_implementation(train.attention)
     loss_fn = build_token_loss(model, train.loss_chunk_tokens, train.compile)  # before any wrapper
     model = strategy.parallelize(model, lambda m: materialize(m, device, source, strategy.shard), train)
     model.train()
     optimizer = build_optimizer(model, train)
     routing = Routing(model, cfg.model, train, device)
-    data = build_data(cfg.data, cfg.model.vocab_size, train.seed)
+    data = open_data(cfg.data, cfg.model.vocab_size, train.seed, train.seq_len)
     start_step, history = 0, History()
     resume_notes = []
     if resume is not None:
@@ -186,7 +193,7 @@ def run_training(
         history = History(checkpoint.restore_metrics(run_dir, start_step, is_rank0))
 
     dp_rank, dp_size = strategy.dims.dp_rank, strategy.dims.dp
-    num_target_tokens = train.global_batch * train.seq_len
+    tokens_per_step = train.global_batch * train.seq_len
     flops_tok, seed_flops_tok = flops_per_token(cfg.model, train.seq_len), seed_flops_per_token(cfg.model)
     peak = device_peak_flops(device, train.peak_tflops)
     world = runtime.world_size()
@@ -199,6 +206,8 @@ def run_training(
         )
         for note in resume_notes:
             reporter.message(note)
+    for line in data.describe(train.global_batch):
+        reporter.message(line)
     tensorboard = TensorBoardLog(run_dir, start_step, enabled=is_rank0 and train.tensorboard)
     wandb_log = WandbLog(cfg, run_dir, start_step, enabled=is_rank0 and train.wandb)
     if wandb_log.note:
@@ -221,16 +230,16 @@ def run_training(
     try:
         with StopSignals() as stop, StepProfiler(run_dir, train, enabled=is_rank0, device=device) as profiler:
             for step in range(start_step, train.steps):
-                local = rank_slice(
-                    data.global_batch(step, train.global_batch, train.seq_len), dp_rank, dp_size
-                ).to(device)
+                batch = data.train.global_batch(step, train.global_batch, train.seq_len)
+                num_target_tokens = batch.num_targets()  # of the whole global batch, known on every rank
+                local = rank_slice(batch, dp_rank, dp_size).to(device)
                 runtime.synchronize(device)
                 started = time.perf_counter()
                 loss_sum, aux_sum = train_step(
                     model, strategy, local.split(train.micro_batch), num_target_tokens, loss_fn, routing
                 )
                 loss_total, step_routing = routing.reduce_step(loss_sum, aux_sum, strategy.loss_group())
-                loss = loss_total / num_target_tokens
+                loss = loss_total / max(num_target_tokens, 1)
                 # The global gradient norm (logged, clipped by) is also the finiteness check: a
                 # non-finite gradient anywhere makes it non-finite, and it is the same on every rank.
                 grad_norm_tensor = strategy.grad_norm(model)
@@ -261,7 +270,7 @@ def run_training(
                     elapsed = time.perf_counter() - started
                     step_times.append(elapsed)
                     step_figures.append(figures)
-                    tokens_per_s = num_target_tokens / elapsed
+                    tokens_per_s = tokens_per_step / elapsed
                     record = {
                         "step": step + 1,
                         "loss": loss,
@@ -275,6 +284,8 @@ def run_training(
                         "mem_gib": peak_memory_gib(device),
                         "warmup": step - start_step < train.timing_warmup_steps,
                     }
+                    if batch.masked:
+                        record["target_tokens"] = num_target_tokens
                     if train.max_grad_norm > 0:
                         record["grad_clipped"] = clipped
                     if step_routing.load_imbalance is not None:
@@ -282,6 +293,10 @@ def run_training(
                     if step_routing.aux_loss is not None:
                         record["aux_loss"] = step_routing.aux_loss
                     record.update(figures)
+                    if data.validation is not None and (
+                        step + 1 == train.steps or train.eval_every and (step + 1) % train.eval_every == 0
+                    ):
+                        record.update(evaluate(model, strategy, data.validation, train, loss_fn, device))
                     history.records.append(record)
                     reporter.step(record)
                     tensorboard.step(record, step_routing.imbalance_per_layer)
@@ -307,14 +322,14 @@ def run_training(
     peak_mem = torch.tensor(peak_memory_gib(device), device=device)
     if dist.is_initialized():
         dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
-    tokens_per_s = num_target_tokens / median_time if median_time else None
+    tokens_per_s = tokens_per_step / median_time if median_time else None
     per_device = tokens_per_s / world if tokens_per_s else None
     summary = Summary(
         strategy=strategy.name,
         world_size=world,
         steps=train.steps,
         timing_warmup_steps=train.timing_warmup_steps,
-        tokens_per_step=num_target_tokens,
+        tokens_per_step=tokens_per_step,
         median_step_time_s=median_time,
         tokens_per_s=tokens_per_s,
         tokens_per_s_per_device=per_device,
@@ -324,6 +339,8 @@ def run_training(
         peak_mem_gib=float(peak_mem),
         final_loss=history.last("loss") if history.records else float("nan"),
         losses=history.values("loss"),
+        final_val_loss=_last_value(history, "val_loss"),
+        final_val_ppl=_last_value(history, "val_ppl"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         degrees={"dp": strategy.dims.dp, "tp": strategy.dims.tp, "ep": strategy.dims.ep},
         **_training_figures(train, history, routing),
@@ -352,6 +369,56 @@ def _not_timed(session_steps: int, warmup_steps: int) -> str:
         f"all {session_steps} step(s) of this session were warm-up (train.timing_warmup_steps = "
         f"{warmup_steps}); run more steps than that to measure speed"
     )
+
+
+def evaluate(
+    model: nn.Module,
+    strategy: Strategy,
+    validation: PackedDocuments,
+    train: TrainConfig,
+    loss_fn: TokenLoss,
+    device: torch.device,
+) -> dict[str, float]:
+    """The held-out loss: summed token loss over the validation batches / their target tokens, the sum
+    over every data-parallel rank's slice, so every layout reports the same value.
+
+    Forward passes only, in eval mode (no activation checkpointing), with the routers not recording:
+    evaluation moves no router bias and adds nothing to the expert load; the strategy's per-step figures
+    it caused are dropped. The loop times each step before it evaluates.
+    """
+    batches = validation.rows_per_epoch // train.global_batch
+    if train.eval_batches:
+        batches = min(batches, train.eval_batches)
+    dp_rank, dp_size = strategy.dims.dp_rank, strategy.dims.dp
+    runtime.synchronize(device)
+    started = time.perf_counter()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    num_targets = 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for index in range(batches):
+                batch = validation.batch(index * train.global_batch, train.global_batch)
+                num_targets += batch.num_targets()
+                for micro in rank_slice(batch, dp_rank, dp_size).to(device).split(train.micro_batch):
+                    total += loss_fn(model, micro, 1.0).double()
+    finally:
+        model.train()
+    if dist.is_initialized():
+        dist.all_reduce(total, group=strategy.loss_group())
+    strategy.step_metrics()
+    val_loss = total.item() / max(num_targets, 1)
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 700.0)),
+        "val_tokens": num_targets,
+        "val_time_s": time.perf_counter() - started,
+    }
+
+
+def _last_value(history: History, key: str) -> Any:
+    values = [value for value in history.values(key) if value is not None]
+    return values[-1] if values else None
 
 
 def _training_figures(train: TrainConfig, history: History, routing: Routing) -> dict[str, Any]:
@@ -465,7 +532,11 @@ def _write_plots(run_dir: Path, routing: Routing | None, history: History | None
         print(run_plots.PLOTS_SKIPPED, flush=True)
         return
     run_plots.write_loss_plot(
-        run_dir / "loss.png", history.values("step"), history.values("loss"), history.values("lr")
+        run_dir / "loss.png",
+        history.values("step"),
+        history.values("loss"),
+        history.values("lr"),
+        history.values("val_loss"),
     )
     if routing is not None and routing.tracks_load:
         run_plots.write_expert_load_plot(run_dir / "expert_load.png", routing.total_load.cpu())

@@ -30,12 +30,24 @@ def matplotlib_available() -> bool:
 MARKER_STEPS = 60
 
 
-def write_loss_plot(path: Path, steps: list[int], losses: list[float], lrs: list[float | None]) -> None:
-    save_figure_atomic(loss_figure(steps, losses, lrs), path)
+def write_loss_plot(
+    path: Path,
+    steps: list[int],
+    losses: list[float],
+    lrs: list[float | None],
+    val_losses: list[float | None] | None = None,
+) -> None:
+    save_figure_atomic(loss_figure(steps, losses, lrs, val_losses), path)
 
 
-def loss_figure(steps: list[int], losses: list[float], lrs: list[float | None]):
-    """Loss (left axis) and learning rate (right axis) over the steps, numbered from 1 as in metrics.jsonl."""
+def loss_figure(
+    steps: list[int],
+    losses: list[float],
+    lrs: list[float | None],
+    val_losses: list[float | None] | None = None,
+):
+    """Loss (left axis), validation loss where evaluated, and learning rate (right axis) over the steps,
+    numbered from 1 as in metrics.jsonl."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -43,6 +55,12 @@ def loss_figure(steps: list[int], losses: list[float], lrs: list[float | None]):
     loss_axes = figure.subplots()
     marker = "o" if len(steps) <= MARKER_STEPS else None
     loss_axes.plot(steps, losses, color="tab:blue", marker=marker, markersize=3, label="loss")
+    evaluated = [
+        (step, value) for step, value in zip(steps, val_losses or [], strict=False) if value is not None
+    ]
+    if evaluated:
+        loss_axes.plot(*zip(*evaluated, strict=True), color="tab:green", marker="o", label="validation loss")
+        loss_axes.legend(loc="upper right")
     loss_axes.set_xlabel("step")
     loss_axes.set_ylabel("loss", color="tab:blue")
     loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -57,7 +75,7 @@ def loss_figure(steps: list[int], losses: list[float], lrs: list[float | None]):
         )  # fmt: skip
         lr_axes.set_ylabel("learning rate", color="tab:orange")
         lr_axes.set_ylim(bottom=0)
-    loss_axes.set_title("training loss and learning rate")
+    loss_axes.set_title("training loss and learning rate" + (", validation loss" if evaluated else ""))
     return figure
 
 

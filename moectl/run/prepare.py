@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from moectl.config import PARALLEL_KEYS, ParallelConfig, RunConfig, build_config, merge_overrides
+from moectl.config import PARALLEL_KEYS, DataConfig, ParallelConfig, RunConfig, build_config, merge_overrides
 from moectl.data.sources import check_data
 from moectl.errors import UsageError
 from moectl.io.checkpoint import CheckpointInfo, latest_checkpoint
@@ -62,7 +62,7 @@ def resolve(config: str | None, overrides: dict[str, dict[str, Any]]) -> RunConf
 LAYOUT_KEYS = ("nproc", "dp_size", "tp_size", "ep_size", "nnodes", "node_rank", "rdzv_endpoint")
 FIXED_ON_RESUME = {
     "model": None,  # every key
-    "data": None,
+    "data": tuple(key for key in asdict(DataConfig()) if key not in ("cache_dir", "num_proc")),
     "train": ("seed", "global_batch", "seq_len", "optimizer", "momentum"),
 }
 
@@ -189,8 +189,17 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
 
         on_gpu = runtime.uses_gpu(train)
         fp8.check(train, on_gpu, runtime.training_dtype(train, on_gpu), strategy)
-    if cfg.data.source != "synthetic":
-        check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
+    check_data(cfg.data, cfg.model.vocab_size, train.seq_len, train.global_batch)
+    if train.attention == "flex_attention" and not runtime.uses_gpu(train):
+        raise UsageError(
+            "train.attention=flex_attention trains on GPUs only (torch's FlexAttention has no backward on "
+            "the CPU); use sdpa or eager here"
+        )
+    if train.eval_every and not (cfg.data.val_source or cfg.data.val_fraction):
+        raise UsageError(
+            f"train.eval_every={train.eval_every} evaluates a validation set: give --val-data SRC or "
+            "--set data.val_fraction=F"
+        )
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
         from moectl.io.hf import HFCheckpoint
 

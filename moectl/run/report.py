@@ -48,7 +48,13 @@ def step_line(record: dict[str, Any], world_size: int) -> str:
         speed += f" ({record['tokens_per_s']:,.0f} total)"
     return (
         f"loss {record['loss']:.4f} | {speed} | MFU {format_mfu(record['mfu'])} | "
-        f"mem {record['mem_gib']:.2f} GiB" + (f" | {WARMUP_LABEL}" if record["warmup"] else "")
+        f"mem {record['mem_gib']:.2f} GiB"
+        + (
+            f" | val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:,.2f})"
+            if "val_loss" in record
+            else ""
+        )
+        + (f" | {WARMUP_LABEL}" if record["warmup"] else "")
     )
 
 
@@ -248,6 +254,13 @@ def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
         ("peak memory", f"{summary['peak_mem_gib']:.2f} GiB on the busiest rank ({memory_kind})"),
         ("loss", loss),
     ]
+    if summary.get("final_val_loss") is not None:
+        rows.append(
+            (
+                "validation",
+                f"loss {summary['final_val_loss']:.4f}, perplexity {summary['final_val_ppl']:,.2f}",
+            )
+        )
     model_dir = run_dir / "model"
     rows.append(
         ("model dir", str(model_dir) if model_dir.is_dir() else "not written (train.save_model=false)")

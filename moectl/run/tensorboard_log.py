@@ -16,6 +16,8 @@ TENSORBOARD_DIR = "tensorboard"
 #: metrics.jsonl key -> TensorBoard tag
 SCALARS = {
     "loss": "train/loss",
+    "val_loss": "val/loss",
+    "val_ppl": "val/perplexity",
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
     "aux_loss": "train/aux_loss",
