@@ -537,7 +537,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "config-not-text": (lambda i: ["-c", str(i.file("binary.yaml", b"\xff\xfe\x00\x81"))], "is not text"),
     "data-is-a-directory": (
         lambda i: ["--data", str(i.directory("shards"))],
-        "data file {tmp}/shards is a directory, not a file",
+        "--data {tmp}/shards holds no .parquet, .jsonl or .txt files and is not a datasets.save_to_disk directory",
     ),
     "model-missing": (lambda i: ["--model", str(i.tmp / "absent-model")], "absent-model does not exist"),
     "model-config-is-a-directory": (
@@ -582,6 +582,7 @@ FLOAT_KEYS_BELOW = {  # key -> (a value below the key's range, the message)
     "train.aux_loss_coef": ("-0.1", "train.aux_loss_coef must not be negative"),
     "train.router_bias_update": ("-0.1", "train.router_bias_update must not be negative"),
     "train.peak_tflops": ("0", "train.peak_tflops must be positive"),
+    "data.val_fraction": ("-0.1", "data.val_fraction must lie in"),
 }
 
 

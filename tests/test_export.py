@@ -280,9 +280,9 @@ def _other_model(run: Path) -> Path:
 
 def _gone_tokenizer(run: Path) -> Path:
     config = run / "config.yaml"
-    config.write_text(
-        config.read_text().replace("tokenizer: null", f"tokenizer: {run / 'no-such-tokenizer'}")
-    )
+    text, count = re.subn(r"(?m)^(  tokenizer:).*$", rf"\1 {run / 'no-such-tokenizer'}", config.read_text())
+    assert count == 1, "config.yaml names no data.tokenizer"
+    config.write_text(text)
     return run / "checkpoints" / FINAL_STEP
 
 

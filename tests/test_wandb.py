@@ -118,7 +118,7 @@ def test_offline_run_logs_scalars_config_and_summary_and_a_resume_continues_it(
 ):
     """Two ranks, one W&B run (rank 0's) holding every step's TensorBoard scalars as metrics.jsonl has
     them, the resolved config and summary.json's figures; a resume from step 4 to step 10 redoes steps
-    4-7 without logging them again and adds 8 and 9 to the same W&B run."""
+    5-8 without logging them again and adds 9 and 10 to the same W&B run (steps count from 1)."""
     run = background_lane.result_or_run(TEST, _two_ranks(tmp_path_factory))
     (first,) = offline_runs(run)
     assert (first["run"].project, first["run"].display_name) == ("moectl-tests", "two-ranks")
@@ -128,7 +128,7 @@ def test_offline_run_logs_scalars_config_and_summary_and_a_resume_continues_it(
         key: config[key] for key in ("model", "train", "parallel")
     }
     metrics = _metrics(run)
-    assert sorted(first["history"]) == [record["step"] for record in metrics] == list(range(8))
+    assert sorted(first["history"]) == [record["step"] for record in metrics] == list(range(1, 9))
     for record in metrics:
         logged = first["history"][record["step"]]
         for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
@@ -152,13 +152,13 @@ def test_offline_run_logs_scalars_config_and_summary_and_a_resume_continues_it(
     wandb.teardown()  # the in-process run's W&B service
     _, second = offline_runs(run)
     assert second["run"].run_id == run_id
-    assert sorted(second["history"]) == [8, 9]
+    assert sorted(second["history"]) == [9, 10]
     metrics = _metrics(run)
-    assert [record["step"] for record in metrics] == list(range(10))
-    assert [second["history"][step]["train/loss"] for step in (8, 9)] == pytest.approx(
+    assert [record["step"] for record in metrics] == list(range(1, 11))
+    assert [second["history"][step]["train/loss"] for step in (9, 10)] == pytest.approx(
         [record["loss"] for record in metrics[8:]], rel=1e-6
     )
-    assert json.loads((run / "wandb" / "moectl-run.json").read_text()) == {"id": run_id, "last_step": 9}
+    assert json.loads((run / "wandb" / "moectl-run.json").read_text()) == {"id": run_id, "last_step": 10}
 
 
 def test_wandb_asked_for_but_not_installed_or_a_bad_mode_is_one_line(tmp_path, capsys, monkeypatch):

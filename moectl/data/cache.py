@@ -418,7 +418,8 @@ def ensure_cache(settings: BuildSettings, cache_dir: Path | None = None, note=pr
     root = cache_dir or default_cache_dir()
     name = f"{source_path.name.replace('.', '_')[:40]}-{settings.format}-{key}"
     final = root / name
-    if is_token_cache(final):
+    # A shared, read-only cache folder serves caches built before; building one needs write access.
+    if os.access(root, os.R_OK | os.X_OK) and is_token_cache(final):
         return final
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -426,6 +427,11 @@ def ensure_cache(settings: BuildSettings, cache_dir: Path | None = None, note=pr
         raise UsageError(
             f"cannot create the token cache folder {root} ({exc.strerror}); set data.cache_dir"
         ) from None
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        raise UsageError(
+            f"the token cache folder {root} is not writable by this user (permission denied); set "
+            "data.cache_dir to a folder it can write"
+        )
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(root / f".{name}.lock"))

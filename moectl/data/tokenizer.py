@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from moectl.errors import UsageError
+from moectl.io.paths import require_directory
+
+TOKENIZER_FIX = "give data.tokenizer a local tokenizer directory"
 
 #: the byte-level fallback: token ids 0-255 are bytes, 256 ends a document
 BYTE_EOS = 256
@@ -36,9 +39,9 @@ def load_tokenizer(directory: str | None) -> Any:
     """The tokenizer of a local directory (AutoTokenizer, local files only), or ByteTokenizer for None."""
     if directory is None:
         return ByteTokenizer()
-    path = Path(directory)
-    if not path.is_dir():
-        raise UsageError(f"tokenizer directory {path} does not exist; give a local tokenizer directory")
+    path = require_directory(
+        Path(directory), "tokenizer directory", "give data.tokenizer a local tokenizer directory"
+    )
     from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -62,6 +65,7 @@ def tokenizer_fingerprint(directory: str | None) -> str:
     token cache. 'bytes' for the byte-level fallback."""
     if directory is None:
         return "bytes"
+    require_directory(Path(directory), "tokenizer directory", TOKENIZER_FIX)
     digest = hashlib.sha256()
     for file in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(directory)).encode())

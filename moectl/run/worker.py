@@ -22,8 +22,9 @@ from typing import TextIO
 # Never let NCCL use NVLink multicast (NVLS): on shared hosts it can take the GPUs out of service.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
-#: lines a rank log holds that are progress, not errors: the header below and rank 0's step lines
-PROGRESS_LINE = re.compile(r"(== moectl worker rank |step \d+: |resumed at step )")
+#: lines a rank log holds that are progress, not errors: the header below, rank 0's step lines and its
+#: notes on the data it reads
+PROGRESS_LINE = re.compile(r"(== moectl worker rank |step \d+: |resumed at step |data: |validation: )")
 
 
 def start_worker_server() -> None:
