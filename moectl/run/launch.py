@@ -31,8 +31,10 @@ from moectl.run.worker import run as run_worker
 
 #: How the agent starts each worker. "forkserver": a fork of the worker server (`start_worker_server`),
 #: which imported torch, transformers and the training code once; "spawn": a new interpreter that
-#: imports them itself, seconds of CPU per worker. The server roughly halves what a launch of 4 workers
-#: on 2 cores takes (BENCHMARKS.md, "Launch latency"; bench/launch_latency.py compares the two).
+#: imports them itself, seconds of CPU per worker, and finalizes at its exit (see
+#: `moectl.run.runtime.exit_without_finalization` for what that can cost). On 2 cores the server halves a
+#: 2-worker launch and cuts a 4-worker one to a third (BENCHMARKS.md, "Launch latency";
+#: bench/launch_latency.py compares the two).
 WORKER_START_METHOD = "forkserver"
 
 
