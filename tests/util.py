@@ -178,7 +178,9 @@ def assert_outputs_complete(
     same losses; `checkpoint` is the newest checkpoint (None: none), complete, with no partial one
     left; summary.json and model/ exist exactly when the run `finished`; each of `ranks` launched
     workers wrote its log, down to its last line (`logs_end_with`, when given)."""
-    metrics = (run_dir / "metrics.jsonl").read_text() if steps else ""
+    metrics_file = run_dir / "metrics.jsonl"
+    assert metrics_file.is_file() or not steps, "no metrics.jsonl"
+    metrics = metrics_file.read_text() if metrics_file.is_file() else ""
     assert metrics.endswith("\n") or not metrics, f"metrics.jsonl ends mid-line: {metrics[-200:]!r}"
     records = [json.loads(line) for line in metrics.splitlines()]
     assert [record["step"] for record in records] == list(range(steps)), metrics[-500:]
