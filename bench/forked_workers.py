@@ -29,7 +29,7 @@ def _probe(results) -> None:
 
 
 def check_fork_server() -> bool:
-    from moectl.run.worker import start_worker_server
+    from moectl.run.launch import start_worker_server
 
     start_worker_server()
     context = multiprocessing.get_context("forkserver")

@@ -106,16 +106,6 @@ def train(
     ] = False,
 ) -> None:
     """Train with one strategy and write a run directory (config.yaml, metrics.jsonl, summary.json, model/)."""
-    if (
-        not dry_run
-        and not under_torchrun()
-        and any((d or 1) > 1 for d in (nproc, dp_size, tp_size, ep_size, nnodes))
-    ):
-        # Workers will be launched: the server they are forked from imports torch and the training code
-        # while this process checks the config (moectl.run.worker.start_worker_server).
-        from moectl.run.worker import start_worker_server
-
-        start_worker_server()
     from moectl.config import flag_overrides, merge_overrides, parse_set_option
     from moectl.run.prepare import describe, prepare
     from moectl.run.report import print_run_summary
@@ -377,37 +367,22 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input is one line on stderr and exit code 2, never a traceback.
 
     `argv` (default: sys.argv[1:]) lets tests run the CLI in-process. Click's own usage errors (an
-    unknown flag, `--steps abc`) are reduced to one line as well, instead of a boxed usage screen.
-    A process started by an outside torchrun leaves as moectl's own workers do (see
-    `moectl.run.worker.exit_without_finalization`), and so does a launcher once its workers are done and its
-    summary is out: finalizing a process that imported torch.distributed takes about a second and
-    writes nothing.
+    unknown flag, `--steps abc`) are reduced to one line as well, instead of a boxed usage screen. A
+    worker of an outside torchrun leaves without interpreter finalization once its output is out
+    (`moectl.run.runtime.exit_without_finalization`).
     """
     silence_known_import_noise()
-    if argv is not None:
+    if argv is not None or not under_torchrun():
         _main(argv)
         return
     try:
         _main(argv)
+        code = 0
     except SystemExit as exc:
-        _leave_if_launched(exc.code)
-        raise
-    _leave_if_launched(0)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    from moectl.run.runtime import exit_without_finalization
 
-
-def _leave_if_launched(code: int | str | None) -> None:
-    """Exit without interpreter finalization where torch.distributed's elastic machinery ran in this
-    process (an outside torchrun's worker, or a launcher whose workers are done); elsewhere return."""
-    if under_torchrun() or "moectl.run.launch" in sys.modules:
-        import atexit
-
-        from moectl.run.worker import exit_without_finalization
-
-        # The exit handlers still run (milliseconds): multiprocessing's remove the worker server's
-        # socket directory and release the agent's semaphores, which would otherwise be reported leaked.
-        atexit._run_exitfuncs()
-
-        exit_without_finalization(code if isinstance(code, int) else int(code is not None))
+    exit_without_finalization(code)
 
 
 def _main(argv: list[str] | None) -> None:

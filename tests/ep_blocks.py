@@ -13,7 +13,7 @@ import torch.distributed as dist
 from moectl.config import build_config
 from moectl.model.build import build_meta_model, materialize, random_init_source
 from moectl.parallel.ep_dispatch import ExpertParallelMoE, GroupedExperts
-from moectl.run.worker import exit_without_finalization
+from moectl.run.runtime import exit_without_finalization
 
 
 def tiny_model(seed: int = 0):
@@ -59,11 +59,11 @@ def gloo_ranks(init_file: str, rank: int, world: int) -> Iterator[None]:
     - every rank first waits on the file store until all ranks are done, so no rank closes its gloo
       connections while a peer may still be finishing the last collective (the store, not gloo, so no
       gloo message is in flight then);
-    - then the group is destroyed and the process exits without interpreter finalization, as a launched
-      worker does (`moectl.run.worker.exit_without_finalization`): anything still holding the group (the EP
-      blocks, kept by an expected exception's traceback) would destroy it during finalization, where
-      gloo's worker thread can no longer take the GIL and the process aborts ("terminate called without
-      an active exception").
+    - then the group is destroyed and the process exits without interpreter finalization, as a worker
+      of an outside torchrun does (`moectl.run.runtime.exit_without_finalization`): anything still
+      holding the group (the EP blocks, kept by an expected exception's traceback) would destroy it
+      during finalization, where gloo's worker thread can no longer take the GIL and the process
+      aborts ("terminate called without an active exception").
     """
     store = dist.FileStore(init_file, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)

@@ -7,6 +7,10 @@ and loader.
 
 from __future__ import annotations
 
+import math
+
+from tests.util import TENSORBOARD_ARGS
+
 #: the chunked lm_head + loss (micro-batches of 2 x 64 tokens: chunks of 48, 48 and 32 tokens)
 CHUNKED_LOSS = ["--set", "train.loss_chunk_tokens=48"]
 #: activation checkpointing of every decoder layer
@@ -18,7 +22,9 @@ FULL_CHECKPOINTING = ["--set", "train.activation_checkpointing=true"]
 # (tests/test_bench.py, test_every_strategy_runs_and_matches_the_reference).
 RING: dict[str, list[str]] = {
     "single": ["--strategy", "single"],
-    "ddp": ["--strategy", "ddp", "--nproc", "2"],  # 2 micro-batches per rank: DDP's no_sync
+    # 2 micro-batches per rank: DDP's no_sync; TensorBoard events (tests/test_console.py checks that
+    # the launched run's outputs are complete)
+    "ddp": ["--strategy", "ddp", "--nproc", "2", *TENSORBOARD_ARGS],
     # 4 micro-batches per rank (FSDP2's deferred reduce-scatter), checkpointing, and the chunked loss
     # (FSDP2 gathers the head inside the root's forward)
     "fsdp": [
@@ -65,3 +71,13 @@ def runs_in_one_process(args: list[str]) -> bool:
     """No --nproc and no degree above 1: the run needs no workers and can run in the test process."""
     degrees = ("--nproc", "--ep-size", "--tp-size", "--dp-size")
     return not any(flag in args and args[args.index(flag) + 1] != "1" for flag in degrees)
+
+
+def world_size(args: list[str]) -> int:
+    """The processes a layout's flags launch: --nproc, else the product of the degrees given."""
+    if "--nproc" in args:
+        return int(args[args.index("--nproc") + 1])
+    degrees = [
+        int(args[args.index(flag) + 1]) for flag in ("--dp-size", "--tp-size", "--ep-size") if flag in args
+    ]
+    return math.prod(degrees)

@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from moectl.run.report import summary_lines
-from tests.util import NUMERICS_STEPS, REPO, console_output, run_moectl, run_moectl_in_process
+from tests.layouts import CHECKPOINT_EVERY
+from tests.util import (
+    NUMERICS_STEPS,
+    REPO,
+    assert_outputs_complete,
+    console_output,
+    run_moectl,
+    run_moectl_in_process,
+)
 
 TINY_RUN = ["--steps", "3", "--global-batch", "8", "--micro-batch", "2"]
 
@@ -277,7 +285,8 @@ def test_a_terminal_gets_a_progress_bar_with_eta(tmp_path):
 
 @pytest.mark.layouts("ddp")
 def test_a_launched_run_prints_rank_0_unprefixed_and_logs_each_rank(trained):
-    """The suite's shared ddp run on 2 processes (tests/layouts.py): what its console showed."""
+    """The suite's shared ddp run on 2 processes (tests/layouts.py): what its console showed, and
+    everything it wrote complete after the launcher and its workers exited."""
     run_dir = trained("ddp")
     stdout, stderr = console_output(run_dir)
     assert "default_role" not in stdout + stderr
@@ -294,6 +303,8 @@ def test_a_launched_run_prints_rank_0_unprefixed_and_logs_each_rank(trained):
         assert all(PROGRESS_LINE.match(line) for line in text.splitlines()), text[:2000]
     assert f"step {NUMERICS_STEPS}:" in (logs / "rank0.log").read_text()
     assert "strategy     ddp on 2 processes (dp 2)" in stdout
+    last_checkpoint = NUMERICS_STEPS // CHECKPOINT_EVERY * CHECKPOINT_EVERY
+    assert_outputs_complete(run_dir, NUMERICS_STEPS, checkpoint=last_checkpoint, finished=True, ranks=2)
 
 
 BOOM_PLUGIN = """
@@ -335,6 +346,9 @@ def test_a_dead_worker_is_one_last_line_and_its_traceback_stays_in_its_log(tmp_p
     ], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "Traceback" in (run_dir / "logs" / "rank1.log").read_text()
+    assert_outputs_complete(run_dir, 0, checkpoint=None, finished=False, ranks=2)
+    last_line = (run_dir / "logs" / "rank1.log").read_text().splitlines()[-1]
+    assert last_line.endswith("RuntimeError: rank one exploded on purpose"), last_line
 
 
 def test_the_readme_describes_the_log_layout():

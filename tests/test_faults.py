@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.layouts import LAYOUTS, runs_in_one_process
+from tests.layouts import LAYOUTS, runs_in_one_process, world_size
 from tests.util import (
     NUMERICS_ARGS,
     REPO,
+    TENSORBOARD_ARGS,
+    assert_outputs_complete,
     assert_same_training,
     load_weights,
     losses,
@@ -43,17 +45,18 @@ def _latest_step(run: Path) -> int:
 
 @pytest.mark.parametrize(
     ("layout", "sig"),
-    [("ddp", signal.SIGINT), ("single", signal.SIGTERM)],
-    ids=["ddp-SIGINT", "single-SIGTERM"],
+    [("ddp", signal.SIGTERM), ("single", signal.SIGINT)],
+    ids=["ddp-SIGTERM", "single-SIGINT"],
 )
 def test_stop_signal_finishes_the_step_and_checkpoints(tmp_path, layout, sig):
-    """The signal goes to the moectl parent only (as Ctrl-C or `kill` would); under ddp the elastic
+    """The signal goes to the moectl parent only (as `kill` or Ctrl-C would); under ddp the elastic
     agent forwards it to the workers, which agree on a step, checkpoint together and exit. Both
-    signals go through the same handler; SIGINT is the one the agent forwards."""
+    signals go through the same handler. Metrics, TensorBoard events, every rank's log and the
+    checkpoint are complete after the exit."""
     run = tmp_path / "run"
     parent = subprocess.Popen(
         [sys.executable, "-m", "moectl", "train", "--run-dir", str(run), *LAYOUTS[layout], *NUMERICS_ARGS]
-        + ["--steps", "1000"],
+        + ["--steps", "1000", *TENSORBOARD_ARGS],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -81,7 +84,14 @@ def test_stop_signal_finishes_the_step_and_checkpoints(tmp_path, layout, sig):
     assert f"--resume {run}" in message, message
     steps_done = _latest_step(run)
     assert steps_done == len(losses(run))  # every finished step is in the checkpoint
-    assert not (run / "model").exists()
+    assert_outputs_complete(
+        run,
+        steps_done,
+        checkpoint=steps_done,
+        finished=False,
+        ranks=world_size(LAYOUTS[layout]) if layout != "single" else 0,
+        logs_end_with=f"interrupted: stopped by {sig.name} after step {steps_done}",
+    )
     # The checkpoint loads and training goes on (on one process: the layout may change).
     resume = ["--resume", str(run), "--strategy", "single", "--nproc", "1", "--steps", str(steps_done + 1)]
     train_run(run, *resume, in_process=True)
@@ -90,9 +100,11 @@ def test_stop_signal_finishes_the_step_and_checkpoints(tmp_path, layout, sig):
 
 def _stop_at_a_nonfinite_step(run: Path, layout: list[str]) -> int:
     """Train `layout` with a learning rate that blows up: exit 3, one line naming the step, nothing
-    of the bad step applied, no model written, the last good state checkpointed. Returns the step."""
+    of the bad step applied, no model written, the last good state checkpointed, and what the steps
+    before it wrote complete (metrics, TensorBoard events, every rank's log). Returns the step."""
     args = ["train", "--run-dir", str(run), *layout, *DIVERGING, "--steps", "6", "--checkpoint-every", "5"]
-    result = run_moectl_in_process(*args) if runs_in_one_process(layout) else run_moectl(*args)
+    in_process = runs_in_one_process(layout)
+    result = run_moectl_in_process(*args) if in_process else run_moectl(*args, *TENSORBOARD_ARGS)
     assert result.returncode == 3, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
     match = re.search(r"not finite at step (\d+)|loss is \w+ at step (\d+)", message)
@@ -100,8 +112,15 @@ def _stop_at_a_nonfinite_step(run: Path, layout: list[str]) -> int:
     assert "--resume" in message, message
     bad_step = int(match[1] or match[2])
     assert len(losses(run)) == bad_step - 1  # the bad step was not applied
-    assert not (run / "model").exists() and not (run / "summary.json").exists()
     assert _latest_step(run) == bad_step - 1  # the state before the bad step was checkpointed
+    assert_outputs_complete(
+        run,
+        bad_step - 1,
+        checkpoint=bad_step - 1,
+        finished=False,
+        ranks=0 if in_process else world_size(layout),
+        logs_end_with=f"error: {message.partition(': ')[2].split(';')[0]}",
+    )
     return bad_step
 
 

@@ -19,6 +19,8 @@ from tests.util import (
     NUMERICS_ARGS,
     NUMERICS_STEPS,
     REPO,
+    TENSORBOARD_ARGS,
+    assert_outputs_complete,
     assert_same_training,
     losses,
     run_moectl,
@@ -64,7 +66,8 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
 
 def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_reference, layout_data):
     """A SIGKILLed rank ends the job fast with exit code 1, naming rank 1, the logs and the resume
-    command; every rank logged to the run directory; the last complete checkpoint resumes (on one
+    command; every rank logged to the run directory, and the steps before the kill are complete in
+    metrics, TensorBoard events and the checkpoint; the last complete checkpoint resumes (on one
     process: the layout may change) and the run ends with the weights of one never interrupted."""
     plugin = tmp_path / "killer.py"
     plugin.write_text(KILLER_PLUGIN)
@@ -72,6 +75,7 @@ def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_re
     scratch = tmp_path / "tmp"  # the launcher's temporary files (its worker server's socket) go here
     scratch.mkdir()
     flags = ["--nproc", "2", "--checkpoint-every", "2", "--set", f"parallel.timeout_s={COLLECTIVE_TIMEOUT_S}"]
+    flags += TENSORBOARD_ARGS
     result = run_moectl(
         "train",
         "--strategy",
@@ -94,13 +98,11 @@ def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_re
     assert f"--resume {run_dir}" in last_line, last_line
     # The agent notices the dead process itself: no waiting for the collective timeout.
     assert ended - killed < COLLECTIVE_TIMEOUT_S / 2, f"job took {ended - killed:.1f} s to end after the kill"
-    assert not (run_dir / "model").exists()
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["launcher.log", "rank0.log", "rank1.log"]
-    assert "step 1:" in (run_dir / "logs" / "rank0.log").read_text()
+    assert f"step {KILLED_AT_STEP - 1}:" in (run_dir / "logs" / "rank0.log").read_text()
     assert list(scratch.iterdir()) == [], "the launcher left temporary files"
-
-    complete = [p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()]
-    assert complete == [f"step_{KILLED_AT_STEP - 1:06d}"], complete
+    done = KILLED_AT_STEP - 1
+    assert_outputs_complete(run_dir, done, checkpoint=done, finished=False, ranks=2)
     resume = ["--resume", str(run_dir), "--strategy", "single", "--nproc", "1"]
     train_run(run_dir, *resume, in_process=True)  # --run-dir equal to --resume is fine
     assert len(losses(run_dir)) == NUMERICS_STEPS  # metrics of the step redone after the checkpoint: once
@@ -108,12 +110,13 @@ def test_dead_worker_ends_the_job_and_its_checkpoint_resumes(tmp_path, single_re
 
 
 def test_runs_under_an_outside_torchrun(tmp_path, single_reference, layout_data):
-    """(b): `torchrun ... -m moectl train` trains in the workers torchrun started, same weights as single."""
+    """(b): `torchrun ... -m moectl train` trains in the workers torchrun started, same weights as single;
+    its workers leave without interpreter finalization, and everything they wrote is complete."""
     run_dir = tmp_path / "torchrun"
     torchrun = f"-m torch.distributed.run --nproc-per-node 2 --rdzv-endpoint 127.0.0.1:{_free_port()}"
-    moectl = f"-m moectl train --strategy ddp --run-dir {run_dir}"
+    moectl = f"-m moectl train --strategy ddp --run-dir {run_dir} --checkpoint-every {NUMERICS_STEPS}"
     result = subprocess.run(
-        [sys.executable, *torchrun.split(), *moectl.split(), *NUMERICS_ARGS, *layout_data],
+        [sys.executable, *torchrun.split(), *moectl.split(), *NUMERICS_ARGS, *layout_data, *TENSORBOARD_ARGS],
         capture_output=True,
         text=True,
         timeout=300,
@@ -123,6 +126,7 @@ def test_runs_under_an_outside_torchrun(tmp_path, single_reference, layout_data)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done: run directory") == 1  # printed by rank 0 only
     assert not (run_dir / "logs").exists()  # torchrun owns the workers' output, not moectl
+    assert_outputs_complete(run_dir, NUMERICS_STEPS, checkpoint=NUMERICS_STEPS, finished=True)
     assert_same_training(run_dir, single_reference)
 
 
@@ -176,6 +180,55 @@ def test_two_nodes_on_localhost_train_like_single(tmp_path, single_reference, la
     assert sorted(p.name for p in (run_dir / "node1").iterdir()) == ["config.yaml", "logs"]
     saved = (run_dir / "node1" / "config.yaml").read_text()
     assert f"rdzv_endpoint: 127.0.0.1:{port}" in saved and "node_rank: 1" in saved and "nnodes: 2" in saved
+
+
+# A launcher that forks one worker from multiprocessing's fork server, as moectl's does; the worker
+# watches it (moectl.run.worker.stop_when_the_launcher_ends) and notes the SIGINT it then gets.
+WATCHED_WORKER = """
+import multiprocessing, os, signal, sys, time
+from pathlib import Path
+
+from moectl.run.worker import stop_when_the_launcher_ends
+
+
+def work(note):
+    signal.signal(signal.SIGINT, lambda *_: (Path(note).write_text(str(os.getppid())), sys.exit(130)))
+    stop_when_the_launcher_ends()
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    worker = multiprocessing.get_context("forkserver").Process(target=work, args=(sys.argv[1],))
+    worker.start()
+    print(worker.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_forked_worker_stops_when_its_launcher_is_killed(tmp_path):
+    """A launcher killed by SIGKILL forwards no signal, and a forked worker's parent, the fork server,
+    lives on while the worker does: the worker watches the launcher and stops as on Ctrl-C."""
+    script, note = tmp_path / "launcher.py", tmp_path / "stopped"
+    script.write_text(WATCHED_WORKER)
+    launcher = subprocess.Popen(
+        [sys.executable, str(script), str(note)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        worker = int(launcher.stdout.readline())
+        assert not note.exists()
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while not note.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert note.exists(), "the worker was not stopped"
+        assert int(note.read_text()) != launcher.pid  # forked from the server, not the launcher
+        while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{worker}"), "the worker outlived its stop"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
 
 
 def test_the_worker_servers_import_output_is_kept_for_the_rank_logs(capfd, monkeypatch):

@@ -15,7 +15,14 @@ from moectl.bench.run_list import degrees_for
 from moectl.bench.verify import loss_mismatch
 from moectl.config import build_config
 from moectl.registry import available_strategies, get_strategy
-from tests.util import README_BENCH_SHOWCASE, REPO, assert_same_training, refused_in_process, run_moectl
+from tests.util import (
+    README_BENCH_SHOWCASE,
+    REPO,
+    assert_outputs_complete,
+    assert_same_training,
+    refused_in_process,
+    run_moectl,
+)
 
 TINY_RUN = ["--steps", "2", "--global-batch", "8", "--micro-batch", "2"]
 
@@ -232,7 +239,7 @@ def test_a_plugin_that_exits_at_import_only_in_the_workers_fails_the_run(tmp_pat
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "quitter.py failed to import (exit(0))" in lines[0], result.stderr
-    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
+    assert_outputs_complete(run_dir, 0, checkpoint=None, finished=False, ranks=2, logs_end_with="error: ")
 
 
 def test_a_module_plugin_whose_import_raises_is_one_line(tmp_path):

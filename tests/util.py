@@ -4,6 +4,7 @@ runs) and compare what two runs trained, tensor by tensor."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -163,6 +164,63 @@ def val_losses(run_dir: Path) -> dict[int, float]:
     """Validation loss by step, of the steps that evaluated."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {record["step"]: record["val_loss"] for record in records if "val_loss" in record}
+
+
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+#: train flags that make rank 0 write TensorBoard events too (when tensorboard is installed, as `make
+#: setup` does), for the runs whose outputs `assert_outputs_complete` checks
+TENSORBOARD_ARGS = ["--set", "train.tensorboard=true"] if HAS_TENSORBOARD else []
+
+
+def assert_outputs_complete(
+    run_dir: Path,
+    steps: int,
+    *,
+    checkpoint: int | None,
+    finished: bool,
+    ranks: int = 0,
+    logs_end_with: str | None = None,
+) -> None:
+    """What a user reads after a run ended, whichever way it ended, is whole: metrics.jsonl holds one
+    complete line per finished step, and TensorBoard's events (runs made with TENSORBOARD_ARGS) the
+    same losses; `checkpoint` is the newest checkpoint (None: none), complete, with no partial one
+    left; summary.json and model/ exist exactly when the run `finished`; each of `ranks` launched
+    workers wrote its log, down to its last line (`logs_end_with`, when given)."""
+    metrics_file = run_dir / "metrics.jsonl"
+    assert metrics_file.is_file() or not steps, "no metrics.jsonl"
+    metrics = metrics_file.read_text() if metrics_file.is_file() else ""
+    assert metrics.endswith("\n") or not metrics, f"metrics.jsonl ends mid-line: {metrics[-200:]!r}"
+    records = [json.loads(line) for line in metrics.splitlines()]
+    assert [record["step"] for record in records] == list(range(1, steps + 1)), metrics[-500:]
+
+    from moectl.config import build_config
+
+    if build_config(str(run_dir / "config.yaml")).train.tensorboard:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+        accumulator.Reload()
+        scalars = accumulator.Scalars("train/loss") if steps else []
+        assert [s.step for s in scalars] == list(range(1, steps + 1)), f"TensorBoard holds steps {scalars}"
+        assert [s.value for s in scalars] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+
+    root = run_dir / "checkpoints"
+    saved = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    expected = [] if checkpoint is None else [f"step_{checkpoint:06d}"]
+    assert saved[-1:] == expected, f"checkpoints: {saved}"
+    assert all((root / name / "COMPLETE").is_file() for name in saved), f"an incomplete checkpoint: {saved}"
+
+    assert (run_dir / "summary.json").is_file() == finished
+    assert (run_dir / "model").is_dir() == finished
+    if finished:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["losses"] == [record["loss"] for record in records]
+
+    for rank in range(ranks):
+        lines = (run_dir / "logs" / f"rank{rank}.log").read_text().splitlines()
+        assert lines and lines[0].startswith(f"== moectl worker rank {rank} of "), lines[:1]
+        if logs_end_with is not None:
+            assert lines[-1].startswith(logs_end_with), f"rank {rank}'s log ends with {lines[-1]!r}"
 
 
 # ---- numerics: what two runs trained ------------------------------------------------------------

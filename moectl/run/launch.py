@@ -2,8 +2,8 @@
 
 The agent watches its workers: when one dies, it stops the rest and raises, so a crashed rank ends
 the job with a non-zero code instead of leaving peers blocked in a collective. The workers are forked
-from a server process that has already imported torch and the training code
-(`moectl.run.worker.start_worker_server`), so none of them spends seconds importing it again.
+from a server process that has already imported torch and the training code (`start_worker_server`),
+so none of them spends seconds importing it again.
 """
 
 from __future__ import annotations
@@ -26,8 +26,16 @@ from moectl.config import ParallelConfig
 from moectl.errors import WorkerFailed
 from moectl.io.checkpoint import resume_hint
 from moectl.run.faults import AGREED_STOP_LABEL, last_error_line
-from moectl.run.worker import PROGRESS_LINE, rank_log_path, start_worker_server
+from moectl.run.worker import PROGRESS_LINE, SAFE_ENV, rank_log_path
 from moectl.run.worker import run as run_worker
+
+#: How the agent starts each worker. "forkserver": a fork of the worker server (`start_worker_server`),
+#: which imported torch, transformers and the training code once; "spawn": a new interpreter that
+#: imports them itself, seconds of CPU per worker, and finalizes at its exit (see
+#: `moectl.run.runtime.exit_without_finalization` for what that can cost). On 2 cores the server halves a
+#: 2-worker launch and cuts a 4-worker one to a third (BENCHMARKS.md, "Launch latency";
+#: bench/launch_latency.py compares the two).
+WORKER_START_METHOD = "forkserver"
 
 
 class ConsoleLogs(LogsSpecs):
@@ -84,9 +92,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_worker_server() -> None:
+    """Start the process the workers are forked from (multiprocessing's fork server), now.
+
+    It imports what every worker needs (moectl.run.worker_imports) once, while this process starts the
+    agent and the rendezvous, instead of each worker importing it again. The launcher starts it only
+    for a run that passed every check: nothing is started for input that is refused. It ends by itself
+    once this process and every worker forked from it have ended (multiprocessing's fork server
+    watches a pipe they hold); a worker whose launcher is gone stops (`moectl.run.worker`). The
+    server copies this process's environment as it starts, so the workers' environment is set
+    first. Calling it again does nothing.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["__main__", "moectl.run.worker_imports"]
+    )
+    forkserver.ensure_running()
+
+
 def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: Path, run_dir: Path) -> None:
     """Run `moectl.run.worker.run` on nproc_per_node local processes; rank 0's output on the console."""
-    start_worker_server()
+    for key, value in SAFE_ENV.items():
+        os.environ.setdefault(key, value)
+    if WORKER_START_METHOD == "forkserver":
+        start_worker_server()
     # On SIGINT/SIGTERM the agent forwards the signal and waits this long before SIGKILL: the
     # workers finish their step and write a checkpoint (torch's default, 30 s, is short for big models).
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(parallel.timeout_s))
@@ -106,7 +137,7 @@ def launch_workers(parallel: ParallelConfig, nproc_per_node: int, config_path: P
         rdzv_configs={"rank": parallel.node_rank} if parallel.nnodes > 1 else {},
         max_restarts=0,
         monitor_interval=0.2,
-        start_method="forkserver",
+        start_method=WORKER_START_METHOD,
         logs_specs=logs,
     )
     if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:  # torch >= 2.12

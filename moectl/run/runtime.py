@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -57,3 +60,28 @@ def rank() -> int:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def flush_output() -> None:
+    """Write out what this process printed or logged: Python's stdout and stderr, and every logging
+    handler (flushed and closed, `logging.shutdown`)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+
+
+def exit_without_finalization(code: int) -> NoReturn:
+    """Leave a process that ran a process group in its own interpreter (a worker of an outside torchrun)
+    once its output is out (`flush_output`); the run's files (metrics, TensorBoard events, checkpoints,
+    summary, model) are closed by the loop before.
+
+    Why not finalize: torch keeps DeviceMeshes, and through them their gloo process groups, in
+    module-level caches past `destroy_process_group` (DTensor's sharding propagation, its redistribute
+    planner and more, which differ between torch versions). Destroyed during finalization, a gloo
+    group's worker thread can no longer take the GIL and the process aborts ("terminate called without
+    an active exception") after a run that succeeded: 2-rank tp runs under torchrun on torch 2.13 (see
+    BENCHMARKS.md, "Leaving the interpreter"). Workers the launcher forks leave the same way through
+    multiprocessing's own exit.
+    """
+    flush_output()
+    os._exit(code)

@@ -1,6 +1,11 @@
 """Entry point of one worker process started by the elastic launcher (`run`, forked by the launcher's
 worker server, see moectl.run.launch).
 
+A worker writes out its output as it returns (`moectl.run.runtime.flush_output`); a forked worker then
+leaves through multiprocessing's own exit, which skips interpreter finalization (where gloo groups
+still held by torch's caches can abort a finished process, see
+`moectl.run.runtime.exit_without_finalization`). The run's own files are closed by the loop before.
+
 Every rank writes its stdout and stderr (tracebacks, warnings, C-level output) to
 `RUN_DIR/logs/rank<k>.log`; global rank 0 also keeps the console for its progress. What the worker
 server's imports printed (import-time warnings) is written there too.
@@ -8,11 +13,13 @@ server's imports printed (import-time warnings) is written there too.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -25,25 +32,6 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 #: lines a rank log holds that are progress, not errors: the header below, rank 0's step lines and its
 #: notes on the data it reads
 PROGRESS_LINE = re.compile(r"(== moectl worker rank |step \d+: |resumed at step |data: |validation: )")
-
-
-def start_worker_server() -> None:
-    """Start the process the launcher's workers are forked from (multiprocessing's fork server), now.
-
-    It imports what every worker needs (moectl.run.worker_imports) once, beside the launcher's own start-up,
-    instead of each worker importing it again: seconds of CPU per worker. The server copies this
-    process's environment as it starts, so the workers' environment is set first. Calling it again
-    does nothing. Imports nothing heavy, so the launcher calls it before it imports torch.
-    """
-    import multiprocessing
-    from multiprocessing import forkserver
-
-    for key, value in SAFE_ENV.items():
-        os.environ.setdefault(key, value)
-    multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["__main__", "moectl.run.worker_imports"]
-    )
-    forkserver.ensure_running()
 
 
 def rank_log_path(run_dir: Path, rank: int) -> Path:
@@ -124,10 +112,11 @@ def run(config_path: str, run_dir: str) -> None:
         code = 1
         if _lost_a_peer(exc):
             _wait_to_be_stopped(PEER_FAILURE_GRACE_S)
+    from moectl.run.runtime import flush_output
+
+    flush_output()
     if code:
-        exit_without_finalization(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
+        sys.exit(code)
 
 
 def _lost_a_peer(exc: BaseException) -> bool:
@@ -147,8 +136,28 @@ def _wait_to_be_stopped(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def stop_when_the_launcher_ends() -> None:
+    """Stop this worker as a Ctrl-C does (it finishes its step, checkpoints and exits) once its launcher
+    has ended without stopping it, e.g. killed by SIGKILL.
+
+    A spawned worker is the launcher's child and gets torch's parent-death signal (SIGINT) for this; a
+    forked one is the worker server's child, and the server lives on while any worker runs. Both
+    watch the launcher through multiprocessing's pipe to the process that started them.
+    """
+    launcher = multiprocessing.parent_process()
+    if launcher is None or launcher.pid == os.getppid():
+        return
+
+    def watch() -> None:
+        launcher.join()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
 def main(config_path: str, run_dir: str) -> int:
     console = redirect_output_to_log(Path(run_dir), int(os.environ.get("RANK", "0")))
+    stop_when_the_launcher_ends()
     server_imports = sys.modules.get("moectl.run.worker_imports")  # forked from the worker server
     if server_imports is not None and server_imports.OUTPUT:
         sys.stderr.write(server_imports.OUTPUT.decode(errors="replace"))
@@ -181,16 +190,3 @@ def main(config_path: str, run_dir: str) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
-
-def exit_without_finalization(code: int) -> None:
-    """Flush and leave, skipping interpreter finalization.
-
-    Global caches outlive `destroy_process_group` (DTensor's sharding-propagation cache keeps
-    DeviceMeshes, and through them their gloo process groups, alive). Destroyed during finalization,
-    a gloo group's worker thread can no longer take the GIL and the process aborts ("terminate called
-    without an active exception") after a successful run; seen on torch 2.13 in about 1 run in 8.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
