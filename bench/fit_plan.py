@@ -35,7 +35,10 @@ CHECKED = ("fit", "holdout", "profiled")  # the roles held to the bounds (tests/
 
 # (figures, the runs that set them); each group is solved with the figures of the groups before it.
 GROUPS = [
-    (("seconds_per_token_layer_compiled", "seconds_per_layer_sync"), lambda r: r.world == 1 and r.compile),
+    (
+        ("seconds_per_token_layer_compiled", "seconds_per_layer_sync", "seconds_per_token_layer_hf_experts"),
+        lambda r: r.world == 1 and r.compile,
+    ),
     (("seconds_per_token_layer_eager",), lambda r: r.world == 1 and not r.compile),
     (("all_to_all_bytes_per_s", "ep_dispatch_seconds_per_pair"), lambda r: r.strategy == "ep" and r.ep > 1),
     (("ddp_overlap",), lambda r: r.strategy == "ddp"),
@@ -51,6 +54,10 @@ SHARES = {"ddp_overlap"}
 UNITS = {
     "seconds_per_token_layer_compiled": ("ns per token and layer", 1e9),
     "seconds_per_layer_sync": ("ms per layer and micro-batch", 1e3),
+    "seconds_per_token_layer_hf_experts": (
+        "ns per token and layer (transformers' experts, beyond ep's)",
+        1e9,
+    ),
     "seconds_per_token_layer_eager": ("ns per token and layer", 1e9),
     "all_to_all_bytes_per_s": ("GB/s per GPU", 1e-9),
     "ep_dispatch_seconds_per_pair": ("ns per (token, expert) pair, layer and micro-batch", 1e9),
@@ -60,8 +67,7 @@ UNITS = {
 
 
 def step_time(run: MeasuredRun, cal: Calibration) -> float:
-    train, strategy = run_config(run)
-    return predict(strategy, train, cal=cal).step_time_s
+    return _prediction(run, cal).step_time_s
 
 
 def measured_step_time(run: MeasuredRun) -> float:
@@ -135,7 +141,7 @@ def rounded(cal: Calibration) -> Calibration:
 # ---- the tables -------------------------------------------------------------------------------------
 def _prediction(run: MeasuredRun, cal: Calibration):
     train, strategy = run_config(run)
-    return predict(strategy, train, cal=cal)
+    return predict(strategy, train, run.gpu, cal=cal)
 
 
 def figures_table(cal: Calibration) -> str:
@@ -221,7 +227,7 @@ def before_table(cal: Calibration) -> str:
         "| measured | predicted now |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for run in (r for r in MEASURED_RUNS if r.predicted_before):
+    for run in (r for r in MEASURED_RUNS if r.predicted_before and r.role != "pending"):
         p = _prediction(run, cal)
         tokens, memory = run.predicted_before
         rows.append(
@@ -252,9 +258,9 @@ def plan_table(cal: Calibration, gpu_counts=(4, 8)) -> str:
     """`moectl plan --config qwen3-30b-a3b --gpus N --gpu-mem 141 --seq-len 4096 --global-batch 64`: the
     fastest fitting variant of each degree set, then the degree sets where nothing fits."""
     rows = [
-        "| GPUs | layout (dp × tp, ep) | micro-batch | AC | tokens/s per GPU | MFU | exposed comm | ep dispatch "
-        "| peak GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| GPUs | layout (dp × tp, ep) | micro-batch | AC | loss chunk | tokens/s per GPU | MFU | exposed comm "
+        "| ep dispatch | peak GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     cfg = build_config("qwen3-30b-a3b", {"train": {"seq_len": 4096, "global_batch": 64}})
     for gpus in gpu_counts:
@@ -262,7 +268,11 @@ def plan_table(cal: Calibration, gpu_counts=(4, 8)) -> str:
         for row in shown_rows(plan, every_variant=False):
             lay, p = row.layout, row.prediction
             degrees = f"{lay.dp} × {lay.tp}" + (f", ep {lay.ep}" if lay.ep > 1 else "")
-            head = f"| {gpus} | {lay.label} ({degrees}) | {lay.micro_batch} | {'on' if lay.activation_checkpointing else 'off'} |"
+            chunk = f"{lay.loss_chunk_tokens:,}" if lay.loss_chunk_tokens else "off"
+            head = (
+                f"| {gpus} | {lay.label} ({degrees}) | {lay.micro_batch} | "
+                f"{'on' if lay.activation_checkpointing else 'off'} | {chunk} |"
+            )
             if row.does_not_fit:
                 m = p.memory
                 rows.append(

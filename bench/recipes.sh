@@ -390,3 +390,20 @@ for line in sys.stdin:
     r = json.loads(line)
     print('step', r['step'], 'val_loss', round(r['val_loss'], 4), 'val_tokens', r['val_tokens'], 'val_time_s', round(r['val_time_s'], 3))"
 }
+
+recipe_one_gpu_h100_calibration() {  # moectl plan's model on one H100: six runs of the 8-layer cut, predicted before
+  # they ran (BENCHMARKS.md, "The planner for H100, A100 and B200"; python3 bench/predict_h100.py): ep 1 at micro-batch
+  # 1, 2 and 8, single at 2 and 8, the loss whole and chunked at 8. Pure bf16, as the calibration's runs
+  # (train.precision=bf16 where the tree has it, train.dtype=bfloat16 before); balancing and load statistics off, which
+  # the model does not count. About 5 minutes; each run's summary (with `predicted`) lands in $OUT/summaries.jsonl.
+  local bf16
+  bf16=$($PY -c "from moectl.config import TrainConfig as T; print('--set train.precision=bf16' if 'precision' in T.__dataclass_fields__ else '--set train.dtype=bfloat16')")
+  local q="$CUT8 $SPEED $bf16 --set train.save_model=false --set train.aux_loss_coef=0 --set train.expert_load_stats=false --global-batch 8 --steps 8"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+  run h100_ep1_mb1 240 $q --strategy ep --ep-size 1 --micro-batch 1
+  run h100_ep1_mb2 200 $q --strategy ep --ep-size 1 --micro-batch 2
+  run h100_single_mb2 200 $q --strategy single --micro-batch 2
+  run h100_ep1_mb8 200 $q --strategy ep --ep-size 1 --micro-batch 8
+  run h100_ep1_mb8_chunk 200 $q $CHUNK --strategy ep --ep-size 1 --micro-batch 8
+  run h100_single_mb8_chunk 200 $q $CHUNK --strategy single --micro-batch 8
+}

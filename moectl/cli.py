@@ -281,7 +281,9 @@ def plan(
     ] = None,
     gpus: Annotated[int, Opt(help="GPUs per node.")] = 1,
     nodes: Annotated[int, Opt(help="Nodes (each with --gpus GPUs).")] = 1,
-    gpu: Annotated[str, Opt(help="GPU kind the model has figures for: h200.")] = "h200",
+    gpu: Annotated[
+        str, Opt(help="GPU kind: h200, h100 (H100 SXM 80 GB), a100 (A100 SXM 80 GB) or b200.")
+    ] = "h200",
     gpu_mem: Annotated[float | None, Opt(help="Memory per GPU in GiB. Default: the kind's.")] = None,
     seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
     global_batch: Annotated[int | None, Opt(help="Sequences per optimizer step.")] = None,

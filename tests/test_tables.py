@@ -108,8 +108,8 @@ def test_plan_at_80_columns(terminal, monkeypatch):
             assert sum(bool(re.match(rf"\s*{number}\s+{re.escape(label)}\s", line)) for line in table) >= 2
     else:
         header = next(line for line in table if line.lstrip().startswith("#"))
-        assert header.split() == ["#", "strategy", "dp", "tp", "ep", "micro", "AC", "compile", "tokens/s/GPU",
-                                  "MFU", "peak", "GiB", "comm", "fits"]  # fmt: skip
+        assert header.split() == ["#", "strategy", "dp", "tp", "ep", "micro", "AC", "compile", "loss", "chunk",
+                                  "tokens/s/GPU", "MFU", "peak", "GiB", "comm", "fits"]  # fmt: skip
         for number, label in enumerate(labels, 1):
             assert sum(bool(re.match(rf"\s*{number}\s+{re.escape(label)}\s", line)) for line in table) == 1
     for number, row in enumerate(plan["layouts"], 1):  # each command whole on its line

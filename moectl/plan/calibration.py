@@ -13,25 +13,110 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class GpuKind:
-    name: str
-    peak_flops: float  # dense bf16, the MFU table's figure
+    """One GPU kind: the maker's figures, and the bandwidths the model works with.
+
+    The figures of `Calibration` were measured on the kind `CALIBRATED_ON`; predict.py carries them to the
+    other kinds by these figures (what scales how is written there, in `compute_seconds`). Whether runs of a
+    kind check the model is `is_calibrated`, read from `MEASURED_RUNS`, never stated here."""
+
+    name: str  # as plan's title writes it
+    device_names: tuple[str, ...]  # exactly what torch.cuda.get_device_name() reports for this kind
+    peak_flops: float  # dense bf16 (the maker's sheet; the MFU table's figure)
     memory_gib: float  # what torch reports as the device's total memory
     hbm_bytes_per_s: float  # achieved by the streaming passes over parameters (optimizer, grad accumulation)
     allreduce_bytes_per_s: float  # NCCL bus bandwidth within a node (NVLink)
     network_bytes_per_s: float  # per GPU between nodes
+    sheet_hbm_bytes_per_s: float  # the maker's memory bandwidth
+    sheet_nvlink_bytes_per_s: float  # the maker's NVLink bandwidth per GPU (both directions)
 
 
+#: The kind the figures of `Calibration` and the achieved bandwidths below were measured on.
+CALIBRATED_ON = "h200"
+
+H200 = GpuKind(
+    name="H200",
+    device_names=("NVIDIA H200",),
+    # NVIDIA H200 Tensor Core GPU datasheet (H200 SXM; nvidia.com/en-us/data-center/h200): BF16 Tensor Core
+    # 1,979 TFLOPS with sparsity, so 989 dense; 141 GB HBM3e at 4.8 TB/s; NVLink 900 GB/s.
+    peak_flops=989e12,
+    memory_gib=139.8,
+    # profile_ep1_8l_compiled.txt: fused SGD over 5.61 B bf16 parameters (read p, g; write p) and the
+    # gradient-accumulation add_ (3 passes of 3 × 11.2 GB) ran at 3.5-4.4 TB/s.
+    hbm_bytes_per_s=3.6e12,
+    # profile_ep2_8l.txt: ep 2's dense-gradient all-reduce, 1.56 GB per step in 5.1 ms of NCCL kernels.
+    allreduce_bytes_per_s=306e9,
+    # Not measured (no multi-node run exists): one 400 Gb/s NIC per GPU, the usual H200 HGX node.
+    network_bytes_per_s=50e9,
+    sheet_hbm_bytes_per_s=4.8e12,
+    sheet_nvlink_bytes_per_s=900e9,
+)
+
+
+def scaled_from_h200(
+    name: str,
+    device_names: tuple[str, ...],
+    peak_flops: float,
+    memory_gib: float,
+    sheet_hbm_bytes_per_s: float,
+    sheet_nvlink_bytes_per_s: float,
+    network_bytes_per_s: float,
+) -> GpuKind:
+    """A kind no run has measured: its achieved bandwidths are the H200's measured ones times the ratio of
+    the makers' sheets (the same share of the sheet's bandwidth reached on both)."""
+    return GpuKind(
+        name=name,
+        device_names=device_names,
+        peak_flops=peak_flops,
+        memory_gib=memory_gib,
+        hbm_bytes_per_s=H200.hbm_bytes_per_s * sheet_hbm_bytes_per_s / H200.sheet_hbm_bytes_per_s,
+        allreduce_bytes_per_s=H200.allreduce_bytes_per_s
+        * sheet_nvlink_bytes_per_s
+        / H200.sheet_nvlink_bytes_per_s,
+        network_bytes_per_s=network_bytes_per_s,
+        sheet_hbm_bytes_per_s=sheet_hbm_bytes_per_s,
+        sheet_nvlink_bytes_per_s=sheet_nvlink_bytes_per_s,
+    )
+
+
+# The memory torch reports (`total_memory`) for the kinds not measured here is PyTorch's own figure in its
+# out-of-memory message ("GPU 0 has a total capacity of … GiB") as printed on each kind in public logs.
 GPU_KINDS: dict[str, GpuKind] = {
-    "h200": GpuKind(
-        name="NVIDIA H200",
+    "h200": H200,
+    # NVIDIA H100 Tensor Core GPU datasheet (H100 SXM; nvidia.com/en-us/data-center/h100): BF16 Tensor Core
+    # 1,979 TFLOPS with sparsity (989 dense), 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s. NVIDIA DGX H100
+    # datasheet: eight single-port ConnectX-7 at 400 Gb/s, one per GPU.
+    "h100": scaled_from_h200(
+        name="H100",
+        device_names=("NVIDIA H100 80GB HBM3",),
         peak_flops=989e12,
-        memory_gib=139.8,
-        # profile_ep1_8l_compiled.txt: fused SGD over 5.61 B bf16 parameters (read p, g; write p) and the
-        # gradient-accumulation add_ (3 passes of 3 × 11.2 GB) ran at 3.5-4.4 TB/s.
-        hbm_bytes_per_s=3.6e12,
-        # profile_ep2_8l.txt: ep 2's dense-gradient all-reduce, 1.56 GB per step in 5.1 ms of NCCL kernels.
-        allreduce_bytes_per_s=306e9,
-        # Not measured (no multi-node run exists): one 400 Gb/s NIC per GPU, the usual H200 HGX node.
+        memory_gib=79.11,
+        sheet_hbm_bytes_per_s=3.35e12,
+        sheet_nvlink_bytes_per_s=900e9,
+        network_bytes_per_s=50e9,
+    ),
+    # NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM; nvidia.com/en-us/data-center/a100): BFLOAT16
+    # Tensor Core 312 TFLOPS (624 with sparsity), 80 GB HBM2e at 2,039 GB/s, NVLink 600 GB/s. NVIDIA DGX
+    # A100 datasheet: eight single-port ConnectX-6 at 200 Gb/s HDR, one per GPU.
+    "a100": scaled_from_h200(
+        name="A100",
+        device_names=("NVIDIA A100-SXM4-80GB",),
+        peak_flops=312e12,
+        memory_gib=79.15,
+        sheet_hbm_bytes_per_s=2.039e12,
+        sheet_nvlink_bytes_per_s=600e9,
+        network_bytes_per_s=25e9,
+    ),
+    # NVIDIA HGX B200 specifications (nvidia.com/en-us/data-center/hgx, eight GPUs at 1,000 W): FP16/BF16
+    # Tensor Core 36 PFLOPS with sparsity, so 2.25 PFLOPS dense per GPU; 1.44 TB HBM3e (180 GB per GPU);
+    # NVLink 1.8 TB/s per GPU. NVIDIA DGX B200 datasheet: 64 TB/s of HBM3e (8 TB/s per GPU), eight
+    # single-port ConnectX-7 at 400 Gb/s.
+    "b200": scaled_from_h200(
+        name="B200",
+        device_names=("NVIDIA B200",),
+        peak_flops=2250e12,
+        memory_gib=178.35,
+        sheet_hbm_bytes_per_s=8e12,
+        sheet_nvlink_bytes_per_s=1.8e12,
         network_bytes_per_s=50e9,
     ),
 }
@@ -56,14 +141,21 @@ class Calibration:
     grouped_gemm_half_rows: float = 150.0
     # Memory-bound work per token and layer (norms, rotary, SiLU·up, the one-GPU dispatch's gathers and
     # weighted sums) and per token for the loss, compiled and eager; and the GPU idle time per layer and
-    # micro-batch (launch gaps). Fitted on the one-GPU step times (role "fit").
-    seconds_per_token_layer_compiled: float = 2.09e-7
-    seconds_per_token_layer_eager: float = 9.57e-7
+    # micro-batch (launch gaps, the dispatch's host sync). Fitted on the one-GPU step times (role "fit");
+    # since transformers' experts have their own figure below, the three current-code ep runs set the
+    # compiled figure and the idle time (before it, single's slower experts pulled the idle time to 0.875 ms).
+    seconds_per_token_layer_compiled: float = 2.29e-7
+    seconds_per_token_layer_eager: float = 1e-6
     # Loss kernels per token: compiled 12.6 ms per 32,768 tokens (profile_ep1_8l_compiled.txt), eager
     # log-softmax forward + backward 39 ms per 32,768 tokens plus its fp32 copies (profile_ep1_8l.txt).
     seconds_per_token_loss_compiled: float = 3.85e-7
     seconds_per_token_loss_eager: float = 1.5e-6
-    seconds_per_layer_sync: float = 8.75e-4
+    seconds_per_layer_sync: float = 3.62e-4
+    # transformers' own experts, which every strategy but ep runs (the sort of the (token, expert) pairs, the
+    # gathers and the scatter-add around grouped_mm), beyond what ep's dispatch spends on the same rows on
+    # one GPU (its gathers and slot-sum kernels), per token and layer. Fitted on the one-GPU step times of
+    # single and ep (role "fit"): on one GPU ep 1 runs measured faster than single.
+    seconds_per_token_layer_hf_experts: float = 8.94e-8
     # ep > 1, the once-per-rank dispatch's own GPU time beyond what one GPU runs: building the exchange's
     # index tensors (the send order's scan, the pairs' sort), the gather of the rows to send, the expert
     # rank's weighted sum of a row's pairs (forward and backward), the combine of the returned rows, and
@@ -74,17 +166,17 @@ class Calibration:
     # (76 ns per pair before the slot-sum kernels, when profile_ep2_alone_prof.txt counted about 80 ms per
     # step of gather-reduce and index kernels at ep 2 on the 8-layer cut; the figure also holds the idle
     # time around them). Refit when the kernels change.
-    ep_dispatch_seconds_per_pair: float = 5.12e-8
+    ep_dispatch_seconds_per_pair: float = 5.65e-8
     # Communication, as the fraction of its transfer time (bytes / link bandwidth) that the step waits
     # for. ep's all-to-all: every exchange is waited for before the compute that needs it (ep_chunks 1,
     # the default), so nothing overlaps; what is fitted is the bandwidth the exchange reaches in step
     # time (the bytes `a2a_bytes_per_step` counts, uneven splits under real routing and the small
     # exchange of each row's choices included). ddp: the share of the gradient all-reduce hidden behind
-    # backward (a share: the fit is clamped to [0, 1]; the one ddp 2 run waits for all of it). fsdp: gathers and reduce-scatters cost more than their transfers (copy-in/out, no
-    # overlap seen).
+    # backward (a share: the fit is clamped to [0, 1]; one ddp 2 run sets it). fsdp: gathers and
+    # reduce-scatters cost more than their transfers (copy-in/out, no overlap seen).
     all_to_all_bytes_per_s: float = 1.37e11
-    ddp_overlap: float = 0
-    fsdp_exposure: float = 1.19
+    ddp_overlap: float = 0.163
+    fsdp_exposure: float = 1.12
     tp_overlap: float = 0.0  # tp's all-reduces sit on the forward and backward critical path
 
 
@@ -124,6 +216,11 @@ class MeasuredRun:
     predicted_before: tuple[float, float] | None = None
 
     @property
+    def gpu(self) -> str:
+        """The GPU kind it ran on (a key of GPU_KINDS): `machine` without its count ("h200x4" -> "h200")."""
+        return self.machine.split("x")[0]
+
+    @property
     def script(self) -> str:
         return RECIPES[self.recipe.split()[0]][0]
 
@@ -154,6 +251,7 @@ FIRST_HOST = (
     "host of the side-by-side pairs, a difference between hosts the model has no term for"
 )
 FEATURES_ON = "Qwen3's balancing (aux loss 0.001) and load statistics on, which the model does not count"
+FEATURES_OFF = {"aux_loss_coef": 0.0, "expert_load_stats": False}  # what the model counts: neither
 
 #: recipe key -> (the script that ran it, its raw result with {run} the run name)
 RECIPES = {
@@ -175,6 +273,7 @@ RECIPES = {
     "b4": ("recipe four-gpu-bench", "not run yet: {run}"),
     "4": ("recipe four-gpu-full-model", "not run yet: {run}"),
     "c1": ("recipe four-gpu-layouts", "not run yet: {run}"),
+    "h1": ("recipe one-gpu-h100-calibration", "not run yet: {run}"),
 }
 # fmt: off
 MEASURED_RUNS: list[MeasuredRun] = [
@@ -186,8 +285,10 @@ MEASURED_RUNS: list[MeasuredRun] = [
     MeasuredRun("single 8l mb2",        "2026-11-29", "h200x1", "c single_8l_closs",     "single", 1, 1, 1, 2, 8,  L8,    True,  False, 74736, 35.32, "fit"),
     MeasuredRun("proxy48 mb1",          "2026-11-29", "h200x1", "p proxy48_mb1",         "ep",     1, 1, 1, 1, 8,  PROXY, True,  False, 15144, 62.67, "holdout", OLD_DISPATCH),
     MeasuredRun("proxy48 mb2",          "2026-11-29", "h200x1", "p proxy48_mb2",         "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 17776, 91.99, "holdout", OLD_DISPATCH),
-    MeasuredRun("proxy48 mb2 profiled", "2026-11-29", "h200x1", "p proxy48_mb2_prof",    "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 15989, 91.99, "profiled",
-                OLD_DISPATCH + "; torch.profiler on 2 of its 4 timed steps"),
+    MeasuredRun("proxy48 mb2 profiled", "2026-11-29", "h200x1", "p proxy48_mb2_prof",    "ep",     1, 1, 1, 2, 8,  PROXY, True,  False, 15989, 91.99, "superseded",
+                SUPERSEDED + "the dispatch before once-per-rank and the slot-sum kernels, and torch.profiler on 2 of its 4 "
+                "timed steps: the profiler cost 10 % (against proxy48 mb2's 17,776), the slot sums gave the proxy +7.1 % "
+                "(proxy48 mb3 chunked slot sums)"),
     MeasuredRun("bench1 single 4l",     "2026-11-29", "h200x1", "b1 single",             "single", 1, 1, 1, 2, 8,  L4,    True,  False, 118965, 21.54, "fit"),
     MeasuredRun("bench1 ddp 4l",        "2026-11-29", "h200x1", "b1 ddp",                "single", 1, 1, 1, 2, 8,  L4,    True,  False, 118743, 21.54, "holdout",
                 "ddp on one process trains the unwrapped model: single's code"),
@@ -300,8 +401,35 @@ MEASURED_RUNS: list[MeasuredRun] = [
     MeasuredRun("mixed 2x2 gb4",        "pending",    "h200x4", "c1 mixed_30b",          "mixed",  4, 1, 2, 1, 4,  FULL,  True,  False, None, None, "pending"),
     MeasuredRun("ddp4 16l",             "pending",    "h200x4", "c1 ddp_16l",            "ddp",    4, 1, 1, 1, 8,  L16,   True,  False, None, None, "pending"),
     MeasuredRun("fsdp4 16l",            "pending",    "h200x4", "c1 fsdp_16l",           "fsdp",   4, 1, 1, 1, 8,  L16,   True,  False, None, None, "pending"),
+    # ---- one H100 (recipe one-gpu-h100-calibration): predicted before the runs (bench/predict_h100.py,
+    # BENCHMARKS.md "The planner for H100, A100 and B200"). Once run, each line takes its date, its
+    # summary.json's tokens_per_s_per_device and peak_mem_gib, the role fit or holdout, and RECIPES["h1"]
+    # the results' path (bench/results/<date>-h100x1/summaries.jsonl#{run}).
+    MeasuredRun("h100 ep1 8l mb1",      "pending",    "h100x1", "h1 h100_ep1_mb1",       "ep",     1, 1, 1, 1, 8,  L8,    True,  False, None, None, "pending",
+                train=FEATURES_OFF, predicted_before=(58351, 27.7)),
+    MeasuredRun("h100 ep1 8l mb2",      "pending",    "h100x1", "h1 h100_ep1_mb2",       "ep",     1, 1, 1, 2, 8,  L8,    True,  False, None, None, "pending",
+                train=FEATURES_OFF, predicted_before=(69637, 34.5)),
+    MeasuredRun("h100 single 8l mb2",   "pending",    "h100x1", "h1 h100_single_mb2",    "single", 1, 1, 1, 2, 8,  L8,    True,  False, None, None, "pending",
+                train=FEATURES_OFF, predicted_before=(64998, 34.5)),
+    MeasuredRun("h100 ep1 8l mb8",      "pending",    "h100x1", "h1 h100_ep1_mb8",       "ep",     1, 1, 1, 8, 8,  L8,    True,  False, None, None, "pending",
+                train=FEATURES_OFF, predicted_before=(81452, 66.2)),
+    MeasuredRun("h100 ep1 8l mb8 chunked", "pending", "h100x1", "h1 h100_ep1_mb8_chunk", "ep",     1, 1, 1, 8, 8,  L8,    True,  False, None, None, "pending",
+                train={**FEATURES_OFF, **CHUNKED}, predicted_before=(81452, 49.5)),
+    MeasuredRun("h100 single 8l mb8 chunked", "pending", "h100x1", "h1 h100_single_mb8_chunk", "single", 1, 1, 1, 8, 8, L8, True, False, None, None, "pending",
+                train={**FEATURES_OFF, **CHUNKED}, predicted_before=(75177, 49.5)),
 ]
 # fmt: on
+
+#: The roles of runs that check the model (tests/test_plan.py holds them to its bounds).
+CHECKED_ROLES = ("fit", "holdout", "profiled")
+
+
+def is_calibrated(kind: str) -> bool:
+    """Whether measured runs on GPUs of `kind` check the model (a run of role fit, holdout or profiled).
+    Until one does, plan marks the kind's predictions "uncalibrated": figures from the makers' sheets, the
+    efficiencies measured on CALIBRATED_ON assumed to carry over."""
+    return any(run.gpu == kind and run.role in CHECKED_ROLES for run in MEASURED_RUNS)
+
 
 #: The tiny preset's GPU runs (tiny_*.log and tiny_*_gpu*: 5-24k tokens/s at 0.1 GiB, MFU 0.0 %) are
 #: launch-bound at hidden size 64, a regime the model has no term for; plan never proposes such a run.

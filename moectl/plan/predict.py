@@ -21,6 +21,10 @@ Time per optimizer step on one GPU is compute plus the communication the step wa
   network between nodes, times the share its exposure class leaves exposed (moectl/plan/calibration.py
   says what was measured and what was fitted).
 
+Other GPU kinds (H100, A100, B200) take the makers' figures (peak FLOP/s, memory, bandwidths) and the
+H200's efficiencies; `compute_seconds` says which terms scale and which carry over. A kind is
+"calibrated" once measured runs on it check the model (`calibration.is_calibrated`).
+
 Nothing here starts a process group or needs a GPU.
 """
 
@@ -36,7 +40,15 @@ from moectl.errors import UsageError
 from moectl.model.sizing import count_params, estimate_memory_gib, flops_per_token
 from moectl.parallel.cost import Collective, Exposure, StepCost
 from moectl.parallel.dims import ParallelDims
-from moectl.plan.calibration import CALIBRATION, GPU_KINDS, Calibration, GpuKind, MeasuredRun
+from moectl.plan.calibration import (
+    CALIBRATED_ON,
+    CALIBRATION,
+    GPU_KINDS,
+    Calibration,
+    GpuKind,
+    MeasuredRun,
+    is_calibrated,
+)
 from moectl.registry import build_strategy, get_strategy
 from moectl.run import runtime
 from moectl.strategy import Layout, Strategy
@@ -46,7 +58,12 @@ from moectl.strategy import Layout, Strategy
 HEADROOM_GIB = 6.0
 #: Below this hidden size layers are launch-bound and the calibrated figures do not apply.
 SMALLEST_CALIBRATED_HIDDEN = 1024
-BYTES_PER_PARAM = 2  # bf16 weights, gradients and optimizer state, as runs on GPUs hold them
+#: bf16 weights, gradients and optimizer state, as runs on GPUs hold them: the default of `param_bytes`
+BYTES_PER_PARAM = 2
+#: bf16 activations and logits, whatever the parameters are kept in
+COMPUTE_BYTES = 2
+#: The chunk plan tries for train.loss_chunk_tokens when the config sets none: the measured one (BENCHMARKS.md)
+LOSS_CHUNK_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -96,14 +113,26 @@ def batch_problem(train: TrainConfig, dims: ParallelDims) -> str | None:
     return None
 
 
-def planned(train: TrainConfig, micro_batch: int, full_checkpointing: bool, compile: bool) -> TrainConfig:
-    """`train` with one of plan's variants: micro-batch, full activation checkpointing or not, compile.
+def planned(
+    train: TrainConfig,
+    micro_batch: int,
+    full_checkpointing: bool,
+    compile: bool,
+    loss_chunk_tokens: int | None = None,
+) -> TrainConfig:
+    """`train` with one of plan's variants: micro-batch, full activation checkpointing or not, compile, and
+    the loss chunked over `loss_chunk_tokens` tokens (0: the whole logits; None: as `train` has it).
     The plan has time figures for full checkpointing only; selective (compiled) changes memory, which the
     estimate sizes, so a selective run keeps it where the variant compiles."""
     selective = checkpointing_mode(train.activation_checkpointing) == "selective" and compile
     checkpointing = "full" if full_checkpointing else ("selective" if selective else "none")
+    chunk = train.loss_chunk_tokens if loss_chunk_tokens is None else loss_chunk_tokens
     return dataclasses.replace(
-        train, micro_batch=micro_batch, activation_checkpointing=checkpointing, compile=compile
+        train,
+        micro_batch=micro_batch,
+        activation_checkpointing=checkpointing,
+        compile=compile,
+        loss_chunk_tokens=chunk,
     )
 
 
@@ -113,8 +142,17 @@ def _as_planned(train: TrainConfig) -> TrainConfig:
 
 
 # ---- memory -----------------------------------------------------------------------------------------
-def predict_memory(model: ModelConfig, train: TrainConfig, dims: ParallelDims, cost: StepCost) -> MemoryParts:
-    """Peak GiB per GPU, split into what the dry-run's estimate sizes and what the strategy adds."""
+def predict_memory(
+    model: ModelConfig,
+    train: TrainConfig,
+    dims: ParallelDims,
+    cost: StepCost,
+    param_bytes: int = BYTES_PER_PARAM,
+) -> MemoryParts:
+    """Peak GiB per GPU, split into what the dry-run's estimate sizes and what the strategy adds, for
+    parameters (and their gradients and optimizer state) of `param_bytes` bytes; activations and logits
+    stay bf16 (2 bytes), as GPU runs compute. The logits term is one chunk's when train.loss_chunk_tokens
+    chunks the loss (`estimate_memory_gib`)."""
     counts = count_params(model)
     sharded = cost.params
     num_micro = train.global_batch // (train.micro_batch * dims.dp)
@@ -127,10 +165,14 @@ def predict_memory(model: ModelConfig, train: TrainConfig, dims: ParallelDims, c
         head = counts.embedding * sharded / counts.total if cost.fsdp_unit else counts.embedding
         grads = 0.0 if train.loss_chunk_tokens > 0 else head
     no_batch = dataclasses.replace(train, micro_batch=0)
-    static = estimate_memory_gib(model, no_batch, sharded, BYTES_PER_PARAM, grads)
+    static = estimate_memory_gib(model, no_batch, sharded, param_bytes, grads)
     no_layers = dataclasses.replace(model, num_layers=0)
-    logits = estimate_memory_gib(no_layers, train, 0, BYTES_PER_PARAM)
-    activations = estimate_memory_gib(model, train, sharded, BYTES_PER_PARAM, grads) - static - logits
+    logits = estimate_memory_gib(no_layers, train, 0, COMPUTE_BYTES)
+    activations = (
+        estimate_memory_gib(model, train, 0, COMPUTE_BYTES, 0)
+        - estimate_memory_gib(model, no_batch, 0, COMPUTE_BYTES, 0)
+        - logits
+    )
     activations += cost.recorded_bytes / 2**30
     extra_params = cost.buckets
     if cost.fsdp_unit and dims.dp > 1:
@@ -138,20 +180,48 @@ def predict_memory(model: ModelConfig, train: TrainConfig, dims: ParallelDims, c
         # stays gathered, and accumulation keeps whole gradients until the last micro-batch.
         extra_params = 2 * cost.fsdp_unit + cost.fsdp_root + (cost.grads - sharded if num_micro > 1 else 0)
     buffers = cost.buffer_bytes / 2**30
-    parts = MemoryParts(static + extra_params * BYTES_PER_PARAM / 2**30, activations, logits, buffers)
+    parts = MemoryParts(static + extra_params * param_bytes / 2**30, activations, logits, buffers)
     if num_micro == 1:  # the other candidate peak: every gradient made, the activations freed
-        after_backward = estimate_memory_gib(model, no_batch, sharded, BYTES_PER_PARAM)
-        after_backward += extra_params * BYTES_PER_PARAM / 2**30
+        after_backward = estimate_memory_gib(model, no_batch, sharded, param_bytes)
+        after_backward += extra_params * param_bytes / 2**30
         if after_backward > parts.total:
             return MemoryParts(after_backward, 0.0, 0.0, 0.0)
     return parts
 
 
 # ---- time ------------------------------------------------------------------------------------------
+def memory_bound_scale(gpu: GpuKind) -> float:
+    """How many times longer memory-bound work takes on `gpu` than on the kind the figures were measured on
+    (CALIBRATED_ON): the ratio of their HBM bandwidths (1 there)."""
+    return GPU_KINDS[CALIBRATED_ON].hbm_bytes_per_s / gpu.hbm_bytes_per_s
+
+
 def compute_seconds(
-    model: ModelConfig, train: TrainConfig, dims: ParallelDims, cost: StepCost, gpu: GpuKind, cal: Calibration
+    model: ModelConfig,
+    train: TrainConfig,
+    dims: ParallelDims,
+    cost: StepCost,
+    gpu: GpuKind,
+    cal: Calibration,
+    *,
+    hf_experts: bool = False,
+    param_bytes: int = BYTES_PER_PARAM,
 ) -> float:
-    """Busy and idle GPU time of one optimizer step on one rank, without communication."""
+    """Busy and idle GPU time of one optimizer step on one rank, without communication. `hf_experts`: the
+    experts run as transformers' own module (every strategy but ep), not as the dispatch's grouped GEMM.
+
+    The figures were measured on CALIBRATED_ON; on another kind the FLOP terms run at the same share of its
+    peak (the efficiencies carry over: the same kernels on the same tensor cores for the H100, an assumption
+    for other architectures), the memory-bound terms (per token and layer, the loss, transformers' experts,
+    ep's dispatch, the optimizer and accumulation passes) scale by its HBM bandwidth, and the idle time per
+    layer and micro-batch (launch gaps, host syncs: the host sets it) carries over unchanged.
+
+    The chunked loss (train.loss_chunk_tokens) has no time term of its own: it runs the three GEMMs of the
+    head at the same size class and one fused loss pass per chunk, as the compiled loss does (6 bytes per
+    logit); what it adds, zeroing and rescaling the head's weight gradient (3 passes over vocab × hidden
+    per micro-batch, 1.9 GB for Qwen3), is about 0.5 ms on an H200 against a micro-batch of 4,096 tokens
+    in 45 ms, below what the model resolves (BENCHMARKS.md predicted −0.3 % for it). Its memory is counted
+    (`predict_memory`)."""
     layers, hidden, tp = model.num_layers, model.hidden_size, dims.tp
     tokens = train.micro_batch * train.seq_len
     num_micro = train.global_batch // (train.micro_batch * dims.dp)
@@ -174,27 +244,31 @@ def compute_seconds(
     per_token_layer = (
         cal.seconds_per_token_layer_compiled if train.compile else cal.seconds_per_token_layer_eager
     )
+    if hf_experts:
+        per_token_layer += cal.seconds_per_token_layer_hf_experts
     per_token_loss = (
         cal.seconds_per_token_loss_compiled if train.compile else cal.seconds_per_token_loss_eager
     )
-    memory_bound = tokens * (layers * per_token_layer * recompute + per_token_loss)
+    slower = memory_bound_scale(gpu)
+    memory_bound = tokens * (layers * per_token_layer * recompute + per_token_loss) * slower
     per_micro_batch = flop_seconds + memory_bound + layers * cal.seconds_per_layer_sync
     sharded, whole_grads = cost.params, cost.grads
     states = 2 if train.optimizer == "adamw" else (1 if train.momentum else 0)
     # Optimizer: read weights and gradients, write weights, read and write each state; one more read of
     # the gradients for the norm and finiteness check. Accumulation: read, add, write the gradients.
     streamed = sharded * (4 + 2 * states) + (num_micro - 1) * whole_grads * 3
-    dispatch = dispatch_seconds(train, cost, cal)
-    return num_micro * per_micro_batch + streamed * BYTES_PER_PARAM / gpu.hbm_bytes_per_s + dispatch
+    dispatch = dispatch_seconds(train, cost, cal, gpu)
+    return num_micro * per_micro_batch + streamed * param_bytes / gpu.hbm_bytes_per_s + dispatch
 
 
-def dispatch_seconds(train: TrainConfig, cost: StepCost, cal: Calibration) -> float:
+def dispatch_seconds(train: TrainConfig, cost: StepCost, cal: Calibration, gpu: GpuKind) -> float:
     """The dispatch's GPU time per step beyond one GPU's (index building, gathers, the gather-reduce of a
     row's pairs, the combine, the host sync), at the fitted `ep_dispatch_seconds_per_pair` for every
     (token, chosen expert) pair whose rows cross ranks, of every layer and micro-batch; recomputed with
-    the layer under full checkpointing like the other per-token work. Part of compute_seconds."""
+    the layer under full checkpointing like the other per-token work, and scaled by HBM bandwidth like
+    it (gathers and index kernels are memory-bound). Part of compute_seconds."""
     recompute = 4 / 3 if checkpointing_mode(train.activation_checkpointing) == "full" else 1.0
-    return cost.dispatch_pairs * cal.ep_dispatch_seconds_per_pair * recompute
+    return cost.dispatch_pairs * cal.ep_dispatch_seconds_per_pair * recompute * memory_bound_scale(gpu)
 
 
 def collective_seconds(collective: Collective, gpu: GpuKind, cal: Calibration) -> float:
@@ -203,7 +277,9 @@ def collective_seconds(collective: Collective, gpu: GpuKind, cal: Calibration) -
     if collective.group == 1:
         return 0.0
     if collective.exposure is Exposure.ALL_TO_ALL:
-        bandwidth = cal.all_to_all_bytes_per_s
+        # The bandwidth the exchange reached on CALIBRATED_ON's NVLink, scaled by this kind's NVLink.
+        nvlink = gpu.allreduce_bytes_per_s / GPU_KINDS[CALIBRATED_ON].allreduce_bytes_per_s
+        bandwidth = cal.all_to_all_bytes_per_s * nvlink
         if collective.spans_nodes:  # the network at the share of its bandwidth the exchange reaches on NVLink
             bandwidth *= gpu.network_bytes_per_s / gpu.allreduce_bytes_per_s
         return collective.bytes_sent / bandwidth
@@ -234,35 +310,44 @@ def collective_bytes(strategy: Strategy, train: TrainConfig, name: str, nodes: i
 
 
 def predict(
-    strategy: Strategy, train: TrainConfig, gpu: str = "h200", nodes: int = 1, cal: Calibration = CALIBRATION
+    strategy: Strategy,
+    train: TrainConfig,
+    gpu: str = "h200",
+    nodes: int = 1,
+    cal: Calibration = CALIBRATION,
+    param_bytes: int = BYTES_PER_PARAM,
 ) -> Prediction:
     """Predicted tokens/s per GPU, peak memory per GPU and MFU of a checked strategy (its model, degrees
-    and options) on `nodes` nodes, for bf16 weights (what GPU runs hold). Raises ValueError where the plan
-    cannot predict: a strategy without a cost model, a batch its data-parallel ranks cannot split."""
+    and options) on `nodes` nodes of GPU kind `gpu`, for parameters of `param_bytes` bytes (2: bf16, what
+    GPU runs hold). Raises ValueError where the plan cannot predict: a strategy without a cost model, a
+    batch its data-parallel ranks cannot split."""
     kind, model, dims = GPU_KINDS[gpu], strategy.model_config, strategy.dims
     train = _as_planned(train)
     problem = batch_problem(train, dims)
     if problem:
         raise ValueError(problem)
-    cost = strategy.step_cost(train, dims.world_size // nodes, BYTES_PER_PARAM)
+    cost = strategy.step_cost(train, dims.world_size // nodes, param_bytes)
     if cost is None:
         raise ValueError(f"{strategy.name} has no cost model")
-    compute = compute_seconds(model, train, dims, cost, kind, cal)
+    hf_experts = not strategy.grouped_experts
+    compute = compute_seconds(
+        model, train, dims, cost, kind, cal, hf_experts=hf_experts, param_bytes=param_bytes
+    )
     comm = comm_seconds(cost, kind, cal)
     step = compute + sum(comm.values())
     tokens_per_s = train.global_batch * train.seq_len / step / dims.world_size
-    memory = predict_memory(model, train, dims, cost)
+    memory = predict_memory(model, train, dims, cost, param_bytes)
     mfu = flops_per_token(model, train.seq_len) * tokens_per_s / kind.peak_flops
-    dispatch = dispatch_seconds(train, cost, cal)
+    dispatch = dispatch_seconds(train, cost, cal, kind)
     exposed = sum(comm.values())
     return Prediction(tokens_per_s, memory.total, mfu, step, compute, exposed, memory, comm, dispatch)
 
 
-def run_prediction(cfg: RunConfig, strategy: Strategy) -> dict[str, float] | None:
+def run_prediction(cfg: RunConfig, strategy: Strategy) -> dict[str, float | str | bool] | None:
     """`moectl plan`'s prediction for a run about to train with `strategy` (its own degrees and options),
     for summary.json, so every GPU run checks the plan's model. None where the plan has no figures: a CPU
     run, an unknown GPU, fp32 weights, layers far smaller than the calibrated ones (launch-bound), a
-    strategy without a cost model."""
+    strategy without a cost model. `calibrated`: whether measured runs on this GPU kind check the model."""
     if not runtime.uses_gpu(cfg.train):
         return None
     kind = gpu_kind_for_device(torch.cuda.get_device_name())
@@ -276,6 +361,7 @@ def run_prediction(cfg: RunConfig, strategy: Strategy) -> dict[str, float] | Non
         return None
     return {
         "gpu": kind,
+        "calibrated": is_calibrated(kind),
         "tokens_per_s_per_device": prediction.tokens_per_s_per_gpu,
         "peak_mem_gib": prediction.peak_mem_gib,
         "mfu": prediction.mfu,
@@ -283,9 +369,10 @@ def run_prediction(cfg: RunConfig, strategy: Strategy) -> dict[str, float] | Non
 
 
 def gpu_kind_for_device(device_name: str) -> str | None:
-    """'h200' for "NVIDIA H200" and the like; None for a GPU the model has no figures for."""
-    name = device_name.upper()
-    return next((key for key, kind in GPU_KINDS.items() if kind.name.upper() in name), None)
+    """'h200' for "NVIDIA H200", 'h100' for "NVIDIA H100 80GB HBM3" (the names torch reports); None for a
+    GPU the model has no figures for, a variant of a known chip included (H100 PCIe, A100 40GB: other
+    peaks, bandwidths or memory)."""
+    return next((key for key, kind in GPU_KINDS.items() if device_name in kind.device_names), None)
 
 
 def run_config(run: MeasuredRun) -> tuple[TrainConfig, Strategy]:

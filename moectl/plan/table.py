@@ -16,14 +16,16 @@ from moectl.config import (
     RunConfig,
     TrainConfig,
     build_config,
+    checkpointing_mode,
     merge_overrides,
     parse_set_option,
 )
 from moectl.errors import UsageError
-from moectl.plan.calibration import CALIBRATION, GPU_KINDS, Calibration
+from moectl.plan.calibration import CALIBRATED_ON, CALIBRATION, GPU_KINDS, Calibration, is_calibrated
 from moectl.plan.predict import (
     BYTES_PER_PARAM,
     HEADROOM_GIB,
+    LOSS_CHUNK_TOKENS,
     SMALLEST_CALIBRATED_HIDDEN,
     Prediction,
     batch_problem,
@@ -35,7 +37,7 @@ from moectl.registry import available_strategies, get_strategy, option_owners
 from moectl.strategy import Layout, Strategy
 from moectl.tables import Column, output_console, show_table
 
-MICRO_BATCHES = (1, 2, 4, 8)
+MICRO_BATCHES = (1, 2, 4, 8, 16)
 #: the most memory per GPU --gpu-mem takes, in GiB (far beyond any GPU)
 MAX_GPU_MEM_GIB = 100_000
 
@@ -53,6 +55,7 @@ class PlannedLayout:
     micro_batch: int = 1
     activation_checkpointing: bool = False
     compile: bool = True
+    loss_chunk_tokens: int = 0  # train.loss_chunk_tokens: 0 keeps the whole logits
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,13 @@ def make_plan(
     sets: tuple[str, ...] = (),
     cal: Calibration = CALIBRATION,
 ) -> Plan:
-    """Every registered strategy's layouts of the machine (micro-batch, checkpointing and compile
-    variants of each) predicted; the ones it cannot run listed with the rule, the ones of a strategy
-    without a cost model listed as such."""
+    """Every registered strategy's layouts of the machine (micro-batch, checkpointing, compile and chunked
+    loss variants of each) predicted; the ones it cannot run listed with the rule, the ones of a strategy
+    without a cost model listed as such. Fitting rows rank fastest first; where two are predicted equally
+    fast (the chunked loss has no time term), the one that holds less memory comes first."""
     num_gpus, usable = gpus_per_node * nodes, gpu_mem_gib - HEADROOM_GIB
     rows, forbidden, no_cost_model = [], [], []
+    chunks = sorted({0, train.loss_chunk_tokens or LOSS_CHUNK_TOKENS})
     for name in available_strategies():
         strategy_cls = get_strategy(name)
         for layout in strategy_cls.layouts(num_gpus, model):
@@ -119,11 +124,13 @@ def make_plan(
                 forbidden.append((base, str(exc)))
                 continue
             variants = [
-                (dataclasses.replace(base, micro_batch=mb, activation_checkpointing=ac, compile=compiled),
-                 planned(train, mb, ac, compiled))
+                (dataclasses.replace(base, micro_batch=mb, activation_checkpointing=ac, compile=compiled,
+                                     loss_chunk_tokens=chunk),
+                 planned(train, mb, ac, compiled, chunk))
                 for mb in MICRO_BATCHES
                 for ac in (False, True)
                 for compiled in (True, False)
+                for chunk in chunks
             ]  # fmt: skip
             allowed = [(v, t) for v, t in variants if batch_problem(t, strategy.dims) is None]
             problem = strategy.redundant() or (
@@ -149,7 +156,9 @@ def make_plan(
                 rows.append(PlanRow(variant, p, why, command))
     rows.sort(
         key=lambda r: (
-            (1, r.prediction.peak_mem_gib) if r.does_not_fit else (0, -r.prediction.tokens_per_s_per_gpu)
+            (1, r.prediction.peak_mem_gib, 0.0)
+            if r.does_not_fit
+            else (0, -r.prediction.tokens_per_s_per_gpu, r.prediction.peak_mem_gib)
         )
     )
     return Plan(rows, forbidden, usable, no_cost_model)
@@ -172,11 +181,19 @@ def train_command(
         f"--global-batch {train.global_batch} --micro-batch {variant.micro_batch} --seq-len {train.seq_len}"
     ]
     parts += [f"--set {item}" for item in sets]
-    if variant.activation_checkpointing != train.activation_checkpointing:
+    if variant.activation_checkpointing != (checkpointing_mode(train.activation_checkpointing) == "full"):
         parts.append(f"--set train.activation_checkpointing={str(variant.activation_checkpointing).lower()}")
     if variant.compile != train.compile:
         parts.append(f"--set train.compile={str(variant.compile).lower()}")
+    if variant.loss_chunk_tokens != train.loss_chunk_tokens:
+        parts.append(f"--set train.loss_chunk_tokens={variant.loss_chunk_tokens}")
     return " ".join(parts)
+
+
+def machine_words(gpu: str, gpus_per_node: int, nodes: int) -> str:
+    """The machine as the title names it: "1 × H200", "8 × H100", "4 nodes × 8 H100"."""
+    kind = GPU_KINDS[gpu].name
+    return f"{gpus_per_node} × {kind}" if nodes == 1 else f"{nodes:,} nodes × {gpus_per_node} {kind}"
 
 
 def _degrees(lay: PlannedLayout) -> str:
@@ -236,7 +253,7 @@ def plan_command(
     if not 1 <= nodes <= MAX_NODES:
         raise UsageError(f"--nodes must be from 1 to {MAX_NODES:,}, got {nodes}")
     if gpu not in GPU_KINDS:
-        raise UsageError(f"unknown --gpu {gpu!r}; the model has figures for: {', '.join(GPU_KINDS)}")
+        raise UsageError(f"unknown --gpu {gpu!r}; give one of: {', '.join(GPU_KINDS)}")
     if gpu_mem_gib is not None and not HEADROOM_GIB < gpu_mem_gib <= MAX_GPU_MEM_GIB:
         if not math.isfinite(gpu_mem_gib):
             raise UsageError(f"--gpu-mem must be a finite number of GiB, got {gpu_mem_gib}")
@@ -267,9 +284,11 @@ def plan_command(
     memory = gpu_mem_gib or GPU_KINDS[gpu].memory_gib
     name = config or "tiny"
     plan = make_plan(cfg.model, cfg.train, name, gpu, gpus, nodes, memory, tuple(sets))
+    calibrated = is_calibrated(gpu)
     settings = {
         "config": name,
         "gpu": gpu,
+        "gpu_calibrated": calibrated,
         "gpus_per_node": gpus,
         "nodes": nodes,
         "gpu_mem_gib": memory,
@@ -280,8 +299,8 @@ def plan_command(
         print(json.dumps(plan_json(plan, settings, every_variant), indent=1))
         return
     console = output_console()
-    headers = ("#", "strategy", "dp", "tp", "ep", "micro", "AC", "compile", "tokens/s/GPU", "MFU", "peak GiB",
-               "comm", "fits")  # fmt: skip
+    headers = ("#", "strategy", "dp", "tp", "ep", "micro", "AC", "compile", "loss chunk", "tokens/s/GPU", "MFU",
+               "peak GiB", "comm", "fits")  # fmt: skip
     columns = [Column(h, "left" if h in ("strategy", "fits") else "right") for h in headers]
     rows = shown_rows(plan, every_variant)
     cells = [
@@ -294,6 +313,7 @@ def plan_command(
             str(row.layout.micro_batch),
             "on" if row.layout.activation_checkpointing else "off",
             "on" if row.layout.compile else "off",
+            f"{row.layout.loss_chunk_tokens:,}" if row.layout.loss_chunk_tokens else "off",
             f"{row.prediction.tokens_per_s_per_gpu:,.0f}",
             f"{100 * row.prediction.mfu:.1f}%",
             f"{row.prediction.peak_mem_gib:.1f}",
@@ -303,7 +323,8 @@ def plan_command(
         for number, row in enumerate(rows, 1)
     ]
     title = (
-        f"{name}: {gpus} × {nodes} {gpu} ({memory:g} GiB, {plan.usable_gib:g} usable), "
+        f"{name}: {machine_words(gpu, gpus, nodes)} ({'' if calibrated else 'uncalibrated; '}"
+        f"{memory:g} GiB, {plan.usable_gib:g} usable), "
         f"global batch {cfg.train.global_batch} × {cfg.train.seq_len} tokens"
     )
     show_table(console, columns, cells, title=title, keys=2)
@@ -319,6 +340,13 @@ def plan_command(
         "comm = share of the step spent waiting for communication. The model and its calibration: "
         "moectl/plan/predict.py, moectl/plan/calibration.py, BENCHMARKS.md."
     )
+    if not calibrated:
+        kind, reference = GPU_KINDS[gpu].name, GPU_KINDS[CALIBRATED_ON].name
+        lines.append(
+            f"{kind}: uncalibrated. No measured {kind} run checks these predictions yet: the figures are the "
+            f"maker's (peak FLOP/s, memory and bandwidths), the kernels' efficiencies the ones measured on "
+            f"{reference}s."
+        )
     if nodes > 1:
         lines.append(
             f"Between nodes the model assumes {GPU_KINDS[gpu].network_bytes_per_s / 1e9:g} GB/s per GPU: "
