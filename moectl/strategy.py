@@ -76,6 +76,13 @@ class Strategy:
         """Gradient elements one rank holds at its peak [as many as its parameters]."""
         return self.params_per_rank(counts)
 
+    def compute_copy_params(self, counts: ParamCounts) -> float:
+        """Weights of which a rank holds a bf16 copy at its peak under `train.precision=mixed`, for the
+        memory estimate. Default: every weight it holds (autocast's casts, alive from the forward that
+        makes them to the backward that reads them); a strategy whose layers FSDP2 gathers counts the
+        gathered units (`moectl.model.sizing.fsdp_gathered_params`)."""
+        return self.params_per_rank(counts)
+
     # ---- building ------------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         raise NotImplementedError

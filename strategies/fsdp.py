@@ -16,8 +16,8 @@ from torch import nn
 
 from moectl.config import TrainConfig
 from moectl.model.build import apply_layer_wrappers
-from moectl.model.sizing import ParamCounts
-from moectl.parallel.data_parallel import fully_shard_layers
+from moectl.model.sizing import ParamCounts, fsdp_gathered_params
+from moectl.parallel.data_parallel import fully_shard_layers, mixed_precision_policy
 from moectl.strategy import Materialize, Strategy
 
 
@@ -33,9 +33,14 @@ class FSDP(Strategy):
         # Deferring the reduce-scatter to the last micro-batch keeps every layer's gradient unsharded.
         return counts.total if num_micro_batches > 1 else self.params_per_rank(counts)
 
+    def compute_copy_params(self, counts: ParamCounts) -> float:
+        if self.dims.world_size == 1:  # no FSDP on one process: autocast's casts of every weight
+            return counts.total
+        return fsdp_gathered_params(counts, self.model_config.num_layers)
+
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         apply_layer_wrappers(model, train)  # AC -> compile, before FSDP (the fixed wrap order)
         if self.dims.world_size > 1:  # one process, no process group: one shard is the whole model
-            fully_shard_layers(model, self.dims.mesh("dp"))
+            fully_shard_layers(model, self.dims.mesh("dp"), mixed_precision_policy(train))
         materialize(model)  # each rank fills only its own shards
         return model

@@ -18,8 +18,8 @@ from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
 from moectl.io.dcp_layouts import LocalBoxes
 from moectl.model.build import apply_layer_wrappers, local_shard
-from moectl.model.sizing import ParamCounts
-from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers
+from moectl.model.sizing import ParamCounts, fsdp_gathered_params
+from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers, mixed_precision_policy
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.tensor_parallel import (
     apply_tensor_parallel,
@@ -77,6 +77,12 @@ class Mixed(Strategy):
             return tensor_parallel_params_per_rank(self.model_config, counts, self.dims.tp)
         return self.params_per_rank(counts)
 
+    def compute_copy_params(self, counts: ParamCounts) -> float:
+        per_tp_rank = tensor_parallel_params_per_rank(self.model_config, counts, self.dims.tp)
+        if self.parallel.mixed_dp != "fsdp":
+            return per_tp_rank
+        return fsdp_gathered_params(counts, self.model_config.num_layers, per_tp_rank)
+
     @property
     def loss_scale(self) -> float:
         # FSDP2 averages gradients over dp; the hand-made all-reduce sums them.
@@ -86,7 +92,7 @@ class Mixed(Strategy):
         apply_tensor_parallel(model, self.dims.mesh("tp"))
         apply_layer_wrappers(model, train)
         if self.parallel.mixed_dp == "fsdp":
-            fully_shard_layers(model, self.dims.mesh("dp"))
+            fully_shard_layers(model, self.dims.mesh("dp"), mixed_precision_policy(train))
         # Every rank fills its shard from the same deterministic source, so dp replicas start equal.
         materialize(model)
         return model

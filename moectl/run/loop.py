@@ -27,6 +27,7 @@ from moectl.io.hf import HFCheckpoint, save_hf_model
 from moectl.io.outputs import write_json_atomic
 from moectl.model.build import build_meta_model, hf_config, materialize, random_init_source
 from moectl.model.loss import TokenLoss, build_token_loss, token_loss_sum
+from moectl.model.precision import Precision, save_dtype
 from moectl.model.routing import Routing
 from moectl.model.sizing import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.parallel.gradients import clip_gradients_
@@ -66,6 +67,8 @@ class Summary:
     final_loss: float
     losses: list[float] = field(default_factory=list)
     device: str = "cpu"
+    #: train.precision as run: bf16, mixed (fp32 weights and optimizer state, bf16 compute) or fp32
+    precision: str = "fp32"
     degrees: dict[str, int] = field(default_factory=dict)  # dp, tp, ep
     final_lr: float | None = None
     last_grad_norm: float | None = None
@@ -151,7 +154,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
     """Build, train and save; every rank runs this, rank 0 reports and writes."""
     train = cfg.train
     device = runtime.pick_device(train)
-    dtype = runtime.training_dtype(train, device.type == "cuda")
+    precision = runtime.precision(train, device.type == "cuda")
     is_rank0 = runtime.rank() == 0
     torch.manual_seed(train.seed)
 
@@ -162,8 +165,10 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         source = HFCheckpoint(Path(cfg.model.path))
     else:
         source = random_init_source(cfg.model, train.seed)
-    model = build_meta_model(cfg.model, dtype)
+    model = build_meta_model(cfg.model, precision.param_dtype)
+    precision.apply_to(model)
     loss_fn = build_token_loss(model, train.loss_chunk_tokens, train.compile)  # before any wrapper
+    loss_fn = precision.around(loss_fn, device.type)  # each micro-batch's forward in the compute dtype
     model = strategy.parallelize(model, lambda m: materialize(m, device, source, strategy.shard), train)
     model.train()
     optimizer = build_optimizer(model, train)
@@ -176,6 +181,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         start_step = checkpoint.load_checkpoint(resume, model, optimizer, strategy, train, extra=extra)
         routing.load_checkpoint_state(extra)
         resume_notes = _resume_notes(set(resume.meta.get("extra", [])), routing)
+        resume_notes += _precision_notes(resume.meta.get("param_dtype"), precision)
         history = History(checkpoint.restore_metrics(run_dir, start_step, is_rank0))
 
     dp_rank, dp_size = strategy.dims.dp_rank, strategy.dims.dp
@@ -309,6 +315,7 @@ def run_training(cfg: RunConfig, strategy: Strategy, run_dir: Path | None) -> Su
         final_loss=history.last("loss") if history.records else float("nan"),
         losses=history.values("loss"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        precision=precision.name,
         degrees={"dp": strategy.dims.dp, "tp": strategy.dims.tp, "ep": strategy.dims.ep},
         **_training_figures(train, history, routing),
         predicted=plan_prediction(cfg, world) if device.type == "cuda" else None,
@@ -350,10 +357,22 @@ def _resume_notes(saved: set[str], routing: Routing) -> list[str]:
     return notes
 
 
+def _precision_notes(saved_dtype: str | None, precision: Precision) -> list[str]:
+    """A resume in another precision than the checkpoint's: said, as its weights change dtype."""
+    if saved_dtype is None or saved_dtype == str(precision.param_dtype):
+        return []
+    return [
+        f"the checkpoint holds {saved_dtype.removeprefix('torch.')} weights and optimizer state; this run "
+        f"keeps them in {str(precision.param_dtype).removeprefix('torch.')} (train.precision={precision.name})"
+    ]
+
+
 def plan_prediction(cfg: RunConfig, world_size: int) -> dict[str, float] | None:
     """`moectl plan`'s prediction for this run, so every GPU run checks the plan's model; None where the
-    plan has no figures (an unknown GPU, a plugin strategy, fp32 weights, layers far smaller than the
-    calibrated ones, which are launch-bound)."""
+    plan has no figures (an unknown GPU, a plugin strategy, fp32 compute, layers far smaller than the
+    calibrated ones, which are launch-bound). Its figures are bf16 runs: under train.precision=mixed it
+    predicts the time of the same bf16 compute, and memory without the fp32 master copy until the plan
+    counts it."""
     kind = gpu_kind_for_device(torch.cuda.get_device_name())
     if kind is None or runtime.training_dtype(cfg.train, True) != torch.bfloat16:
         return None
@@ -391,7 +410,10 @@ def save_outputs(
             raise NonFiniteLoss(
                 f"non-finite weights in {bad[0]} (and {len(bad) - 1} more); the model was not written"
             )
-        save_hf_model(state, hf_config(cfg.model), run_dir / "model")
+        dtype = save_dtype(cfg.train.save_dtype, cfg.model.dtype)
+        for name, tensor in state.items():  # one tensor at a time: never a second whole copy
+            state[name] = tensor.to(dtype)
+        save_hf_model(state, hf_config(cfg.model, dtype), run_dir / "model")
     if routing is not None and routing.uses_bias:
         _save_tensors_atomic(routing.bias_tensors(), run_dir / ROUTER_BIAS_FILE)
     if routing is not None and routing.tracks_load:

@@ -179,7 +179,9 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
         from moectl.model import fp8
 
         on_gpu = runtime.uses_gpu(train)
-        fp8.check(train, on_gpu, runtime.training_dtype(train, on_gpu), strategy.name, strategy.dims.tp)
+        fp8.check(
+            train, on_gpu, runtime.precision(train, on_gpu).compute_dtype, strategy.name, strategy.dims.tp
+        )
     if cfg.data.source != "synthetic":
         check_data(cfg.data, cfg.model.vocab_size, train.seq_len)
     if cfg.model.path and resume_from is None:  # a resume takes its weights from the checkpoint
@@ -192,15 +194,16 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
 
 
 def param_bytes(cfg: RunConfig) -> int:
-    """Bytes per parameter as the run will hold (and save) them: bf16 on GPUs unless told otherwise."""
-    return runtime.training_dtype(cfg.train, runtime.uses_gpu(cfg.train)).itemsize
+    """Bytes per parameter as the run keeps them, in memory and in checkpoints: fp32 under `mixed` (the
+    GPU default) and `fp32` (the CPU default), 2 under `bf16`."""
+    return runtime.precision(cfg.train).param_dtype.itemsize
 
 
 def memory_note(cfg: RunConfig) -> str:
-    if cfg.train.dtype != "auto":
-        return f"train.dtype={cfg.train.dtype}"
-    if param_bytes(cfg) == 4:
-        return "auto: no GPU here; --set train.dtype=bfloat16 to size a GPU run"
+    if cfg.train.precision != "auto":
+        return f"train.precision={cfg.train.precision}"
+    if not runtime.uses_gpu(cfg.train):
+        return "auto: no GPU here; --set train.precision=mixed to size a GPU run"
     return "auto: GPU"
 
 
@@ -210,7 +213,16 @@ def describe(p: PreparedRun, console: Console) -> None:
     counts = count_params(cfg.model)
     per_rank = p.strategy.params_per_rank(counts)
     grads = p.strategy.grad_params_per_rank(counts, p.num_micro_batches)
-    memory = estimate_memory_gib(cfg.model, cfg.train, per_rank, param_bytes(cfg), grads)
+    precision = runtime.precision(cfg.train)
+    memory = estimate_memory_gib(
+        cfg.model,
+        cfg.train,
+        per_rank,
+        precision.param_dtype.itemsize,
+        grads,
+        compute_bytes=precision.compute_dtype.itemsize,
+        compute_copy_params=p.strategy.compute_copy_params(counts) if precision.casts else 0.0,
+    )
     console.print(cfg.to_yaml(), markup=False, highlight=False)
     table = Table(title=f"{p.strategy.name} on {p.world_size} process(es)", show_header=False)
     rows = [
@@ -228,10 +240,8 @@ def describe(p: PreparedRun, console: Console) -> None:
         ("data-parallel degree", str(p.strategy.dims.dp)),
         ("micro-batches per step (accumulation)", str(p.num_micro_batches)),
         ("parameters per rank", f"{format_count(per_rank)} ({round(per_rank):,})"),
-        (
-            "memory estimate per rank",
-            f"{memory:.2f} GiB at {'bf16' if param_bytes(cfg) == 2 else 'fp32'} ({memory_note(cfg)})",
-        ),
+        ("precision", f"{precision.describe()} ({memory_note(cfg)})"),
+        ("memory estimate per rank", f"{memory:.2f} GiB"),
     ]
     for name, value in rows:
         table.add_row(name, value)
