@@ -10,20 +10,24 @@
 - `bf16`: everything in bf16, as moectl trained on GPUs before: the cheapest, but such small updates
   round away and the weight never changes.
 
-How `mixed` computes in bf16, per path (verified on torch 2.11 and 2.13):
+How `mixed` computes in bf16, per path (checked on the CPU with torch 2.13 by tests/test_precision.py,
+which records the dtype of every GEMM, grouped GEMM and attention call of a training step):
 
 - FSDP2-managed parameters (`fsdp`, `mixed` over FSDP, `ep` with `parallel.fsdp`) follow FSDP2's
   `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32)`: the float32 shards are cast to bf16
   before the all-gather, the forward and backward see bf16 weights, and gradients are cast to float32
   before the reduce-scatter (and accumulated in float32 across micro-batches).
-- Everything else runs under `torch.autocast(bf16)` around each micro-batch's forward: matmuls and
-  attention take bf16 copies of the float32 weights; gradients flow back through the casts as float32.
-  The cache of those casts is off: every weight is used once per forward, and with activation
-  checkpointing the recomputation casts again instead of keeping every layer's copy until the forward
-  ends.
-- Where autocast does not reach, moectl casts itself (`compute_dtype`): `ep`'s rows before the token
-  exchange and its experts' weights before the grouped GEMM (autocast does not cover `grouped_mm` on
-  the CPU, nor an all-to-all), and the chunked lm_head + loss (in-place GEMMs autocast skips).
+- Every micro-batch's forward runs under `torch.autocast(bf16)`: matmuls and attention take bf16 copies
+  of float32 weights, and gradients flow back through the casts as float32, so DDP's and the hand-made
+  all-reduces sum float32. Elementwise work stays in its inputs' dtype: the residual stream and the
+  input norms' outputs stay float32 outside FSDP. The cache of the casts is off: every weight is used
+  once per forward, and with activation checkpointing the recomputation casts again instead of keeping
+  every layer's copy until the forward ends.
+- Where autocast does not reach, moectl casts: transformers' experts run on bf16 casts of their weights
+  (`Precision.apply_to`: `grouped_mm` is no autocast op); `ep` casts its rows before the token exchange
+  and its experts' weights before the grouped GEMM (`compute_dtype`); the chunked lm_head + loss casts
+  its input (its GEMMs write into given outputs, which autocast skips).
+- The router's logits are float32 under autocast (moectl/model/routing.py says why).
 """
 
 from __future__ import annotations
