@@ -407,3 +407,70 @@ recipe_one_gpu_h100_calibration() {  # moectl plan's model on one H100: six runs
   run h100_ep1_mb8_chunk 200 $q $CHUNK --strategy ep --ep-size 1 --micro-batch 8
   run h100_single_mb8_chunk 200 $q $CHUNK --strategy single --micro-batch 8
 }
+
+# Precision (`train.precision`, BENCHMARKS.md "Precision"): `mixed` (fp32 weights, gradients and optimizer
+# state, bf16 compute; the GPU default) against `bf16` (all bf16, the GPU default before), same flags, one
+# after the other on the same GPU. Each run's dry-run estimate is printed beside it (the estimate counts
+# mixed's fp32 copies; what it leaves out, the fp32 residual stream under autocast, shows here).
+PREC_CUT="$CUT8 $SPEED $CHUNK --set train.save_model=false --strategy ep --ep-size 1 --global-batch 16 --steps 8"
+PREC_PROXY="$PROXY --global-batch 4 --micro-batch 1 --steps 7"
+
+precision_pair() {  # NAME TIMEOUT ARGS...: NAME_bf16 and NAME_mixed, each after its dry-run estimate
+  local name=$1 limit=$2; shift 2
+  for precision in bf16 mixed; do
+    $MOECTL train "$@" --set train.precision=$precision --dry-run 2>/dev/null | grep -E "precision|memory estimate" | tr -s ' '
+    run "${name}_${precision}" "$limit" "$@" --set train.precision=$precision
+  done
+}
+
+precision_table() {  # the pairs' tokens/s per device and peak memory side by side, mixed's cost in %
+  $PY - "$OUT/summaries.jsonl" <<'PYEOF'
+import json, sys
+rows = {r["run"]: r for r in map(json.loads, open(sys.argv[1]))}
+print("| run | bf16 tokens/s | mixed tokens/s | mixed's cost | bf16 peak GiB | mixed peak GiB |")
+print("| --- | --- | --- | --- | --- | --- |")
+for name in sorted({run.rsplit("_", 1)[0] for run in rows if run.endswith(("_bf16", "_mixed"))}):
+    bf16, mixed = rows.get(f"{name}_bf16"), rows.get(f"{name}_mixed")
+    if not (bf16 and mixed):
+        print(f"| {name} | {'—' if not bf16 else round(bf16['tokens_per_s_per_device'])} | {'—' if not mixed else round(mixed['tokens_per_s_per_device'])} | one run missing (see its log) | | |")
+        continue
+    a, b = bf16["tokens_per_s_per_device"], mixed["tokens_per_s_per_device"]
+    print(f"| {name} | {a:,.0f} | {b:,.0f} | {100 * (1 - b / a):+.1f} % | {bf16['peak_mem_gib']:.1f} | {mixed['peak_mem_gib']:.1f} |")
+PYEOF
+}
+
+recipe_one_gpu_precision() {  # one H200: the cut at micro-batch 8 and 16, the 48-layer proxy at 1; bf16 vs mixed
+  # mixed holds 10 bytes per weight (fp32 weight and gradient, a bf16 copy) against bf16's 4: the cut at
+  # micro-batch 16 is estimated at 128 GiB (+ the fp32 residual stream), so micro-batch 8 is the pair that
+  # surely fits; on an H100 (80 GB) run MB=2 PROXY=0 (the proxy's mixed weights alone take 88 GB).
+  precision_pair prec_cut_mb${MB:-8} 200 $PREC_CUT --micro-batch "${MB:-8}"
+  [ -z "${MB:-}" ] && precision_pair prec_cut_mb16 200 $PREC_CUT --micro-batch 16
+  [ "${PROXY:-1}" = 1 ] && precision_pair prec_proxy48_mb1 240 $PREC_PROXY
+  precision_table
+}
+
+# Fine-tuning at lr 1e-5 with AdamW: 300 steps of the cut, 2 sequences of 4096 per step (the same data in
+# every run), loss curves of fp32, mixed and bf16 in one plot (bench/loss_curves.py, against fp32).
+# fp32's 8 GEMMs per token and layer run on the CUDA cores (~10x slower than bf16), so it runs alone first,
+# as its own call: `bash bench/run.sh one-gpu-precision-curves-fp32`, then `bash bench/run.sh
+# one-gpu-precision-curves` on the same machine (the curves read $RUNS). One H200: AdamW's fp32 state of the
+# cut's 5.6 B weights is 45 GB, 101 GB with mixed's weights and gradients (fp32: 90 GB).
+PREC_TUNE="$CUT8 $SPEED $CHUNK --set train.save_model=false --strategy ep --ep-size 1 --global-batch 2 --micro-batch 2 --steps 300 --lr 1e-5 --set train.optimizer=adamw --set train.expert_load_stats=false"
+
+recipe_one_gpu_precision_curves_fp32() {  # the fp32 run of the curves (about 6-7 minutes on an H200)
+  run tune_fp32 590 $PREC_TUNE --set train.precision=fp32
+}
+
+recipe_one_gpu_precision_curves() {  # bf16 and mixed runs of the curves, then the plot against fp32
+  run tune_mixed 280 $PREC_TUNE --set train.precision=mixed
+  run tune_bf16 280 $PREC_TUNE --set train.precision=bf16
+  local reference="$RUNS/tune_fp32"
+  [ -f "$reference/metrics.jsonl" ] || { echo "no $reference: run one-gpu-precision-curves-fp32 first; plotting against mixed"; reference="$RUNS/tune_mixed"; }
+  $PY bench/loss_curves.py "$reference" "$RUNS/tune_mixed" "$RUNS/tune_bf16" --plot "$OUT/precision_curves.png" | grep -v "^| tune_mixed | tune_mixed"
+}
+
+recipe_one_gpu_precision_fp8() {  # train.fp8 under mixed runs (fp32 master weights through torchao's Float8Linear): 4 steps of the cut
+  run fp8_mixed_smoke 200 $CUT8 $SPEED $FP8 --set train.save_model=false --strategy ep --ep-size 1 \
+    --global-batch 4 --micro-batch 2 --steps 4 --set train.precision=mixed
+  [ -f "$RUNS/fp8_mixed_smoke/summary.json" ] || tail -30 "$RUNS/fp8_mixed_smoke.log"
+}

@@ -19,6 +19,11 @@ import yaml
 from moectl.errors import UsageError
 from moectl.io.paths import require_file
 
+#: train.precision's values besides auto (moectl/model/precision.py says what each keeps in which dtype)
+PRECISIONS = ("bf16", "mixed", "fp32")
+#: the dtypes a saved model may be written in (`train.save_dtype`, `model.dtype`)
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "tiny"
 
@@ -44,6 +49,8 @@ class ModelConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     path: str | None = None  # a local HF checkpoint directory to load instead of random init
+    # the model's own dtype (config.json's `dtype`): what model/ is written in unless train.save_dtype says
+    dtype: str = "float32"
 
 
 @dataclass
@@ -94,7 +101,10 @@ class TrainConfig:
     wandb_run_name: str | None = None  # default: the run directory's name
     wandb_tags: str | None = None  # comma-separated
     wandb_mode: str | None = None  # online or offline; default: WANDB_MODE, else online
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    # auto (mixed on GPU, fp32 on CPU), mixed (fp32 weights, gradients and optimizer state, bf16 compute),
+    # bf16 (everything bf16), fp32 (everything fp32)
+    precision: str = "auto"
+    save_dtype: str = "auto"  # the final model's dtype: auto (model.dtype), float32, bfloat16, float16
     device: str = "auto"  # auto, cpu, cuda
     # none, full (recompute every layer in backward) or selective (keep GEMM and attention outputs, recompute
     # the cheap ops; compiled layers only); true / false mean full / none
@@ -203,6 +213,8 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
 RENAMED_KEYS = {
     "train.warmup_steps": "train.timing_warmup_steps (steps left out of the timing; the learning-rate "
     "warm-up is train.lr_warmup_steps)",
+    "train.dtype": "train.precision: mixed (fp32 weights and optimizer state, bf16 compute; the GPU default), "
+    "bf16 (what dtype bfloat16, or auto on a GPU, meant) or fp32 (what dtype float32 meant)",
 }
 
 
@@ -513,7 +525,9 @@ def validate(cfg: RunConfig) -> None:
         )
     choices = {
         "train.optimizer": (t.optimizer, ("sgd", "adamw")),
-        "train.dtype": (t.dtype, ("auto", "float32", "bfloat16")),
+        "train.precision": (t.precision, ("auto", *PRECISIONS)),
+        "train.save_dtype": (t.save_dtype, ("auto", *SAVE_DTYPES)),
+        "model.dtype": (m.dtype, SAVE_DTYPES),
         "train.device": (t.device, ("auto", "cpu", "cuda")),
         "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
         "train.lr_schedule": (t.lr_schedule, ("constant", "cosine", "linear")),

@@ -178,6 +178,15 @@ class Strategy:
         as such). Default: None."""
         return None
 
+    def compute_copy_params(self, cost: StepCost) -> float:
+        """Weights of which a rank holds a compute-dtype (bf16) copy at its peak under
+        `train.precision=mixed`, for the memory estimate, from its `step_cost`: FSDP2's gathered units (the
+        root, and two layers: the one computing and the one prefetched), else every weight it holds
+        (autocast's casts, alive from the forward that makes them to the backward that reads them)."""
+        if cost.fsdp_unit:
+            return cost.fsdp_root + 2 * cost.fsdp_unit
+        return cost.params
+
     # ---- building ------------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         raise NotImplementedError

@@ -31,9 +31,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig, checkpointing_mode
 from moectl.errors import UsageError
 from moectl.model.build import apply_layer_wrappers, decoder_layers
-from moectl.model.sizing import count_params
+from moectl.model.sizing import count_params, fsdp_gathered_params
 from moectl.parallel.cost import Collective, Exposure, StepCost, fsdp_bytes, ring
-from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers
+from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers, mixed_precision_policy
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.ep_dispatch import DispatchStats, ExpertParallelMoE, GroupedExperts
 from moectl.parallel.ep_recompute import checkpoint_contexts
@@ -170,6 +170,18 @@ class ExpertParallel(Strategy):
             collectives=(Collective("all-to-all", sent, ep, spans, Exposure.ALL_TO_ALL), *cost.collectives),
         )
 
+    def compute_copy_params(self, cost: StepCost) -> float:
+        counts = count_params(self.model_config)
+        local_experts = counts.experts / self.dims.ep
+        if not (self.options.fsdp and self.dims.world_size > 1):
+            return counts.dense + local_experts
+        dense = fsdp_gathered_params(counts, self.model_config.num_layers, counts.dense)
+        # Experts FSDP2 shards over their replicas are gathered a layer at a time (and the next
+        # prefetched); without replicas they stay plain and every layer's cast lives until its backward.
+        if self.dims.ep_replicate > 1:
+            return dense + 2 * local_experts / self.model_config.num_layers
+        return dense + local_experts
+
     @property
     def loss_scale(self) -> float:
         return 1.0
@@ -212,10 +224,10 @@ class ExpertParallel(Strategy):
         for layer in decoder_layers(model):
             localize(layer.mlp.experts)
         if self.options.fsdp and self.dims.world_size > 1:
-            self._fully_shard(model)
+            self._fully_shard(model, mixed_precision_policy(train))
         return model
 
-    def _fully_shard(self, model: nn.Module) -> None:
+    def _fully_shard(self, model: nn.Module, policy: MixedPrecisionPolicy) -> None:
         """Experts over their replicas (not at all without replicas: FSDP over one rank only copies),
         then every decoder layer and the root over all ranks; each layer prefetches the next explicitly."""
         layers = decoder_layers(model)
@@ -223,12 +235,10 @@ class ExpertParallel(Strategy):
         expert_params = {param for module in experts for param in module.parameters()}
         shard_experts = self.dims.ep_replicate > 1
         if shard_experts:
-            dtype = next(model.parameters()).dtype
-            policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
             for module in experts:
                 fully_shard(module, mesh=self.dims.mesh("ep_replicate"), mp_policy=policy)
         ignored = None if shard_experts else expert_params
-        fully_shard_layers(model, self.dims.mesh("dp"), sum_gradients=True, ignored_params=ignored)
+        fully_shard_layers(model, self.dims.mesh("dp"), policy, sum_gradients=True, ignored_params=ignored)
         # FSDP2 gathers a layer when the host reaches it; the dispatch's per-layer host sync keeps the
         # host from running ahead, so without explicit prefetch every gather would wait in the open.
         for index, layer in enumerate(layers):

@@ -18,7 +18,7 @@ from moectl.config import TrainConfig
 from moectl.model.build import apply_layer_wrappers
 from moectl.model.sizing import count_params
 from moectl.parallel.cost import Collective, Exposure, StepCost, fsdp_bytes
-from moectl.parallel.data_parallel import fully_shard_layers
+from moectl.parallel.data_parallel import fully_shard_layers, mixed_precision_policy
 from moectl.strategy import Materialize, Strategy
 
 
@@ -43,9 +43,14 @@ class FSDP(Strategy):
             collectives=collectives,
         )
 
+    def compute_copy_params(self, cost: StepCost) -> float:
+        if self.dims.world_size == 1:  # no FSDP on one process: autocast's casts of every weight
+            return cost.params
+        return super().compute_copy_params(cost)
+
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         apply_layer_wrappers(model, train)  # AC -> compile, before FSDP (the fixed wrap order)
         if self.dims.world_size > 1:  # one process, no process group: one shard is the whole model
-            fully_shard_layers(model, self.dims.mesh("dp"))
+            fully_shard_layers(model, self.dims.mesh("dp"), mixed_precision_policy(train))
         materialize(model)  # each rank fills only its own shards
         return model

@@ -20,7 +20,7 @@ from moectl.errors import UsageError
 from moectl.model.build import apply_layer_wrappers
 from moectl.model.sizing import count_params
 from moectl.parallel.cost import Collective, Exposure, StepCost, fsdp_bytes, ring
-from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers
+from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers, mixed_precision_policy
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.tensor_parallel import (
     TensorParallelState,
@@ -132,7 +132,7 @@ class Mixed(TensorParallelState, Strategy):
         apply_tensor_parallel(model, self.dims.mesh("tp"))
         apply_layer_wrappers(model, train)
         if self.options.dp == "fsdp":
-            fully_shard_layers(model, self.dims.mesh("dp"))
+            fully_shard_layers(model, self.dims.mesh("dp"), mixed_precision_policy(train))
         # Every rank fills its shard from the same deterministic source, so dp replicas start equal.
         materialize(model)
         return model

@@ -56,6 +56,24 @@ LAYOUTS: dict[str, list[str]] = {
     "ddp_one_process": ["--strategy", "ddp"],
     "fsdp_one_process": ["--strategy", "fsdp"],
 }
+#: train.precision=mixed: fp32 weights, gradients and optimizer state, bf16 compute (fp32 is the CPU default)
+MIXED_PRECISION = ["--set", "train.precision=mixed"]
+# Every strategy once more under mixed precision (tests/test_precision.py compares each with
+# `single.mixed`), with the levers of its fp32 layout where they take another path under mixed (the
+# chunked loss's casts, checkpointing's recompute of the casts, ep's chunks), and ep on 4 ranks with
+# expert replicas, whose gradients are reduced by hand (without FSDP) or by FSDP2 over the replicas.
+MIXED_PRECISION_LAYOUTS: dict[str, list[str]] = {
+    "single.mixed": [*RING["single"], *MIXED_PRECISION],
+    "ddp.mixed": [*RING["ddp"], *MIXED_PRECISION],
+    "fsdp.mixed": [*RING["fsdp"], *MIXED_PRECISION],
+    "tp.mixed": [*RING["tp"], *MIXED_PRECISION],
+    "mixed.mixed": [*RING["mixed"], *MIXED_PRECISION],
+    "mixed_ddp.mixed": [*LAYOUTS["mixed_ddp"], *MIXED_PRECISION],
+    "ep.mixed": [*RING["ep"], "--nproc", "4", *MIXED_PRECISION],
+    "ep_fsdp.mixed": [*RING["ep_fsdp"], *MIXED_PRECISION],
+}
+LAYOUTS.update(MIXED_PRECISION_LAYOUTS)
+
 #: every layout run writes checkpoints at steps 2, 4, 6, 8 and keeps the newest three (2 is pruned)
 CHECKPOINT_EVERY = 2
 KEEP_CHECKPOINTS = 3

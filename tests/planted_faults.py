@@ -103,8 +103,8 @@ FAULTS = [
         "fsdp-averages-instead-of-summing-under-ep",
         "ep with FSDP lets FSDP average gradients over the ranks where the loss already sums them",
         "strategies/ep.py",
-        'fully_shard_layers(model, self.dims.mesh("dp"), sum_gradients=True',
-        'fully_shard_layers(model, self.dims.mesh("dp"), sum_gradients=False',
+        'fully_shard_layers(model, self.dims.mesh("dp"), policy, sum_gradients=True',
+        'fully_shard_layers(model, self.dims.mesh("dp"), policy, sum_gradients=False',
         ["tests/test_ep.py::test_ep_matches_single"],
     ),
     Fault(

@@ -101,10 +101,27 @@ def test_fp8_without_torchao_or_on_an_older_gpu_names_the_fix(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 0))
     with pytest.raises(UsageError, match="compute capability 8.9 or newer; this GPU has 8.0"):
         fp8.check(train, True, torch.bfloat16, ep)
-    with pytest.raises(UsageError, match="trains bf16 weights"):
+    with pytest.raises(UsageError, match=r"needs bf16 compute.*--set train.precision=mixed"):
         fp8.check(train, True, torch.float32, ep)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
     fp8.check(train, True, torch.bfloat16, ep)  # a Hopper GPU with torchao: nothing to refuse
     monkeypatch.setitem(sys.modules, "torchao.prototype.moe_training.fp8_grouped_mm", None)
     with pytest.raises(UsageError, match=r"needs torchao .*pip install 'moectl\[fp8\]'"):
         fp8.check(train, True, torch.bfloat16, ep)
+
+
+def test_float8_linears_train_fp32_master_weights_under_mixed():
+    """`train.fp8` under `train.precision=mixed`: a Float8Linear takes the fp32 master weight as it is (its
+    scales from the fp32 values), answers in its input's bf16 and gives the weight an fp32 gradient."""
+    cfg, model = tiny_model()
+    fp8.convert_linears(model, emulate=True)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "Float8Linear" and q_proj.weight.dtype == torch.float32
+    hidden = torch.randn(4, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        out = q_proj(hidden)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16 and q_proj.weight.grad.dtype == torch.float32
+    exact = torch.nn.functional.linear(hidden.float(), q_proj.weight.detach())
+    error = float((out.float() - exact).norm() / exact.norm())
+    assert 0 < error < 0.1, error  # FP8's rounding (e4m3: 3 mantissa bits), no more

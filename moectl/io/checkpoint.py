@@ -167,8 +167,8 @@ def save_checkpoint(
         state["extra"] = dict(extra)
     with single_process_is_fine():
         dcp.save(state, checkpoint_id=str(staging))
-    device = next(model.parameters()).device
-    torch.save(_rng_state(device), staging / f"rng_rank{rank:05d}.pt")
+    first_param = next(model.parameters())
+    torch.save(_rng_state(first_param.device), staging / f"rng_rank{rank:05d}.pt")
     _barrier()
     if is_rank0:
         meta = {
@@ -177,6 +177,7 @@ def save_checkpoint(
             "strategy": strategy.name,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "torch": torch.__version__,
+            "param_dtype": str(first_param.dtype),  # what the weights and optimizer state are kept in
             "extra": sorted(extra or {}),
         }
         if model_dtype is not None:

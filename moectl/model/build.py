@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from moectl.config import ModelConfig, checkpointing_mode
+from moectl.config import SAVE_DTYPES, ModelConfig, checkpointing_mode
 from moectl.errors import UsageError
 from moectl.io.paths import require_directory, require_file
 
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
-def hf_config(cfg: ModelConfig) -> Qwen3MoeConfig:
+def hf_config(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Qwen3MoeConfig:
+    """transformers' config of the model; `dtype` (default: the model's own, `model.dtype`) is what its
+    config.json states its weights are stored in."""
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
@@ -54,6 +56,7 @@ def hf_config(cfg: ModelConfig) -> Qwen3MoeConfig:
         mlp_only_layers=[],
         use_cache=False,
         attn_implementation="sdpa",
+        dtype=dtype or getattr(torch, cfg.dtype),
     )
 
 
@@ -110,6 +113,17 @@ def refuse_unimplemented_fields(raw: dict, hf: Qwen3MoeConfig, config_file: Path
         )
 
 
+def _stored_dtype(raw: dict, config_file: Path) -> str:
+    """The dtype config.json says its weights are stored in (`dtype`, `torch_dtype` before transformers
+    5); without either, float32, as transformers then loads them."""
+    value = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    if value not in SAVE_DTYPES:
+        raise UsageError(
+            f"{config_file} sets dtype {value!r}; moectl reads and writes {', '.join(SAVE_DTYPES)} models"
+        )
+    return value
+
+
 def model_config_from_hf_dir(path: Path) -> ModelConfig:
     """Read a local HF checkpoint's config.json into our ModelConfig (no network, no remote code)."""
     config_file = path / "config.json"
@@ -159,6 +173,7 @@ def model_config_from_hf_dir(path: Path) -> ModelConfig:
             initializer_range=hf.initializer_range,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             path=str(path),
+            dtype=_stored_dtype(raw, config_file),
         )
     except UsageError:
         raise

@@ -1,5 +1,7 @@
 """FP8 training: GEMMs in float8 with rowwise scales, through torchao; weights, gradients, optimizer
-state and everything between the GEMMs stay as they were (bf16).
+state and everything between the GEMMs stay as they were (fp32 weights, gradients and optimizer state
+with bf16 compute under train.precision=mixed: a Float8Linear quantises its fp32 master weight directly
+and gives it an fp32 gradient; all bf16 under bf16).
 
 `train.fp8`: each decoder layer's attention q and o projections run as torchao's `Float8Linear` (rowwise
 recipe: every row of an operand gets its own power-of-two scale, computed on the fly). Only those two:
@@ -38,7 +40,7 @@ FP8_LINEARS = ("self_attn.q_proj", "self_attn.o_proj")
 
 def check(train: TrainConfig, on_gpu: bool, dtype: torch.dtype, strategy: Strategy) -> None:
     """Refuse `train.fp8` / `train.fp8_experts` where they cannot run under `strategy` (its degrees and
-    what it states it runs), with the fix, before anything starts."""
+    what it states it runs), with the fix, before anything starts (`dtype`: the run's compute dtype)."""
     flag = "train.fp8" if train.fp8 else "train.fp8_experts"
     if train.fp8_experts and not strategy.grouped_experts:
         raise UsageError(
@@ -56,7 +58,10 @@ def check(train: TrainConfig, on_gpu: bool, dtype: torch.dtype, strategy: Strate
             f"CPU: drop --set {flag}=true"
         )
     if dtype != torch.bfloat16:
-        raise UsageError(f"{flag} trains bf16 weights, not {dtype}: drop --set train.dtype")
+        raise UsageError(
+            f"{flag} needs bf16 compute, and train.precision=fp32 computes in {str(dtype).removeprefix('torch.')}: "
+            "use --set train.precision=mixed (or bf16)"
+        )
     capability = torch.cuda.get_device_capability()
     if capability < MIN_CAPABILITY:
         raise UsageError(

@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moectl.data.packing import IGNORE_INDEX
+from moectl.model.precision import compute_dtype
 
 #: (logits [c, V], targets [c], grad_scale) -> (summed loss in fp32, d(grad_scale · loss)/d logits)
 ChunkLossFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -73,8 +74,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     small next to the logits. They are made for d(loss)/d(loss) = grad_scale, the factor the loop
     multiplies the summed loss by before backward, so backward only rescales them by
     grad_output / grad_scale (exactly 1 in the loop: multiplying by it changes no bit). The head's weight
-    gradient is accumulated chunk by chunk in its own dtype by the GEMM (fp32 inside, one rounding per
-    chunk), as gradients already accumulate across micro-batches.
+    gradient is accumulated chunk by chunk in the weight's dtype (bf16: by the GEMM, fp32 inside, one
+    rounding per chunk; an fp32 master weight under train.precision=mixed: in fp32), as gradients
+    already accumulate across micro-batches.
     """
 
     @staticmethod
@@ -82,17 +84,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
+        # fp32 master weights (train.precision=mixed): the GEMMs take the weight in the hidden states'
+        # compute dtype, and its gradient adds up in fp32 over the chunks.
+        compute_weight = weight.to(hidden.dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = hidden[start : start + chunk_tokens]
-            logits = rows @ weight.t()
+            logits = rows @ compute_weight.t()
             chunk_loss, grad_logits = loss_fn(logits, targets[start : start + chunk_tokens], grad_scale)
             del logits
             loss += chunk_loss
             if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_tokens])
-            if grad_weight is not None:
+                torch.mm(grad_logits, compute_weight, out=grad_hidden[start : start + chunk_tokens])
+            if grad_weight is None:
+                continue
+            if grad_weight.dtype == rows.dtype:
                 grad_weight.addmm_(grad_logits.t(), rows)
+            else:
+                grad_weight += grad_logits.t() @ rows
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.grad_scale = grad_scale
         return loss
@@ -123,7 +132,7 @@ def chunked_linear_cross_entropy(
     DTensor operands (a head sharded by a parallel wrapper) take the unchunked path.
     """
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    if isinstance(hidden, DTensor) or isinstance(weight, DTensor):
+    if isinstance(hidden, DTensor) or isinstance(weight, DTensor):  # (autocast casts the unchunked path)
         return token_loss_sum(F.linear(flat_hidden, weight).unsqueeze(0), flat_targets)
     if not torch.is_grad_enabled():
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -131,6 +140,8 @@ def chunked_linear_cross_entropy(
             logits = flat_hidden[start : start + chunk_tokens] @ weight.t()
             loss += token_loss_sum(logits.unsqueeze(0), flat_targets[start : start + chunk_tokens])
         return loss
+    # The GEMMs below run in place or into given outputs, which autocast leaves alone: cast here.
+    flat_hidden = flat_hidden.to(compute_dtype(flat_hidden))
     return _ChunkedLinearCrossEntropy.apply(
         flat_hidden, weight, flat_targets, chunk_tokens, grad_scale, loss_fn
     )

@@ -130,12 +130,24 @@ def optimizer_states_per_param(train: TrainConfig) -> int:
     return 2 if train.optimizer == "adamw" else (1 if train.momentum else 0)
 
 
+def fsdp_gathered_params(counts: ParamCounts, num_layers: int, held_per_rank: float | None = None) -> float:
+    """Weights FSDP2 holds gathered at once, for the compute-dtype copies of `train.precision=mixed`: the
+    root's (embedding, final norm, lm_head: kept from its forward to its backward) and two decoder
+    layers' (the one computing and the one prefetched). `held_per_rank`: what a rank holds before FSDP
+    shards it (tensor parallelism's share; default the whole model)."""
+    held = counts.total if held_per_rank is None else held_per_rank
+    return counts.embedding + 2 * (held - counts.embedding) / num_layers
+
+
 def estimate_memory_gib(
     cfg: ModelConfig,
     train: TrainConfig,
     params_per_rank: float,
     param_bytes: int,
     grad_params_per_rank: float | None = None,
+    *,
+    compute_bytes: int | None = None,
+    compute_copy_params: float = 0.0,
 ) -> float:
     """Peak memory per rank: weights, gradients, optimizer state, one micro-batch's activations and
     logits. An estimate, not a promise. (Under accumulation the gradients of earlier micro-batches are
@@ -150,8 +162,18 @@ def estimate_memory_gib(
     train.loss_chunk_tokens chunks it (then also the head's weight and input gradients). Optimizer state is kept in the parameters' dtype. `grad_params_per_rank`
     (default: `params_per_rank`) counts the gradients a rank holds at its peak, which FSDP keeps
     unsharded while it defers their reduction to the last micro-batch.
+
+    Weights, gradients and optimizer state take `param_bytes` each; activations and logits
+    `compute_bytes` (default `param_bytes`: one dtype for both, as `bf16` and `fp32` train). Under
+    `train.precision=mixed` (4 and 2) the compute runs on bf16 copies of `compute_copy_params` weights
+    (`Strategy.compute_copy_params`: autocast's casts, alive from the forward that makes them to the
+    backward that reads them, or the units FSDP2 holds gathered). Not counted: under autocast the
+    residual stream and the input norms' outputs stay fp32, about 8·H more bytes per token and layer
+    (measured eager on a small Qwen3-MoE layer on the CPU).
     """
+    compute_bytes = param_bytes if compute_bytes is None else compute_bytes
     weights_and_state = params_per_rank * param_bytes * (1 + optimizer_states_per_param(train))
+    compute_copies = compute_copy_params * compute_bytes
     tokens = train.micro_batch * train.seq_len
     checkpointing = checkpointing_mode(train.activation_checkpointing)
     attention = 4 * cfg.num_heads * cfg.head_dim
@@ -162,16 +184,15 @@ def estimate_memory_gib(
     else:
         per_token_layer = 18 * cfg.hidden_size + attention + 10 * cfg.top_k * cfg.moe_intermediate_size
     layers_kept = 1 if checkpointing == "full" else cfg.num_layers
-    activations = tokens * per_token_layer * param_bytes * layers_kept
+    activations = tokens * per_token_layer * compute_bytes * layers_kept
     if checkpointing == "full":  # each layer's input is kept for the recomputation
-        activations += tokens * cfg.hidden_size * param_bytes * cfg.num_layers
-    logits_bytes = 2 * param_bytes + (0 if train.compile else 8)
+        activations += tokens * cfg.hidden_size * compute_bytes * cfg.num_layers
+    logits_bytes = 2 * compute_bytes + (0 if train.compile else 8)
     if train.loss_chunk_tokens > 0:  # one chunk's logits, plus the head's gradients made in forward
         chunk = min(train.loss_chunk_tokens, tokens)
-        logits = (
-            chunk * cfg.vocab_size * logits_bytes + (cfg.vocab_size + tokens) * cfg.hidden_size * param_bytes
-        )
+        head_gradients = (cfg.vocab_size * param_bytes + tokens * compute_bytes) * cfg.hidden_size
+        logits = chunk * cfg.vocab_size * logits_bytes + head_gradients
     else:
         logits = tokens * cfg.vocab_size * logits_bytes
     grads = (params_per_rank if grad_params_per_rank is None else grad_params_per_rank) * param_bytes
-    return (weights_and_state + grads + activations + logits) / 2**30
+    return (weights_and_state + grads + compute_copies + activations + logits) / 2**30

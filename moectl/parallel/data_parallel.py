@@ -16,15 +16,27 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from moectl.config import TrainConfig
 from moectl.model.build import decoder_layers
+from moectl.run import runtime
 
 #: gradients are flattened into buckets of about this size, one all-reduce each
 BUCKET_BYTES = 256 * 2**20
 
 
+def mixed_precision_policy(train: TrainConfig) -> MixedPrecisionPolicy:
+    """FSDP2's policy for the run's `train.precision`: the parameters are sharded in their dtype (fp32
+    under `mixed`, as under `fp32`; bf16 under `bf16`), gathered and computed with in the compute dtype,
+    and their gradients reduce-scattered (and accumulated across micro-batches) in the parameters'
+    dtype. Under `bf16` and `fp32` both dtypes are the parameters' own: FSDP adds no cast."""
+    precision = runtime.precision(train)
+    return MixedPrecisionPolicy(param_dtype=precision.compute_dtype, reduce_dtype=precision.param_dtype)
+
+
 def fully_shard_layers(
     model: nn.Module,
     mesh: DeviceMesh,
+    policy: MixedPrecisionPolicy | None = None,
     *,
     sum_gradients: bool = False,
     ignored_params: set[nn.Parameter] | None = None,
@@ -35,16 +47,16 @@ def fully_shard_layers(
     backward) and freed right after, so a rank never holds more than one layer unsharded. Parameters
     that are already DTensors (tensor parallel) become 2-D DTensors.
 
-    The parameters already hold the training dtype (bf16 on GPUs, fp32 on CPUs), as under `single`:
-    naming it as both compute and reduction dtype keeps FSDP from adding casts or an fp32 master copy.
-    `sum_gradients`: reduce sums instead of averages (for strategies whose loss is already normalised
-    to the global batch). On gloo every reduction is forced to SUM (with FSDP's own division when
-    averaging): gloo's AVG reduce-scatter averaged in some torch versions and silently summed in
-    others, and SUM is right on all. `ignored_params` stay plain tensors that FSDP neither shards nor
-    reduces (say experts that live on one rank only).
+    `policy`: FSDP2's mixed precision, `mixed_precision_policy(train)`; None computes and reduces in the
+    parameters' own dtype. `sum_gradients`: reduce sums instead of averages (for strategies whose loss
+    is already normalised to the global batch). On gloo every reduction is forced to SUM (with FSDP's
+    own division when averaging): gloo's AVG reduce-scatter averaged in some torch versions and silently
+    summed in others, and SUM is right on all. `ignored_params` stay plain tensors that FSDP neither
+    shards nor reduces (say experts that live on one rank only).
     """
-    dtype = next(model.parameters()).dtype
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
+    if policy is None:
+        dtype = next(model.parameters()).dtype
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=ignored_params)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored_params)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moectl.model.fp8 import grouped_mm_fp8
+from moectl.model.precision import compute_dtype
 from moectl.parallel.ep_recompute import Tape, TapeDeck
 from moectl.run.faults import ExpertOverload
 
@@ -573,9 +574,9 @@ class GroupedExperts(nn.Module):
     def anchored_empty(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Zero rows out of no rows, still depending on the weights (so they get a zero gradient, weight
         decay matches `single` and FSDP's reduce runs) and on the inputs (so this rank enters the
-        exchange backwards every other rank enters)."""
+        exchange backwards every other rank enters); in the rows' dtype, as every rank's returned rows."""
         anchor = self.gate_up_proj.sum() + self.down_proj.sum() + sum(t.sum() for t in inputs[1:])
-        return inputs[0] * 0 + 0 * anchor
+        return inputs[0] * 0 + (0 * anchor).to(inputs[0].dtype)
 
 
 class ExpertParallelMoE(nn.Module):
@@ -632,6 +633,9 @@ class ExpertParallelMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         scores, expert_ids = route(self.gate, x)
+        # Rows travel and meet the experts in the compute dtype (bf16 under train.precision=mixed, whose
+        # autocast reaches neither the exchange nor the grouped GEMM); the router saw them as they came.
+        x = x.to(compute_dtype(x))
         tape, replaying = self._tapes.start()
         if self.ep_size == 1:
             if replaying:
@@ -643,7 +647,7 @@ class ExpertParallelMoE(nn.Module):
             if replaying:
                 plan = tape.next()
             else:
-                plan = self._plan(expert_ids)
+                plan = self._plan(expert_ids, x.dtype)
                 if tape is not None:
                     tape.items.append(plan)
             run = LayerRun(self, plan, tape, replaying)
@@ -674,8 +678,10 @@ class ExpertParallelMoE(nn.Module):
             index.pair_choice,
             index.slots,
             offsets if kernel else None,
-            experts.gate_up_proj,
-            experts.down_proj,
+            # fp32 master weights (train.precision=mixed) are cast to the rows' dtype; their gradients
+            # come back through the cast in fp32
+            experts.gate_up_proj.to(rows.dtype),
+            experts.down_proj.to(rows.dtype),
             activation or experts.act_fn,
             None if kernel else pairs_per_expert,
             self.fp8 and kernel,
@@ -739,7 +745,7 @@ class ExpertParallelMoE(nn.Module):
             self.max_rows_factor, itemsize * (2 * hidden + 3 * width), itemsize * (top_k + 2) * hidden
         )
 
-    def _plan(self, expert_ids: torch.Tensor) -> LayerPlan:
+    def _plan(self, expert_ids: torch.Tensor, rows_dtype: torch.dtype) -> LayerPlan:
         """Count what goes where, exchange the counts of every chunk (one collective, one host sync), check
         the load, and build the send order and index tensors on the device."""
         num_tokens, top_k = expert_ids.shape
@@ -788,7 +794,7 @@ class ExpertParallelMoE(nn.Module):
         sizes = [num_chunks * num_ranks, num_chunks * num_ranks, num_chunks * num_local]
         sizes += [num_groups * num_ranks, num_groups * num_ranks, len(count_ranks)]
         sent, recv, pairs_host, loads, rows_host, free_host = _split(host, sizes)
-        self._check_load(loads, rows_host, free_host, count_ranks, num_groups)
+        self._check_load(loads, rows_host, free_host, count_ranks, num_groups, rows_dtype)
 
         # Send order: chunk-major, then destination rank, then token.
         rows_sent = counts[:, :, num_local].reshape(-1)  # [C·P] on the device
@@ -827,9 +833,12 @@ class ExpertParallelMoE(nn.Module):
             row += sum(chunk_sent)
         return LayerPlan(chunks, send_token, token_slots, send_ids, send_present, num_send)
 
-    def _check_load(self, loads, rows, free, count_ranks, num_groups) -> None:
-        """Stop every rank, at this layer, if any rank of any EP group would take more than allowed."""
-        limit = self.load_limit(self.experts.down_proj.dtype)
+    def _check_load(
+        self, loads, rows, free, count_ranks, num_groups, rows_dtype: torch.dtype | None = None
+    ) -> None:
+        """Stop every rank, at this layer, if any rank of any EP group would take more than allowed
+        (rows and their activations in `rows_dtype`, default the experts' dtype)."""
+        limit = self.load_limit(rows_dtype or self.experts.down_proj.dtype)
         for group in range(num_groups):
             pairs = loads[group * self.ep_size : (group + 1) * self.ep_size]
             share = sum(pairs) / self.ep_size

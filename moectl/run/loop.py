@@ -30,6 +30,7 @@ from moectl.io.hf_writer import HFModelWriter
 from moectl.io.outputs import follow_umask, write_json_atomic
 from moectl.model.build import build_meta_model, hf_config, materialize, random_init_source
 from moectl.model.loss import TokenLoss, build_token_loss, token_loss_sum
+from moectl.model.precision import Precision, save_dtype
 from moectl.model.routing import Routing
 from moectl.model.sizing import device_peak_flops, flops_per_token, mfu, peak_memory_gib, seed_flops_per_token
 from moectl.parallel.gradients import clip_gradients_
@@ -72,6 +73,8 @@ class Summary:
     final_val_loss: float | None = None  # the last evaluation's held-out loss (a validation set given)
     final_val_ppl: float | None = None
     device: str = "cpu"
+    #: train.precision as run: bf16, mixed (fp32 weights and optimizer state, bf16 compute) or fp32
+    precision: str = "fp32"
     degrees: dict[str, int] = field(default_factory=dict)  # dp, tp, ep
     final_lr: float | None = None
     last_grad_norm: float | None = None
@@ -163,7 +166,8 @@ def run_training(
     `moectl plan` predicts for the run (moectl.plan.predict.run_prediction), written beside what it measured."""
     train = cfg.train
     device = runtime.pick_device(train)
-    dtype = runtime.training_dtype(train, device.type == "cuda")
+    precision = runtime.precision(train, device.type == "cuda")
+    model_dtype = save_dtype(train.save_dtype, cfg.model.dtype)  # what model/ and an export are written in
     is_rank0 = runtime.rank() == 0
     torch.manual_seed(train.seed)
 
@@ -174,10 +178,12 @@ def run_training(
         source = HFCheckpoint(Path(cfg.model.path))
     else:
         source = random_init_source(cfg.model, train.seed)
-    model = build_meta_model(cfg.model, dtype)
+    model = build_meta_model(cfg.model, precision.param_dtype)
+    precision.apply_to(model)
     if train.attention != "sdpa":
         model.set_attn_implementation(train.attention)
     loss_fn = build_token_loss(model, train.loss_chunk_tokens, train.compile)  # before any wrapper
+    loss_fn = precision.around(loss_fn, device.type)  # each micro-batch's forward in the compute dtype
     model = strategy.parallelize(model, lambda m: materialize(m, device, source, strategy.shard), train)
     model.train()
     optimizer = build_optimizer(model, train)
@@ -190,6 +196,7 @@ def run_training(
         start_step = checkpoint.load_checkpoint(resume, model, optimizer, strategy, train, extra=extra)
         routing.load_checkpoint_state(extra)
         resume_notes = _resume_notes(set(resume.meta.get("extra", [])), routing)
+        resume_notes += _precision_notes(resume.meta.get("param_dtype"), precision)
         history = History(checkpoint.restore_metrics(run_dir, start_step, is_rank0))
 
     dp_rank, dp_size = strategy.dims.dp_rank, strategy.dims.dp
@@ -223,7 +230,7 @@ def run_training(
                 strategy,
                 train.keep_checkpoints,
                 extra=routing.checkpoint_state(),
-                model_dtype=dtype,
+                model_dtype=model_dtype,
             )
 
     step_times, step_figures = [], []
@@ -342,6 +349,7 @@ def run_training(
         final_val_loss=_last_value(history, "val_loss"),
         final_val_ppl=_last_value(history, "val_ppl"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        precision=precision.name,
         degrees={"dp": strategy.dims.dp, "tp": strategy.dims.tp, "ep": strategy.dims.ep},
         **_training_figures(train, history, routing),
         predicted=predicted,
@@ -353,7 +361,9 @@ def run_training(
         not_timed=None if timed else _not_timed(len(step_times), train.timing_warmup_steps),
     )
     try:
-        save_outputs(cfg, strategy, model, run_dir, summary, is_rank0, routing, history, model_dtype=dtype)
+        save_outputs(
+            cfg, strategy, model, run_dir, summary, is_rank0, routing, history, model_dtype=model_dtype
+        )
     except BaseException as exc:
         wandb_log.finish(exit_code=getattr(exc, "exit_code", 1))
         raise
@@ -449,6 +459,16 @@ def _resume_notes(saved: set[str], routing: Routing) -> list[str]:
     return notes
 
 
+def _precision_notes(saved_dtype: str | None, precision: Precision) -> list[str]:
+    """A resume in another precision than the checkpoint's: said, as its weights change dtype."""
+    if saved_dtype is None or saved_dtype == str(precision.param_dtype):
+        return []
+    return [
+        f"the checkpoint holds {saved_dtype.removeprefix('torch.')} weights and optimizer state; this run "
+        f"keeps them in {str(precision.param_dtype).removeprefix('torch.')} (train.precision={precision.name})"
+    ]
+
+
 def save_outputs(
     cfg: RunConfig,
     strategy: Strategy,
@@ -463,7 +483,9 @@ def save_outputs(
     if cfg.train.save_model:
         target = run_dir / "model" if is_rank0 and run_dir is not None else None
         dtype = model_dtype or next(model.parameters()).dtype
-        write_model(strategy.full_state_dict(model), hf_config(cfg.model), dtype, target, cfg.data.tokenizer)
+        write_model(
+            strategy.full_state_dict(model), hf_config(cfg.model, dtype), dtype, target, cfg.data.tokenizer
+        )
     if not is_rank0 or run_dir is None:
         return
     if routing is not None and routing.uses_bias:

@@ -13,6 +13,7 @@ from moectl.config import RunConfig
 from moectl.errors import UsageError
 from moectl.io.checkpoint import CheckpointInfo
 from moectl.model.build import build_meta_model
+from moectl.model.precision import save_dtype
 from moectl.model.sizing import count_params, format_bytes, optimizer_states_per_param
 
 
@@ -53,9 +54,11 @@ def checkpoint_bytes(cfg: RunConfig, param_bytes: int) -> int:
 
 
 def required_disk_bytes(cfg: RunConfig, param_bytes: int, steps_done: int = 0) -> int:
-    """Final model plus the checkpoints that will exist at once (kept ones + one being written)."""
+    """Final model (in its save dtype) plus the checkpoints that will exist at once (kept ones + one being
+    written; `param_bytes` per weight and optimizer value)."""
     train = cfg.train
-    total = count_params(cfg.model).total * param_bytes if train.save_model else 0
+    model_bytes = save_dtype(train.save_dtype, cfg.model.dtype).itemsize
+    total = count_params(cfg.model).total * model_bytes if train.save_model else 0
     if train.checkpoint_every > 0:
         num_saves = train.steps // train.checkpoint_every - steps_done // train.checkpoint_every
         resident = num_saves if train.keep_checkpoints == 0 else min(num_saves, train.keep_checkpoints)

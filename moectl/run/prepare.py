@@ -188,7 +188,7 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
         from moectl.model import fp8
 
         on_gpu = runtime.uses_gpu(train)
-        fp8.check(train, on_gpu, runtime.training_dtype(train, on_gpu), strategy)
+        fp8.check(train, on_gpu, runtime.precision(train, on_gpu).compute_dtype, strategy)
     check_data(cfg.data, cfg.model.vocab_size, train.seq_len, train.global_batch)
     if train.attention == "flex_attention" and not runtime.uses_gpu(train):
         raise UsageError(
@@ -211,15 +211,16 @@ def check_run(cfg: RunConfig, resume_from: CheckpointInfo | None = None) -> Prep
 
 
 def param_bytes(cfg: RunConfig) -> int:
-    """Bytes per parameter as the run will hold (and save) them: bf16 on GPUs unless told otherwise."""
-    return runtime.training_dtype(cfg.train, runtime.uses_gpu(cfg.train)).itemsize
+    """Bytes per parameter as the run keeps them, in memory and in checkpoints: fp32 under `mixed` (the
+    GPU default) and `fp32` (the CPU default), 2 under `bf16`."""
+    return runtime.precision(cfg.train).param_dtype.itemsize
 
 
 def memory_note(cfg: RunConfig) -> str:
-    if cfg.train.dtype != "auto":
-        return f"train.dtype={cfg.train.dtype}"
-    if param_bytes(cfg) == 4:
-        return "auto: no GPU here; --set train.dtype=bfloat16 to size a GPU run"
+    if cfg.train.precision != "auto":
+        return f"train.precision={cfg.train.precision}"
+    if not runtime.uses_gpu(cfg.train):
+        return "auto: no GPU here; --set train.precision=mixed to size a GPU run"
     return "auto: GPU"
 
 
@@ -227,7 +228,8 @@ def describe(p: PreparedRun, console: Console) -> None:
     """The --dry-run report: resolved config, parameter counts, flops per token, memory per rank."""
     cfg = p.cfg
     counts = count_params(cfg.model)
-    cost = p.strategy.step_cost(cfg.train, p.nproc_per_node, param_bytes(cfg))
+    precision = runtime.precision(cfg.train)
+    cost = p.strategy.step_cost(cfg.train, p.nproc_per_node, precision.param_dtype.itemsize)
     console.print(cfg.to_yaml(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"{p.strategy.name} on {p.world_size} process(es):", markup=False, highlight=False)
     rows = [
@@ -245,16 +247,22 @@ def describe(p: PreparedRun, console: Console) -> None:
         ("data-parallel degree", str(p.strategy.dims.dp)),
         ("micro-batches per step (accumulation)", str(p.num_micro_batches)),
     ]
+    rows.append(("precision", f"{precision.describe()} ({memory_note(cfg)})"))
     if cost is None:
         rows.append(("parameters and memory per rank", f"n/a: {p.strategy.name} states no cost model"))
     else:
         grads = cost.grads if p.num_micro_batches > 1 else cost.params
-        memory = estimate_memory_gib(cfg.model, cfg.train, cost.params, param_bytes(cfg), grads)
+        memory = estimate_memory_gib(
+            cfg.model,
+            cfg.train,
+            cost.params,
+            precision.param_dtype.itemsize,
+            grads,
+            compute_bytes=precision.compute_dtype.itemsize,
+            compute_copy_params=p.strategy.compute_copy_params(cost) if precision.casts else 0.0,
+        )
         rows += [
             ("parameters per rank", f"{format_count(cost.params)} ({round(cost.params):,})"),
-            (
-                "memory estimate per rank",
-                f"{memory:.2f} GiB at {'bf16' if param_bytes(cfg) == 2 else 'fp32'} ({memory_note(cfg)})",
-            ),
+            ("memory estimate per rank", f"{memory:.2f} GiB"),
         ]
     print_rows(console, rows)

@@ -245,6 +245,7 @@ def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
         ),
         ("strategy", f"{summary['strategy']} on {processes}" + (f" ({layout})" if layout else "")),
         ("device", summary.get("device", "cpu")),
+        ("precision", _precision_line(summary.get("precision"))),
         (
             "steps",
             f"{summary['steps']}; the first {summary['timing_warmup_steps']} of each session not timed (warm-up)",
@@ -270,6 +271,15 @@ def summary_lines(run_dir: Path) -> list[tuple[str, str]]:
         rows.append(("plots", ", ".join(str(plot) for plot in plots)))
     rows.append(("metrics", f"{run_dir / 'metrics.jsonl'}, {run_dir / 'summary.json'}"))
     return rows
+
+
+def _precision_line(name: str | None) -> str:
+    """train.precision as run, in words (summary.json's `precision`; older summaries have none)."""
+    return {
+        "mixed": "mixed: fp32 weights, gradients and optimizer state, bf16 compute",
+        "bf16": "bf16: weights, gradients, optimizer state and compute",
+        "fp32": "fp32: weights, gradients, optimizer state and compute",
+    }.get(name, "not recorded")
 
 
 def print_run_summary(run_dir: Path, console: Console) -> None:

@@ -1,4 +1,4 @@
-"""Process-level setup: which device, which dtype, and the process group when there are peers."""
+"""Process-level setup: which device, which precision, and the process group when there are peers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from moectl.config import TrainConfig
 from moectl.errors import under_torchrun
+from moectl.model.precision import Precision, resolve_precision
 
 
 def uses_gpu(train: TrainConfig) -> bool:
@@ -20,11 +21,15 @@ def uses_gpu(train: TrainConfig) -> bool:
     return train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
 
 
+def precision(train: TrainConfig, on_gpu: bool | None = None) -> Precision:
+    """The run's `train.precision` (`auto`: mixed on GPUs, fp32 on CPUs); `on_gpu` None: this machine's."""
+    return resolve_precision(train.precision, uses_gpu(train) if on_gpu is None else on_gpu)
+
+
 def training_dtype(train: TrainConfig, on_gpu: bool) -> torch.dtype:
-    """The dtype of weights, gradients and optimizer state: `auto` is bf16 on GPUs, fp32 on CPUs."""
-    if train.dtype == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return getattr(torch, train.dtype)
+    """The dtype the run computes in (bf16 under `bf16` and `mixed`), which the numerics tolerance of a
+    weight comparison follows. Where weights live: `precision(train).param_dtype`."""
+    return precision(train, on_gpu).compute_dtype
 
 
 def pick_device(train: TrainConfig) -> torch.device:
