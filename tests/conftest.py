@@ -122,7 +122,13 @@ class TrainedLayouts:
         # The directory is made here, on the test thread: pytest's temporary directories are not
         # thread-safe (the session's base directory is made on first use).
         run_dir = self.tmp_path_factory.mktemp(f"layout-{name}") / "run"
-        return [run_dir, *LAYOUTS[name], *NUMERICS_ARGS, *LAYOUT_RUN_ARGS, *self.data_args]
+        return [
+            run_dir,
+            *NUMERICS_ARGS,
+            *LAYOUTS[name],
+            *LAYOUT_RUN_ARGS,
+            *self.data_args,
+        ]  # the layout's own flags win
 
     def start(self, name: str) -> None:
         if not runs_in_one_process(LAYOUTS[name]) and not self.lane.started(("layout", name)):

@@ -55,7 +55,7 @@ def test_stop_signal_finishes_the_step_and_checkpoints(tmp_path, layout, sig):
     checkpoint are complete after the exit."""
     run = tmp_path / "run"
     parent = subprocess.Popen(
-        [sys.executable, "-m", "moectl", "train", "--run-dir", str(run), *LAYOUTS[layout], *NUMERICS_ARGS]
+        [sys.executable, "-m", "moectl", "train", "--run-dir", str(run), *NUMERICS_ARGS, *LAYOUTS[layout]]
         + ["--steps", "1000", *TENSORBOARD_ARGS],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

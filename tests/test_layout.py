@@ -143,3 +143,94 @@ def test_every_builtin_layout_is_one_train_accepts_with_the_same_degrees(world):
     offered = {name for name in available_strategies() if get_strategy(name).layouts(world, cfg.model)}
     # on one GPU ep 1 too: the dispatch's grouped GEMM without exchanges, measured faster than single
     assert offered == ({"single", "ep"} if world == 1 else {"ddp", "fsdp", "tp", "mixed", "ep"})
+
+
+def _core_modules() -> dict[str, Path]:
+    modules = {}
+    for path in (REPO / "moectl").rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    return modules
+
+
+def _runtime_imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """moectl modules `path` imports when it runs (at import time or inside a function), leaving out the
+    annotations-only imports under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    typing_only = {
+        id(child)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for child in ast.walk(node)
+    }
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in names if name in known}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = _core_modules()
+    return {name: _runtime_imports(path, modules) - {name} for name, path in modules.items()}
+
+
+def test_the_core_has_no_import_cycle():
+    """Arrows run one way inside moectl/ too (a cycle such as launch -> worker -> train -> launch makes
+    the order of imports matter and the layers meaningless)."""
+    graph, state, cycles = _import_graph(), {}, []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for imported in sorted(graph[name]):
+            if state.get(imported) == "open":
+                cycles.append(" -> ".join([*path[path.index(imported) :], imported]))
+            elif imported not in state:
+                visit(imported, [*path, imported])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
+
+
+def test_the_loop_reaches_neither_the_planner_nor_the_bench():
+    """The loop never asks what the planner predicts or how the bench measures (the prediction in
+    summary.json is made by the caller and handed in), directly or through anything it imports."""
+    graph = _import_graph()
+    reached, todo = set(), ["moectl.run.loop"]
+    while todo:
+        for imported in graph[todo.pop()] - reached:
+            reached.add(imported)
+            todo.append(imported)
+    assert not {name for name in reached if name.startswith(("moectl.plan", "moectl.bench"))}
+
+
+def test_the_readme_layout_names_every_module_once():
+    """The README's Development section has one line per module of moectl/ (a package's modules
+    indented under it), so a newcomer finds every file there."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Development") : text.index("### Testing")]
+    block = section[section.index("```\n") + 4 : section.index("\n```", section.index("```\n") + 4)]
+    listed, package = [], None
+    for line in block.splitlines():
+        word = line.split()[0] if line.strip() else ""
+        if line.startswith("moectl/") and word.endswith("/"):
+            package = word
+        elif line.startswith("moectl/") and word.endswith(".py"):
+            listed.append(word)
+        elif line.startswith("  ") and word.endswith(".py") and package:
+            listed.append(package + word)
+    modules = sorted(
+        str(path.relative_to(REPO))
+        for path in (REPO / "moectl").rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    )
+    assert sorted(listed) == modules
+    assert len(listed) == len(set(listed))

@@ -211,8 +211,16 @@ def test_fsdp_under_mixed_shards_fp32_gathers_bf16_and_reduces_fp32(tmp_path):
 #:   gradients or doubles one (errors of order 1), and the fp32 layouts hold every strategy to 1e-4; a
 #:   reduction in bf16 instead of fp32 is what `test_mixed_computes_in_bf16_...` and the checkpoints'
 #:   fp32 state below check.
+#: - the layouts FSDP2 gathers in bf16 differ from autocast's `single` the most: their norms, residual
+#:   stream and rotary products run in bf16 for every token. On the packed chat data the shared layouts
+#:   train on, a rarely chosen expert (layer 0's expert 7: an update of norm 8e-3 over 8 steps) moves by
+#:   5.8e-2 (ep with FSDP), 6.5e-2 (fsdp) and 7.5e-2 (mixed over FSDP) of its update; the whole model by
+#:   at most 2.6e-4, step losses by at most 1.1e-3. Bound: 1e-1, the same tenth for the whole model and the
+#:   losses; a dropped or doubled gradient still errs by order 1.
 BF16_COMPUTE_UPDATE_RTOL = 5e-2
+BF16_GATHERED_UPDATE_RTOL = 1e-1
 SAME_ARITHMETIC = {"ddp.mixed"}
+GATHERED_IN_BF16 = {"fsdp.mixed", "mixed.mixed", "ep_fsdp.mixed"}
 MIXED_LAYOUTS = [name for name in MIXED_PRECISION_LAYOUTS if name != "single.mixed"]
 
 
@@ -222,6 +230,8 @@ def test_every_strategy_under_mixed_trains_what_single_under_mixed_trains(traine
     run, reference = trained(layout), trained("single.mixed")
     comparison = compare_training(run, reference)
     bound = UPDATE_RTOL if layout in SAME_ARITHMETIC else BF16_COMPUTE_UPDATE_RTOL
+    if layout in GATHERED_IN_BF16:
+        bound = BF16_GATHERED_UPDATE_RTOL
     assert comparison.worst.update_error <= bound, comparison.describe()
     assert comparison.whole_model_error <= bound / 10, comparison.describe()
     assert comparison.max_loss_diff <= bound / 10, comparison.describe()
@@ -371,8 +381,9 @@ def test_dry_run_under_mixed_counts_fp32_master_gradients_state_and_bf16_copies(
         )  # fmt: skip
         s = build_strategy(run, world)
         p = runtime.precision(run.train, on_gpu=True)
-        held, grads = s.params_per_rank(counts), s.grad_params_per_rank(counts, 1)
-        copies = s.compute_copy_params(counts) if p.casts else 0.0
+        cost = s.step_cost(run.train, world, p.param_dtype.itemsize)
+        held, grads = cost.params, cost.params  # one micro-batch: no whole gradients kept between them
+        copies = s.compute_copy_params(cost) if p.casts else 0.0
         gib = estimate_memory_gib(
             run.model, run.train, held, p.param_dtype.itemsize, grads,
             compute_bytes=p.compute_dtype.itemsize, compute_copy_params=copies,
