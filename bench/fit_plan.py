@@ -262,7 +262,9 @@ def plan_table(cal: Calibration, gpu_counts=(4, 8)) -> str:
         "| ep dispatch | peak GiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    cfg = build_config("qwen3-30b-a3b", {"train": {"seq_len": 4096, "global_batch": 64}})
+    # bf16, as the measured runs beside it (BENCHMARKS.md's tables of `mixed` come from `moectl plan` itself)
+    train = {"seq_len": 4096, "global_batch": 64, "precision": "bf16"}
+    cfg = build_config("qwen3-30b-a3b", {"train": train})
     for gpus in gpu_counts:
         plan = make_plan(cfg.model, cfg.train, "qwen3-30b-a3b", "h200", gpus, 1, 141.0, cal=cal)
         for row in shown_rows(plan, every_variant=False):

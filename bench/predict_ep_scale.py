@@ -21,7 +21,7 @@ from moectl.config import build_config
 from moectl.parallel.expert_parallel import exchange_bytes, ranks_per_token
 from moectl.plan.calibration import Calibration
 from moectl.plan.predict import (
-    BYTES_PER_PARAM,
+    BF16,
     GPU_KINDS,
     comm_seconds,
     compute_seconds,
@@ -68,20 +68,20 @@ def predict(
     ep: int, chunks: int, num_gpus: int, global_batch: int, micro_batch: int = 2, num_layers: int = 48
 ) -> EpPrediction:
     overrides = {
-        "train": {"seq_len": 4096, "global_batch": global_batch},
+        "train": {"seq_len": 4096, "global_batch": global_batch, "precision": "bf16"},
         "model": {"num_layers": num_layers},
     }
     cfg = build_config("qwen3-30b-a3b", overrides)
     model, train = cfg.model, planned(cfg.train, micro_batch, full_checkpointing=False, compile=True)
     gpu = GPU_KINDS["h200"]
     strategy = layout_strategy(model, "ep", Layout(num_gpus, ep_size=ep))
-    cost = strategy.step_cost(train, num_gpus, BYTES_PER_PARAM)
+    cost = strategy.step_cost(train, num_gpus, BF16)
     num_micro = global_batch // (micro_batch * num_gpus)
     tokens = micro_batch * train.seq_len
     hidden, top_k, layers = model.hidden_size, model.top_k, model.num_layers
     others = (ep - 1) / ep
 
-    compute = compute_seconds(model, train, strategy.dims, cost, gpu, WRITTEN_WITH)
+    compute = compute_seconds(model, train, strategy.dims, cost, gpu, WRITTEN_WITH, precision=BF16)
     comm = comm_seconds(cost, gpu, WRITTEN_WITH)
     rest = sum(seconds for name, seconds in comm.items() if name != "all-to-all")
 
@@ -89,8 +89,8 @@ def predict(
     # 4 exchanges; now once per rank (moectl.parallel.expert_parallel.exchange_bytes: rows with their choices, rows back, and
     # the gradients of both).
     per_rank = ranks_per_token(model.num_experts, top_k, ep)
-    old_layer = 4 * tokens * top_k * others * hidden * BYTES_PER_PARAM
-    bytes_new = num_micro * layers * exchange_bytes(model, tokens, ep, BYTES_PER_PARAM)
+    old_layer = 4 * tokens * top_k * others * hidden * BF16.compute_bytes
+    bytes_new = num_micro * layers * exchange_bytes(model, tokens, ep, BF16.compute_bytes, BF16.param_bytes)
     bytes_old = num_micro * layers * old_layer
     a2a_old = bytes_old / WRITTEN_WITH.all_to_all_bytes_per_s
     transfer_new = bytes_new / WRITTEN_WITH.all_to_all_bytes_per_s

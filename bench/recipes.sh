@@ -469,6 +469,23 @@ recipe_one_gpu_precision_curves() {  # bf16 and mixed runs of the curves, then t
   $PY bench/loss_curves.py "$reference" "$RUNS/tune_mixed" "$RUNS/tune_bf16" --plot "$OUT/precision_curves.png" | grep -v "^| tune_mixed | tune_mixed"
 }
 
+# moectl plan under mixed (BENCHMARKS.md, "moectl plan under mixed"): the whole model with AdamW, the plan's
+# first row under mixed and the same layout under bf16, each after its dry-run estimate. Predicted (H200):
+# mixed 7,685 tokens/s per GPU at 115.3 GiB, bf16 8,330 at 58.6 GiB; the 8 x H100 pair: mixed 5,741 at 58.2
+# GiB, bf16 6,314 at 30.9 (on 8 H200s 6,697 and 7,270). lr 1e-5: AdamW at the preset's SGD lr of 0.1 would
+# diverge.
+PLAN_ADAMW="$FULL --global-batch 8 --steps 6 --set train.timing_warmup_steps=3 --set train.save_model=false --set train.optimizer=adamw --lr 1e-5 --strategy ep --set parallel.fsdp=true --set train.activation_checkpointing=true"
+
+recipe_four_gpu_precision_plan() {  # four H200s: ep 4 with FSDP, micro-batch 2, checkpointing; bf16 vs mixed
+  precision_pair plan_adamw_ep4 600 $PLAN_ADAMW --ep-size 4 --nproc 4 --micro-batch 2
+  precision_table
+}
+
+recipe_eight_gpu_precision_plan() {  # eight H100s (or H200s): ep 8 with FSDP, micro-batch 1, checkpointing; bf16 vs mixed
+  precision_pair plan_adamw_ep8 600 $PLAN_ADAMW --ep-size 8 --nproc 8 --micro-batch 1
+  precision_table
+}
+
 recipe_one_gpu_precision_fp8() {  # train.fp8 under mixed runs (fp32 master weights through torchao's Float8Linear): 4 steps of the cut
   run fp8_mixed_smoke 200 $CUT8 $SPEED $FP8 --set train.save_model=false --strategy ep --ep-size 1 \
     --global-batch 4 --micro-batch 2 --steps 4 --set train.precision=mixed

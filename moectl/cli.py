@@ -289,7 +289,12 @@ def plan(
     global_batch: Annotated[int | None, Opt(help="Sequences per optimizer step.")] = None,
     set_: Annotated[
         list[str] | None,
-        Opt("--set", metavar="SECTION.KEY=VALUE", help="Config override: section.key=value (repeatable)."),
+        Opt(
+            "--set",
+            metavar="SECTION.KEY=VALUE",
+            help="Config override: section.key=value (repeatable), e.g. train.optimizer=adamw or "
+            "train.precision=bf16 (default auto: mixed, as on a GPU).",
+        ),
     ] = None,
     all_variants: Annotated[
         bool, Opt("--all", help="Every micro-batch / checkpointing / compile variant, not only the best.")

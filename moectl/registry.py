@@ -64,8 +64,8 @@ def available_strategies() -> list[str]:
 #: members of the contract that were replaced, and by what (a plugin still defining one is refused)
 REPLACED_MEMBERS = {
     "flags_for_world": "layouts(world_size, model), returning moectl.strategy.Layout objects",
-    "params_per_rank": "step_cost(train, ranks_per_node, param_bytes), returning a moectl.parallel.cost.StepCost",
-    "grad_params_per_rank": "step_cost(train, ranks_per_node, param_bytes), returning a moectl.parallel.cost.StepCost",
+    "params_per_rank": "step_cost(train, ranks_per_node, precision), returning a moectl.parallel.cost.StepCost",
+    "grad_params_per_rank": "step_cost(train, ranks_per_node, precision), returning a moectl.parallel.cost.StepCost",
 }
 
 

@@ -26,9 +26,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from moectl.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig, coerce
+from moectl.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig, checkpointing_mode, coerce
 from moectl.errors import UsageError
 from moectl.model.build import local_shard
+from moectl.model.precision import Precision
+from moectl.model.sizing import count_params
 from moectl.parallel.cost import StepCost
 from moectl.parallel.dims import ParallelDims
 from moectl.parallel.full_state import full_tensors
@@ -171,21 +173,30 @@ class Strategy:
         """Micro-batches each rank runs per optimizer step."""
         return train.global_batch // (train.micro_batch * self.dims.dp)
 
-    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost | None:
-        """What one rank holds and sends per optimizer step of `train` (moectl.parallel.cost), with
-        parameters of `param_bytes` bytes and `ranks_per_node` ranks per node: the --dry-run's memory
-        estimate and `moectl plan`'s prediction rest on it. None: no cost model (plan lists the strategy
-        as such). Default: None."""
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, precision: Precision) -> StepCost | None:
+        """What one rank holds and sends per optimizer step of `train` (moectl.parallel.cost) in
+        `precision` (its bytes per weight and per computed value) with `ranks_per_node` ranks per node:
+        the --dry-run's memory estimate and `moectl plan`'s prediction rest on it. None: no cost model
+        (plan lists the strategy as such). Default: None."""
         return None
 
-    def compute_copy_params(self, cost: StepCost) -> float:
+    def layer_inputs_in_compute_dtype(self, cost: StepCost) -> bool:
+        """Whether, under `train.precision=mixed`, every decoder layer's input (the residual stream) is in
+        the compute dtype: FSDP2 casts the inputs of the layers it wraps (its policy's
+        `cast_forward_inputs`). Elsewhere autocast leaves the residual stream in fp32, which the memory
+        estimate counts and which makes tensor parallelism's backward all-reduces fp32. Default: FSDP2
+        wraps the layers (the cost states an FSDP unit) over more than one data-parallel rank."""
+        return bool(cost.fsdp_unit) and self.dims.dp > 1
+
+    def compute_copy_params(self, cost: StepCost, train: TrainConfig) -> float:
         """Weights of which a rank holds a compute-dtype (bf16) copy at its peak under
-        `train.precision=mixed`, for the memory estimate, from its `step_cost`: FSDP2's gathered units (the
-        root, and two layers: the one computing and the one prefetched), else every weight it holds
-        (autocast's casts, alive from the forward that makes them to the backward that reads them)."""
-        if cost.fsdp_unit:
+        `train.precision=mixed`, for the memory estimate, from its `step_cost` of `train`: FSDP2's gathered
+        units (the root, and two layers: the one computing and the one prefetched) where FSDP2 wraps the
+        layers, else autocast's casts of the weights it holds (`autocast_copy_params`)."""
+        if self.layer_inputs_in_compute_dtype(cost):
             return cost.fsdp_root + 2 * cost.fsdp_unit
-        return cost.params
+        counts = count_params(self.model_config)
+        return autocast_copy_params(cost.params, counts.embedding, self.model_config.num_layers, train)
 
     # ---- building ------------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
@@ -254,6 +265,16 @@ class Strategy:
         A plugin may still return the older form, a dict on rank 0 and None elsewhere
         (`full_state_items` reads both)."""
         return full_tensors(model)
+
+
+def autocast_copy_params(held: float, outside_layers: float, num_layers: int, train: TrainConfig) -> float:
+    """Weights of which autocast holds bf16 casts at a rank's peak, of `held` weights, `outside_layers` of
+    them outside the decoder layers (embedding, lm_head): every one, alive from the forward that makes it to
+    the backward that reads it; under full activation checkpointing a layer's forward keeps nothing (its
+    recompute casts again in backward), so only those outside the layers and one layer's share."""
+    if checkpointing_mode(train.activation_checkpointing) != "full":
+        return held
+    return outside_layers + (held - outside_layers) / num_layers
 
 
 def full_state_items(

@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moectl.config import TrainConfig
 from moectl.model.build import apply_layer_wrappers
+from moectl.model.precision import Precision
 from moectl.model.sizing import count_params
 from moectl.parallel.cost import Collective, Exposure, StepCost, ring
 from moectl.strategy import Materialize, Strategy
@@ -19,12 +20,13 @@ class DDP(Strategy):
     name = "ddp"
     summary = "DistributedDataParallel: full replica per rank, gradients all-reduced"
 
-    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost:
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, precision: Precision) -> StepCost:
         total, world = count_params(self.model_config).total, self.dims.world_size
         if world == 1:
             return StepCost(params=total, grads=total)
-        # The buckets are a second copy of the gradients, all-reduced while backward still runs.
-        sent = total * param_bytes * ring(world)
+        # The buckets are a second copy of the gradients (in the weights' dtype), all-reduced while
+        # backward still runs.
+        sent = total * precision.param_bytes * ring(world)
         spans = self.dims.spans_nodes("dp", ranks_per_node)
         all_reduce = Collective("gradient all-reduce", sent, world, spans, Exposure.BUCKETED)
         return StepCost(params=total, grads=total, buckets=total, collectives=(all_reduce,))

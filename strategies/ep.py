@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig, checkpointing_mode
 from moectl.errors import UsageError
 from moectl.model.build import apply_layer_wrappers, decoder_layers
+from moectl.model.precision import Precision
 from moectl.model.sizing import count_params, fsdp_gathered_params
 from moectl.parallel.cost import Collective, Exposure, StepCost, fsdp_bytes, ring
 from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers, mixed_precision_policy
@@ -47,7 +48,7 @@ from moectl.parallel.expert_parallel import (
     shard_on_meta,
 )
 from moectl.parallel.gradients import grad_sum_of_squares
-from moectl.strategy import Layout, Materialize, Strategy, StrategyOptions, option
+from moectl.strategy import Layout, Materialize, Strategy, StrategyOptions, autocast_copy_params, option
 
 
 class ExpertParallel(Strategy):
@@ -109,7 +110,7 @@ class ExpertParallel(Strategy):
             Layout(world_size, ep_size=ep, options=cls.Options(fsdp=f)) for ep in sizes for f in (False, True)
         ]
 
-    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost:
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, precision: Precision) -> StepCost:
         model, dims = self.model_config, self.dims
         counts = count_params(model)
         num_micro = self.micro_batches(train)
@@ -123,14 +124,14 @@ class ExpertParallel(Strategy):
         ):
             spans = dims.spans_nodes(axis, ranks_per_node)
             if self.options.fsdp:
-                sent = fsdp_bytes(params, group, num_micro, param_bytes)
+                sent = fsdp_bytes(params, group, num_micro, precision)
                 collectives.append(Collective("fsdp gather/scatter", sent, group, spans, Exposure.SHARDED))
             else:
-                sent = params * param_bytes * ring(group)
+                sent = params * precision.param_bytes * ring(group)
                 collectives.append(Collective("gradient all-reduce", sent, group, spans, Exposure.WAITED))
         cost = StepCost(params=held, grads=held, collectives=tuple(collectives))
         if dims.ep > 1:
-            cost = self._exchange_cost(cost, train, num_micro, ranks_per_node, param_bytes)
+            cost = self._exchange_cost(cost, train, num_micro, ranks_per_node, precision)
         if self.options.fsdp:  # every parameter sharded; gradients stay whole until the last micro-batch
             layer = (counts.total - counts.embedding) / model.num_layers
             cost = dataclasses.replace(
@@ -142,25 +143,28 @@ class ExpertParallel(Strategy):
         return cost
 
     def _exchange_cost(
-        self, cost: StepCost, train: TrainConfig, num_micro: int, ranks_per_node: int, param_bytes: int
+        self, cost: StepCost, train: TrainConfig, num_micro: int, ranks_per_node: int, precision: Precision
     ) -> StepCost:
         """The token exchanges: their buffers, the rows recorded for recompute, the dispatch work, the
         all-to-alls (dispatch and return, forward and backward: each token once to every other rank that
-        holds one of its experts, with its choices; one row back per (token, rank); nothing overlaps)."""
+        holds one of its experts, with its choices; one row back per (token, rank); nothing overlaps).
+        Rows travel in the compute dtype; the routing weights are in the router's dtype, which is the
+        weights' (fp32 under `mixed`, whose router logits are fp32: moectl/model/routing.py)."""
+        row_bytes, weight_bytes = precision.compute_bytes, precision.param_bytes
         model, ep = self.model_config, self.dims.ep
         tokens = train.micro_batch * train.seq_len
         rows = tokens * ranks_per_token(model.num_experts, model.top_k, ep)
         # One layer's exchange buffers at their fullest, when the expert rank starts the return trip: the
         # rows sent (with their choices) and received (with theirs), the expert rank's results for them,
         # and the buffer the returned rows land in.
-        row = model.hidden_size * param_bytes
+        row = model.hidden_size * row_bytes
         buffer_bytes = 4 * rows * row + 2 * rows * model.top_k * CHOICE_BYTES
         recorded_bytes = 0.0
         if checkpointing_mode(train.activation_checkpointing) == "full":
             # Each layer records what it received (rows, weights, expert ids) for its recompute to replay.
-            recorded = model.hidden_size * param_bytes + model.top_k * (param_bytes + 4)
+            recorded = model.hidden_size * row_bytes + model.top_k * (weight_bytes + 4)
             recorded_bytes = model.num_layers * rows * recorded
-        sent = num_micro * model.num_layers * exchange_bytes(model, tokens, ep, param_bytes)
+        sent = num_micro * model.num_layers * exchange_bytes(model, tokens, ep, row_bytes, weight_bytes)
         spans = self.dims.spans_nodes("ep", ranks_per_node)
         return dataclasses.replace(
             cost,
@@ -170,17 +174,17 @@ class ExpertParallel(Strategy):
             collectives=(Collective("all-to-all", sent, ep, spans, Exposure.ALL_TO_ALL), *cost.collectives),
         )
 
-    def compute_copy_params(self, cost: StepCost) -> float:
-        counts = count_params(self.model_config)
+    def compute_copy_params(self, cost: StepCost, train: TrainConfig) -> float:
+        counts, layers = count_params(self.model_config), self.model_config.num_layers
         local_experts = counts.experts / self.dims.ep
         if not (self.options.fsdp and self.dims.world_size > 1):
-            return counts.dense + local_experts
-        dense = fsdp_gathered_params(counts, self.model_config.num_layers, counts.dense)
+            return autocast_copy_params(counts.dense + local_experts, counts.embedding, layers, train)
+        dense = fsdp_gathered_params(counts, layers, counts.dense)
         # Experts FSDP2 shards over their replicas are gathered a layer at a time (and the next
         # prefetched); without replicas they stay plain and every layer's cast lives until its backward.
         if self.dims.ep_replicate > 1:
-            return dense + 2 * local_experts / self.model_config.num_layers
-        return dense + local_experts
+            return dense + 2 * local_experts / layers
+        return dense + autocast_copy_params(local_experts, 0.0, layers, train)
 
     @property
     def loss_scale(self) -> float:

@@ -16,6 +16,7 @@ from torch import nn
 
 from moectl.config import TrainConfig
 from moectl.model.build import apply_layer_wrappers
+from moectl.model.precision import Precision
 from moectl.model.sizing import count_params
 from moectl.parallel.cost import Collective, Exposure, StepCost, fsdp_bytes
 from moectl.parallel.data_parallel import fully_shard_layers, mixed_precision_policy
@@ -26,11 +27,11 @@ class FSDP(Strategy):
     name = "fsdp"
     summary = "FSDP2 (fully_shard) per decoder layer + root: parameters, grads and optimizer state sharded"
 
-    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost:
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, precision: Precision) -> StepCost:
         counts, world = count_params(self.model_config), self.dims.world_size
         collectives = ()
         if world > 1:
-            sent = fsdp_bytes(counts.total, world, self.micro_batches(train), param_bytes)
+            sent = fsdp_bytes(counts.total, world, self.micro_batches(train), precision)
             spans = self.dims.spans_nodes("dp", ranks_per_node)
             collectives = (Collective("fsdp gather/scatter", sent, world, spans, Exposure.SHARDED),)
         return StepCost(
@@ -42,11 +43,6 @@ class FSDP(Strategy):
             fsdp_root=counts.embedding / self.dims.tp,
             collectives=collectives,
         )
-
-    def compute_copy_params(self, cost: StepCost) -> float:
-        if self.dims.world_size == 1:  # no FSDP on one process: autocast's casts of every weight
-            return cost.params
-        return super().compute_copy_params(cost)
 
     def parallelize(self, model: nn.Module, materialize: Materialize, train: TrainConfig) -> nn.Module:
         apply_layer_wrappers(model, train)  # AC -> compile, before FSDP (the fixed wrap order)

@@ -18,6 +18,7 @@ from torch import nn
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
 from moectl.model.build import apply_layer_wrappers
+from moectl.model.precision import Precision
 from moectl.model.sizing import count_params
 from moectl.parallel.cost import Collective, Exposure, StepCost, fsdp_bytes, ring
 from moectl.parallel.data_parallel import all_reduce_gradients, fully_shard_layers, mixed_precision_policy
@@ -95,24 +96,28 @@ class Mixed(TensorParallelState, Strategy):
             return f"mixed needs dp ≥ 2 and tp ≥ 2 (got dp {self.dims.dp}, tp {self.dims.tp}); use tp or fsdp"
         return None
 
-    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost:
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, precision: Precision) -> StepCost:
         model, dims = self.model_config, self.dims
         counts = count_params(model)
         per_tp_rank = tensor_parallel_params_per_rank(model, counts, dims.tp)
         num_micro, tokens = self.micro_batches(train), train.micro_batch * train.seq_len
+        # The backward all-reduces carry the residual stream's gradients: in the compute dtype where FSDP2
+        # casts each layer's input, in the weights' dtype under DDP (autocast keeps the stream fp32).
+        backward_bytes = precision.compute_bytes if self.options.dp == "fsdp" else precision.param_bytes
+        spans_tp = dims.spans_nodes("tp", ranks_per_node)
         collectives = [
             tensor_parallel_all_reduces(
-                model, tokens, num_micro, dims.tp, dims.spans_nodes("tp", ranks_per_node), param_bytes
+                model, tokens, num_micro, dims.tp, spans_tp, precision.compute_bytes, backward_bytes
             )
         ]
         spans = dims.spans_nodes("dp", ranks_per_node)
         if self.options.dp == "ddp":
             if dims.dp > 1:  # by hand after backward: nothing left to overlap with
-                sent = per_tp_rank * param_bytes * ring(dims.dp)
+                sent = per_tp_rank * precision.param_bytes * ring(dims.dp)
                 collectives.append(Collective("gradient all-reduce", sent, dims.dp, spans, Exposure.WAITED))
             return StepCost(params=per_tp_rank, grads=per_tp_rank, collectives=tuple(collectives))
         if dims.dp > 1:
-            sent = fsdp_bytes(per_tp_rank, dims.dp, num_micro, param_bytes)
+            sent = fsdp_bytes(per_tp_rank, dims.dp, num_micro, precision)
             collectives.append(Collective("fsdp gather/scatter", sent, dims.dp, spans, Exposure.SHARDED))
         layer = (counts.total - counts.embedding) / model.num_layers
         return StepCost(

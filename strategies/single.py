@@ -7,6 +7,7 @@ from torch import nn
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
 from moectl.model.build import apply_layer_wrappers
+from moectl.model.precision import Precision
 from moectl.model.sizing import count_params
 from moectl.parallel.cost import StepCost
 from moectl.parallel.dims import ParallelDims
@@ -30,7 +31,7 @@ class Single(Strategy):
     def layouts(cls, world_size: int, model: ModelConfig) -> list[Layout]:
         return [Layout(1)] if world_size == 1 else []
 
-    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost:
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, precision: Precision) -> StepCost:
         total = count_params(self.model_config).total
         return StepCost(params=total, grads=total)
 

@@ -11,6 +11,7 @@ from torch import nn
 from moectl.config import ModelConfig, ParallelConfig, TrainConfig
 from moectl.errors import UsageError
 from moectl.model.build import apply_layer_wrappers
+from moectl.model.precision import Precision
 from moectl.model.sizing import count_params
 from moectl.parallel.cost import StepCost
 from moectl.parallel.dims import ParallelDims
@@ -51,13 +52,14 @@ class TensorParallel(TensorParallelState, Strategy):
     def layouts(cls, world_size: int, model: ModelConfig) -> list[Layout]:
         return [Layout(world_size, tp_size=world_size)] if world_size > 1 else []
 
-    def step_cost(self, train: TrainConfig, ranks_per_node: int, param_bytes: int) -> StepCost:
+    def step_cost(self, train: TrainConfig, ranks_per_node: int, precision: Precision) -> StepCost:
         model, tp = self.model_config, self.dims.tp
         held = tensor_parallel_params_per_rank(model, count_params(model), tp)
         tokens, spans = train.micro_batch * train.seq_len, self.dims.spans_nodes("tp", ranks_per_node)
-        all_reduces = tensor_parallel_all_reduces(
-            model, tokens, self.micro_batches(train), tp, spans, param_bytes
-        )
+        # No FSDP: the backward all-reduces carry the residual stream's gradients in the weights' dtype.
+        forward, backward = precision.compute_bytes, precision.param_bytes
+        num_micro = self.micro_batches(train)
+        all_reduces = tensor_parallel_all_reduces(model, tokens, num_micro, tp, spans, forward, backward)
         return StepCost(params=held, grads=held, collectives=(all_reduces,))
 
     @property

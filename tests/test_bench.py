@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from moectl.bench.one_run import run_one
-from moectl.bench.record import RunRecord
+from moectl.bench.record import BenchResult, RunRecord
 from moectl.bench.report import PLOT_SKIPPED, write_plot
 from moectl.bench.run_list import (
     BenchOptions,
@@ -105,7 +105,7 @@ SETTINGS = {
     "lr": NUM,
     "sets": (list,),
     "device": (str,),
-    "dtype": (str,),
+    "precision": (str,),
 }
 VERIFY = {
     "enabled": (bool,),
@@ -170,7 +170,7 @@ def check_run(run: dict, where: str) -> None:
 
 def check_bench_json(payload: dict) -> None:
     check_keys(payload, TOP_LEVEL, "bench.json")
-    assert payload["schema_version"] == 1
+    assert payload["schema_version"] == 2
     check_keys(payload["settings"], SETTINGS, "settings")
     check_keys(payload["verify"], VERIFY, "verify")
     if payload["verify"]["reference_run"] is not None:
@@ -229,7 +229,7 @@ def test_bench_json_matches_the_documented_schema(full_bench):
     # Each key must appear as a key, in backticks, in the README's bench.json section (the schema's one
     # description), and each run object's key is a field of the record the bench writes.
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("`bench.json`, `schema_version` 1") :]
+    section = readme[readme.index("`bench.json`, `schema_version` 2") :]
     section = section[: section.index("\n## ")]
     for key in {*TOP_LEVEL, *SETTINGS, *VERIFY, *RUN, *RUN_VERIFY}:
         assert f"`{key}`" in section, f"bench.json key {key} is not in the README's bench.json tables"
@@ -491,6 +491,39 @@ def test_reference_auto_picks_fsdp_when_the_model_does_not_fit(monkeypatch):
     assert choose_reference("auto", big, False, available)[0] == "single"  # CPU: always single
     with pytest.raises(UsageError, match="reference fsdp .* is not an available strategy"):
         choose_reference("auto", big, True, ["single", "ddp"])
+
+
+def test_reference_auto_sizes_single_in_the_runs_precision(monkeypatch):
+    """The 8-layer cut with AdamW: 48.6 GiB as a bf16 run, 101.3 GiB under mixed (fp32 weights, gradients
+    and state, bf16 copies and activations, the fp32 residual stream), as the dry-run estimates them: on
+    an 80 GiB GPU (64 by the 80 % rule) single is the reference under bf16 only."""
+    import moectl.bench.run_list as run_list
+
+    monkeypatch.setattr(run_list, "gpu_memory_gib", lambda: 80.0)
+    cut = {"model": {"num_layers": 8}, "train": {"optimizer": "adamw"}}
+    picks = {}
+    for precision in ("auto", "mixed", "bf16"):
+        cfg = build_config("qwen3-30b-a3b", {**cut, "train": {**cut["train"], "precision": precision}})
+        picks[precision] = choose_reference("auto", cfg, True, ["single", "fsdp"])
+    assert {precision: name for precision, (name, _) in picks.items()} == {
+        "auto": "fsdp",
+        "mixed": "fsdp",
+        "bf16": "single",
+    }
+    assert "about 101.3 GiB is too much" in picks["mixed"][1] and "about 48.6 GiB fits" in picks["bf16"][1]
+
+
+def test_bench_json_settings_name_the_runs_precision(tmp_path):
+    """settings.precision: the runs' train.precision, `auto` resolved where they run (fp32 on the CPU,
+    mixed on GPUs)."""
+
+    def precision(uses_gpu: bool, *sets: str) -> str:
+        options = BenchOptions(strategies=["single"], nproc=1, out=tmp_path / "out", steps=5, sets=list(sets))
+        plan = dataclasses.replace(plan_bench(options), uses_gpu=uses_gpu)
+        return BenchResult(plan, [], None, "2026-12-08T00:00:00").to_json()["settings"]["precision"]
+
+    assert precision(False) == "fp32" and precision(True) == "mixed"
+    assert precision(True, "train.precision=bf16") == precision(False, "train.precision=bf16") == "bf16"
 
 
 def test_last_error_line_skips_traceback_framing():

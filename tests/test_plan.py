@@ -17,6 +17,7 @@ import yaml
 
 from moectl.cli import main
 from moectl.config import TrainConfig, build_config
+from moectl.model.sizing import count_params
 from moectl.parallel.expert_parallel import ranks_per_token
 from moectl.plan.calibration import (
     CALIBRATED_ON,
@@ -27,8 +28,10 @@ from moectl.plan.calibration import (
     ONE_ROW_PER_CHOICE,
     MeasuredRun,
     is_calibrated,
+    precision_calibrated,
 )
 from moectl.plan.predict import (
+    BF16,
     collective_bytes,
     gpu_kind_for_device,
     layout_strategy,
@@ -129,6 +132,9 @@ def test_measured_figures_match_the_raw_results():
             assert strategy.name == run.strategy and strategy.dims.ep == run.ep
             for key in ("global_batch", "seq_len", "loss_chunk_tokens", "micro_batch", "compile"):
                 assert config["train"][key] == getattr(train, key), (run.name, key)
+            # they trained in bf16 (`train.dtype: auto`, bf16 on a GPU before train.precision), as predicted
+            assert config["train"]["dtype"] == "auto" and "precision" not in config["train"], run.name
+            assert train.precision == run.precision == "bf16", run.name
             checkpointing = train.activation_checkpointing == "full"
             assert (config["train"]["activation_checkpointing"] != "none") == checkpointing
             for key in ("num_layers", "num_experts"):
@@ -212,7 +218,7 @@ def test_predict_from_a_train_config_as_the_loop_would():
     cfg = build_config(
         "qwen3-30b-a3b",
         {"parallel": {"strategy": "ep", "ep_size": 2, "nproc": 2},
-         "train": {"global_batch": 8, "micro_batch": 2, "seq_len": 4096, "compile": True}},
+         "train": {"global_batch": 8, "micro_batch": 2, "seq_len": 4096, "compile": True, "precision": "bf16"}},
     )  # fmt: skip
     strategy = build_strategy(cfg, 2)
     assert (strategy.dims.dp, strategy.dims.ep) == (2, 2)
@@ -245,17 +251,28 @@ def test_plan_prints_the_table_best_first_with_commands(capsys):
 
 
 def test_plan_json_parses_and_ranks_fitting_layouts_fastest_first(capsys):
-    plan = json.loads(_plan(capsys, "--gpus", "4", "--global-batch", "16", "--json", "--all"))
+    args = ("--gpus", "4", "--global-batch", "16", "--set", "train.precision=bf16", "--json", "--all")
+    plan = json.loads(_plan(capsys, *args))
     assert set(plan) == {
         "settings",
         "usable_gib",
         "layouts",
         "forbidden",
         "no_cost_model",
+        "nothing_fits",
+        "would_fit",
     }  # as the README lists them
     assert plan["settings"] == {"config": "qwen3-30b-a3b", "gpu": "h200", "gpu_calibrated": True,
                                 "gpus_per_node": 4, "nodes": 1, "gpu_mem_gib": 139.8, "global_batch": 16,
-                                "seq_len": 4096}  # fmt: skip
+                                "seq_len": 4096, "optimizer": "sgd", "precision": "bf16",
+                                "precision_setting": "bf16", "precision_calibrated": True,
+                                "uncalibrated": []}  # fmt: skip
+    assert plan["nothing_fits"] is None and plan["would_fit"] == []
+    readme = (ROOT / "README.md").read_text()
+    plan_section = readme[readme.index("## Planning layouts") :]
+    assert all(
+        f"`{key}`" in plan_section for key in [*plan, *plan["settings"], *plan["layouts"][0]["memory"]]
+    )
     fitting = [row for row in plan["layouts"] if row["fits"]]
     speeds = [row["tokens_per_s_per_gpu"] for row in fitting]
     assert speeds == sorted(speeds, reverse=True) and len(fitting) > 20
@@ -315,7 +332,6 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
 
 
 def _counts():
-    from moectl.model.sizing import count_params
 
     counts = count_params(QWEN)
     q_width, kv_width = QWEN.num_heads * QWEN.head_dim, QWEN.num_kv_heads * QWEN.head_dim
@@ -344,32 +360,44 @@ def test_each_strategy_counts_what_a_rank_holds(strategy, layout, params, grads)
     """The per-rank parameters and the gradients alive while micro-batches accumulate, as each strategy
     states them (the plan's memory and the --dry-run's estimate both read them)."""
     counts, tp_sharded = _counts()
-    cost = layout_strategy(QWEN, strategy, layout).step_cost(TrainConfig(global_batch=64), 8, 2)
+    cost = layout_strategy(QWEN, strategy, layout).step_cost(TrainConfig(global_batch=64), 8, BF16)
     assert cost.params == pytest.approx(params(counts, tp_sharded))
     assert cost.grads == pytest.approx(grads(counts, tp_sharded))
 
 
 def test_a_gpu_run_writes_the_plans_prediction_beside_its_measurement(monkeypatch):
     """summary.json's `predicted` on an H200 is `predict` for the run's own strategy (its degrees and
-    options); None where the plan has no figures."""
+    options) in the run's precision (`auto`: mixed on a GPU); calibrated only where measured runs of that
+    kind and precision check the model; None where the plan has no figures (fp32, an unknown GPU)."""
     import torch
 
-    cfg = build_config(
-        "qwen3-30b-a3b",
-        {"parallel": {"strategy": "ep", "ep_size": 2}, "train": {"micro_batch": 2, "device": "cuda"}},
-    )
+    def config(precision: str):
+        return build_config(
+            "qwen3-30b-a3b",
+            {"parallel": {"strategy": "ep", "ep_size": 2},
+             "train": {"micro_batch": 2, "device": "cuda", "precision": precision}},
+        )  # fmt: skip
+
+    cfg = config("auto")
     strategy = build_strategy(cfg, 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
     predicted = run_prediction(cfg, strategy)
     expected = predict(strategy, cfg.train, "h200")
+    assert expected.precision == "mixed" and expected == predict(strategy, config("mixed").train, "h200")
     assert predicted["tokens_per_s_per_device"] == expected.tokens_per_s_per_gpu
     assert predicted["peak_mem_gib"] == expected.peak_mem_gib
-    assert predicted["gpu"] == "h200" and predicted["calibrated"] is True
+    assert predicted["gpu"] == "h200" and predicted["precision"] == "mixed"
+    assert predicted["calibrated"] is False  # no mixed GPU run yet
+    bf16 = run_prediction(config("bf16"), strategy)
+    assert (bf16["precision"], bf16["calibrated"]) == ("bf16", True)
+    assert bf16["peak_mem_gib"] == predict(strategy, config("bf16").train, "h200").peak_mem_gib
+    assert bf16["peak_mem_gib"] < predicted["peak_mem_gib"]
+    assert run_prediction(config("fp32"), strategy) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
     predicted = run_prediction(cfg, strategy)
     expected = predict(strategy, cfg.train, "h100")
     assert predicted["tokens_per_s_per_device"] == expected.tokens_per_s_per_gpu
-    assert (predicted["gpu"], predicted["calibrated"]) == ("h100", is_calibrated("h100"))
+    assert (predicted["gpu"], predicted["calibrated"]) == ("h100", False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A10G")
     assert run_prediction(cfg, strategy) is None
 
@@ -457,9 +485,15 @@ def test_uncalibrated_kinds_say_so_in_the_title_and_notes(capsys):
         "qwen3-30b-a3b: 8 × B200 (uncalibrated; 178.35 GiB, 172.35 usable), "
     )
     assert "B200: uncalibrated. No measured B200 run checks these predictions yet" in out
-    out = _plan(capsys, "--gpus", "8", "--global-batch", "64")
+    out = _plan(capsys, "--gpus", "8", "--global-batch", "64", "--set", "train.precision=bf16")
     assert out.splitlines()[0].startswith("qwen3-30b-a3b: 8 × H200 (139.8 GiB, 133.8 usable), ")
+    assert out.splitlines()[0].endswith(", sgd, bf16 precision")
     assert "uncalibrated" not in out
+    # mixed, the default: what it adds is no measured run's, on a calibrated kind too
+    out = _plan(capsys, "--gpus", "8", "--global-batch", "64")
+    assert out.splitlines()[0].endswith(", sgd, mixed precision")
+    assert "(train.precision=auto: mixed, as on a GPU)" in out
+    assert "Mixed precision: uncalibrated (no mixed GPU run yet): its time terms" in out
 
 
 @pytest.mark.parametrize(
@@ -509,7 +543,8 @@ def test_one_gpu_of_the_8_layer_cut_recommends_ep1_with_the_chunked_loss(kind, m
     """The measured fastest one-GPU layout of the 8-layer cut (ep 1, micro-batch 16, chunked loss, 92,397
     tokens/s on an H200) is plan's first row; on an H100 micro-batch 16 does not fit and 8 does with the
     chunked loss only."""
-    args = ("--gpus", "1", "--gpu", kind, "--global-batch", "16", "--set", "model.num_layers=8")
+    args = ("--gpus", "1", "--gpu", kind, "--global-batch", "16", "--set", "train.precision=bf16")
+    args += ("--set", "model.num_layers=8")
     plan = _plan_json(capsys, *args, "--all")
     best = plan["layouts"][0]
     chosen = (best["strategy"], best["ep"], best["micro_batch"], best["loss_chunk_tokens"])
@@ -552,16 +587,152 @@ def test_cli_help_names_every_gpu_kind(capsys):
     assert all(kind in out for kind in GPU_KINDS)
 
 
-def test_bytes_per_parameter_is_a_parameter_of_the_prediction():
-    """Parameters, gradients and optimizer state held in 4 bytes (fp32) instead of bf16's 2: their memory and
-    the optimizer's passes double; activations, logits and the GEMMs stay as the bf16 compute has them."""
+# ---- precision ----------------------------------------------------------------------------------------
+def test_every_measured_run_is_predicted_in_bf16_as_it_ran():
+    assert all(run.precision == "bf16" for run in MEASURED_RUNS)
+    for run in (r for r in MEASURED_RUNS if r.role in CHECKED):
+        train, _ = run_config(run)
+        assert train.precision == "bf16" and _predicted(run).precision == "bf16", run.name
+    assert precision_calibrated("bf16") and not precision_calibrated("mixed")
+
+
+def _mixed_and_bf16(strategy: str, layout: Layout, model=QWEN, **train):
+    train = TrainConfig(**{"seq_len": 4096, "compile": True, "optimizer": "adamw", **train})
+    built = layout_strategy(model, strategy, layout)
+    mixed, bf16 = (predict(built, dataclasses.replace(train, precision=p)) for p in ("mixed", "bf16"))
+    return built, train, mixed, bf16
+
+
+GIB = 2**30
+
+
+def test_mixed_memory_of_a_layout_without_fsdp():
+    """ep 2 without FSDP, accumulating (two micro-batches), AdamW: the weights, gradients and both moments
+    double (4 bytes), autocast holds a bf16 copy of every weight the rank holds, the residual stream stays
+    fp32 (8 bytes per token, layer and hidden unit more), the logits and exchange buffers stay bf16."""
     model = dataclasses.replace(QWEN, num_layers=8)
-    train = TrainConfig(global_batch=8, micro_batch=2, seq_len=4096, compile=True, momentum=0.9)
-    strategy = layout_strategy(model, "ep", Layout(1, ep_size=1))
-    bf16, fp32 = predict(strategy, train), predict(strategy, train, param_bytes=4)
-    assert bf16 == predict(strategy, train, param_bytes=2)
-    assert fp32.memory.weights_and_optimizer == pytest.approx(2 * bf16.memory.weights_and_optimizer)
-    assert (fp32.memory.activations, fp32.memory.logits) == pytest.approx(
-        (bf16.memory.activations, bf16.memory.logits)
+    built, train, mixed, bf16 = _mixed_and_bf16(
+        "ep", Layout(2, ep_size=2), model, global_batch=8, micro_batch=2
     )
-    assert fp32.compute_s > bf16.compute_s and fp32.mfu < bf16.mfu
+    counts = count_params(model)
+    held = counts.dense + counts.experts / 2
+    assert mixed.memory.weights_and_optimizer == pytest.approx(2 * bf16.memory.weights_and_optimizer)
+    assert bf16.memory.weights_and_optimizer == pytest.approx(held * 2 * (1 + 2 + 1) / GIB)
+    assert mixed.memory.compute_copies == pytest.approx(held * 2 / GIB) and bf16.memory.compute_copies == 0
+    tokens = train.micro_batch * train.seq_len
+    fp32_residual = tokens * 8 * model.hidden_size * model.num_layers / GIB
+    assert mixed.memory.activations - bf16.memory.activations == pytest.approx(fp32_residual)
+    assert (mixed.memory.logits, mixed.memory.buffers) == (bf16.memory.logits, bf16.memory.buffers)
+    # time: the exchange stays bf16, the replicas' all-reduce is fp32; the optimizer's and accumulation's
+    # passes move 4 bytes; each micro-batch casts every held weight and gradient (6 bytes each way)
+    row = 2 * model.hidden_size  # the exchange's rows stay bf16; the routing weights' gradients are fp32
+    per_row = (row + 8 * model.top_k) + row + row + (row + 2 * model.top_k)  # bf16: rows, choices, gradients
+    assert mixed.comm_s["all-to-all"] == pytest.approx(
+        bf16.comm_s["all-to-all"] * (per_row + 2 * model.top_k) / per_row
+    )
+    assert mixed.comm_s["gradient all-reduce"] == pytest.approx(2 * bf16.comm_s["gradient all-reduce"])
+    hbm = GPU_KINDS["h200"].hbm_bytes_per_s
+    assert mixed.cast_s == pytest.approx(2 * (held + held) * 6 / hbm) and bf16.cast_s == 0
+    streamed = held * (4 + 2 * 2) + (2 - 1) * held * 3
+    assert mixed.compute_s - bf16.compute_s == pytest.approx(streamed * 2 / hbm + mixed.cast_s)
+    # under full checkpointing a layer drops its casts after the forward: the embedding, lm_head and one
+    # layer's stay; the layer inputs kept for the recompute are fp32
+    _, _, mixed_ac, bf16_ac = _mixed_and_bf16(
+        "ep", Layout(2, ep_size=2), model, global_batch=8, micro_batch=2, activation_checkpointing="full"
+    )
+    layer = (held - counts.embedding) / model.num_layers
+    assert mixed_ac.memory.compute_copies == pytest.approx((counts.embedding + layer) * 2 / GIB)
+    kept_inputs = tokens * model.hidden_size * 2 * model.num_layers / GIB
+    # and each layer records the routing weights it received for its recompute in fp32 (the rows in bf16)
+    received = tokens * ranks_per_token(model.num_experts, model.top_k, 2)
+    weights = model.num_layers * received * model.top_k * 2 / GIB
+    assert mixed_ac.memory.activations - bf16_ac.memory.activations == pytest.approx(
+        tokens * 8 * model.hidden_size / GIB + kept_inputs + weights
+    )
+
+
+def test_mixed_memory_of_a_layout_under_fsdp():
+    """fsdp over 4 ranks, accumulating: the sharded weights, gradients and moments double; the gathered
+    units (the root, two layers) are FSDP2's bf16 copies, the whole gradients kept between micro-batches
+    fp32; FSDP2 casts each layer's input, so no fp32 residual stream. Gathers stay bf16, the reduce-scatter
+    is fp32."""
+    built, train, mixed, bf16 = _mixed_and_bf16("fsdp", Layout(4), global_batch=8, micro_batch=1)
+    cost = built.step_cost(train, 4, BF16)
+    counts = count_params(QWEN)
+    gathered = cost.fsdp_root + 2 * cost.fsdp_unit
+    accumulated = counts.total - counts.total / 4
+    static_bf16 = bf16.memory.weights_and_optimizer - (gathered + accumulated) * 2 / GIB
+    assert static_bf16 == pytest.approx(counts.total / 4 * 2 * (1 + 2) / GIB + counts.total / 4 * 2 / GIB)
+    assert mixed.memory.weights_and_optimizer == pytest.approx(2 * static_bf16 + accumulated * 4 / GIB)
+    assert mixed.memory.compute_copies == pytest.approx(gathered * 2 / GIB)
+    assert mixed.memory.activations == bf16.memory.activations
+    num_micro = 2  # 8 sequences over 4 ranks at micro-batch 1
+    ratio = (2 * num_micro * 2 + 4) / (2 * num_micro * 2 + 2)
+    assert mixed.comm_s["fsdp gather/scatter"] == pytest.approx(ratio * bf16.comm_s["fsdp gather/scatter"])
+
+
+def test_tensor_parallel_all_reduces_are_fp32_backward_outside_fsdp():
+    """Forward all-reduces sum bf16 partial outputs; backward ones the residual stream's gradients: fp32
+    under autocast (tp, mixed over DDP), bf16 where FSDP2 casts the layers' inputs (mixed over FSDP)."""
+    for strategy, layout, ratio in (
+        ("tp", Layout(4, tp_size=4), (2 + 4) / (2 + 2)),
+        ("mixed", Layout(4, dp_size=2, tp_size=2, options=get_strategy("mixed").Options(dp="ddp")), 1.5),
+        ("mixed", Layout(4, dp_size=2, tp_size=2), 1.0),
+    ):
+        _, _, mixed, bf16 = _mixed_and_bf16(strategy, layout, global_batch=8, micro_batch=2)
+        assert mixed.comm_s["tp all-reduce"] == pytest.approx(ratio * bf16.comm_s["tp all-reduce"]), layout
+
+
+def _adamw_plan(capsys, gpus: int, gpu: str, *more: str) -> dict:
+    return _plan_json(capsys, "--gpus", str(gpus), "--gpu", gpu, "--set", "train.optimizer=adamw", *more)
+
+
+@pytest.mark.parametrize("gpus, gpu", [(4, "h200"), (8, "h200"), (8, "h100")])
+def test_the_whole_model_with_adamw_under_mixed_fits_the_proposed_layout(gpus, gpu, capsys):
+    """Qwen3-30B-A3B with AdamW under mixed (16 bytes per weight: 488 GB): the master copy and its state are
+    sharded where the weights are, so ep with FSDP still fits four H200s and eight of either kind, and is
+    proposed first; layouts that fit under bf16 and no longer do are shown with their split and say so."""
+    plan = _adamw_plan(capsys, gpus, gpu)
+    assert plan["settings"]["precision"] == "mixed" and plan["nothing_fits"] is None
+    best = plan["layouts"][0]
+    assert best["fits"] and (best["label"], best["ep"]) == ("ep+fsdp", gpus)
+    fitting = [row for row in plan["layouts"] if row["fits"]]
+    speeds = [row["tokens_per_s_per_gpu"] for row in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    bf16 = _adamw_plan(capsys, gpus, gpu, "--set", "train.precision=bf16")
+    fits_bf16 = {(r["label"], r["dp"], r["tp"], r["ep"]) for r in bf16["layouts"] if r["fits"]}
+    lost = [
+        r for r in plan["layouts"] if not r["fits"] and (r["label"], r["dp"], r["tp"], r["ep"]) in fits_bf16
+    ]
+    assert lost, "mixed costs some layout its fit"
+    for row in lost:
+        assert re.match(r"[\d.]+ GiB > [\d.]+ usable: weights \+ optimizer state [\d.]+, .*activations [\d.]+, "
+                        r"logits [\d.]+.*; under bf16 it fits \([\d.]+ GiB\)$", row["does_not_fit"]), row  # fmt: skip
+    assert all(row["fits"] or "under bf16" not in row["does_not_fit"] for row in bf16["layouts"])
+
+
+def test_nothing_fits_four_h100s_with_adamw_under_mixed_and_the_plan_says_what_would(capsys):
+    """30.5 B weights at 16 bytes over four 80 GB GPUs is 122 GB each: no layout fits. One line says so,
+    with the smallest layout and the changes that fit, each with its fastest layout; its command runs
+    with the change."""
+    plan = _adamw_plan(capsys, 4, "h100")
+    assert not any(row["fits"] for row in plan["layouts"])
+    line = plan["nothing_fits"]
+    assert line.startswith("Nothing fits 4 × H100 (73.11 GiB usable per GPU) with adamw in mixed precision: ")
+    changes = {alt["change"]: alt for alt in plan["would_fit"]}
+    assert set(changes) == {"8 GPUs", "--set train.optimizer=sgd", "--set train.precision=bf16"}
+    for change, alt in changes.items():
+        assert alt["fits"] and alt["peak_mem_gib"] <= plan["usable_gib"] and change in line
+        assert ("--nproc 8" if change == "8 GPUs" else change) in alt["command"]
+    out = _plan(capsys, "--gpus", "4", "--gpu", "h100", "--set", "train.optimizer=adamw")
+    assert [text for text in out.splitlines() if text.startswith("Nothing fits")] == [line]
+    # under bf16 the same machine fits (what the plan proposed before mixed)
+    assert _adamw_plan(capsys, 4, "h100", "--set", "train.precision=bf16")["layouts"][0]["fits"]
+
+
+def test_plan_refuses_fp32_compute_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _plan(capsys, "--gpus", "4", "--set", "train.precision=fp32")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "moectl plan predicts bf16 compute, not train.precision=fp32" in err

@@ -5,6 +5,7 @@ resume under `mixed` is exact, and the dtype of the saved model."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,15 +15,17 @@ from safetensors import safe_open
 from torch.distributed.checkpoint import FileSystemReader
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from moectl.cli import main
 from moectl.config import build_config
 from moectl.data.sources import build_data
 from moectl.io.hf import save_hf_model
 from moectl.model.build import build_meta_model, hf_config, materialize, random_init_source
 from moectl.model.loss import build_token_loss
-from moectl.model.sizing import count_params, estimate_memory_gib
+from moectl.model.sizing import count_params
 from moectl.registry import build_strategy
 from moectl.run import runtime
 from moectl.run.loop import train_step
+from moectl.run.prepare import memory_estimate_gib
 from tests.layouts import MIXED_PRECISION_LAYOUTS, runs_in_one_process
 from tests.util import (
     NUMERICS_STEPS,
@@ -365,15 +368,16 @@ def test_bad_precision_settings_are_one_line(tmp_path, capsys, setting, words):
     assert not run_dir.exists()
 
 
-def test_dry_run_under_mixed_counts_fp32_master_gradients_state_and_bf16_copies():
+def test_dry_run_under_mixed_counts_fp32_master_gradients_state_and_bf16_copies(capsys):
     """Against `bf16`: 2 more bytes for each weight, gradient and optimizer value, plus the bf16 copies the
-    strategy computes with: autocast's of every weight a rank holds; under FSDP2 the root (embedding and
-    lm_head) and two decoder layers, gathered; under ep with FSDP and expert replicas the dense part so and
-    two layers of this rank's experts."""
+    strategy computes with: autocast's of every weight a rank holds (and its fp32 residual stream, 8 more
+    bytes per token, layer and hidden unit); under FSDP2 the root (embedding and lm_head) and two decoder
+    layers, gathered, and bf16 layer inputs; under ep with FSDP and expert replicas the dense part so and
+    two layers of this rank's experts. The dry-run prints this estimate."""
     layers = 8
     counts = count_params(build_config("qwen3-30b-a3b", {"model": {"num_layers": layers}}).model)
 
-    def estimate(precision: str, strategy: str, world: int, **parallel) -> tuple[float, float, float]:
+    def estimate(precision: str, strategy: str, world: int, **parallel) -> tuple[float, ...]:
         run = build_config(
             "qwen3-30b-a3b",
             {"model": {"num_layers": layers}, "train": {"optimizer": "adamw", "precision": precision},
@@ -381,14 +385,12 @@ def test_dry_run_under_mixed_counts_fp32_master_gradients_state_and_bf16_copies(
         )  # fmt: skip
         s = build_strategy(run, world)
         p = runtime.precision(run.train, on_gpu=True)
-        cost = s.step_cost(run.train, world, p.param_dtype.itemsize)
-        held, grads = cost.params, cost.params  # one micro-batch: no whole gradients kept between them
-        copies = s.compute_copy_params(cost) if p.casts else 0.0
-        gib = estimate_memory_gib(
-            run.model, run.train, held, p.param_dtype.itemsize, grads,
-            compute_bytes=p.compute_dtype.itemsize, compute_copy_params=copies,
-        )  # fmt: skip
-        return gib, held, copies
+        cost = s.step_cost(run.train, world, p)
+        num_micro = s.micro_batches(run.train)
+        copies = s.compute_copy_params(cost, run.train) if p.casts else 0.0
+        gib = memory_estimate_gib(run, s, cost, num_micro, on_gpu=True)
+        grads = cost.grads if num_micro > 1 else cost.params  # FSDP accumulating: whole gradients
+        return gib, cost.params, grads, copies, run.train.micro_batch * run.train.seq_len
 
     layer = (counts.total - counts.embedding) / layers
     dense_layer = (counts.dense - counts.embedding) / layers
@@ -397,15 +399,22 @@ def test_dry_run_under_mixed_counts_fp32_master_gradients_state_and_bf16_copies(
         "fsdp": counts.embedding + 2 * layer,
         "ep": counts.embedding + 2 * dense_layer + 2 * counts.experts / 2 / layers,
     }
-    for strategy, world, parallel in (
-        ("single", 1, {}),
-        ("fsdp", 4, {}),
-        ("ep", 4, {"ep_size": 2, "fsdp": True}),
+    hidden = build_config("qwen3-30b-a3b").model.hidden_size
+    for strategy, world, parallel, fp32_residual in (
+        ("single", 1, {}, True),
+        ("fsdp", 4, {}, False),
+        ("ep", 4, {"ep_size": 2, "fsdp": True}, False),
     ):
-        mixed, held, copies = estimate("mixed", strategy, world, **parallel)
-        bf16, _, _ = estimate("bf16", strategy, world, **parallel)
+        mixed, held, grads, copies, tokens = estimate("mixed", strategy, world, **parallel)
+        bf16 = estimate("bf16", strategy, world, **parallel)[0]
         assert copies == pytest.approx(expected_copies[strategy]), strategy
+        residual = tokens * 8 * hidden * layers if fp32_residual else 0
         extra = (
-            2 * held * (1 + 2) + 2 * held + 2 * copies
-        ) / 2**30  # weights + AdamW's 2 states, grads, copies
+            2 * held * (1 + 2) + 2 * grads + 2 * copies + residual
+        ) / 2**30  # weights + AdamW's 2 states, grads, copies, the fp32 residual stream
         assert mixed - bf16 == pytest.approx(extra), strategy
+    main(["train", "--config", "qwen3-30b-a3b", "--set", "model.num_layers=8", "--set", "train.optimizer=adamw",
+          "--set", "train.precision=mixed", "--dry-run"])  # fmt: skip
+    single_mixed = estimate("mixed", "single", 1)[0]
+    printed = re.search(r"memory estimate per rank\s+([\d.]+) GiB", capsys.readouterr().out)
+    assert printed and float(printed[1]) == round(single_mixed, 2)

@@ -161,7 +161,7 @@ def test_bench_table_at_80_columns(terminal):
     names = ["single", "ddp", "my_expert_parallel_plugin"]
     payload = {
         "settings": {"steps": 40, "warmup_steps": 2, "global_batch": 16, "seq_len": 64, "device": "cpu",
-                     "dtype": "float32"},
+                     "precision": "fp32"},
         "verify": {"enabled": True, "reference": "single", "reference_why": "fits one device", "rtol": 1e-5,
                    "reference_run": None},
         "rows": [row(name) for name in names],

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from moectl import __version__
-from moectl.bench.run_list import BenchPlan, fp32
+from moectl.bench.run_list import BenchPlan
 from moectl.io.outputs import write_json_atomic
+from moectl.run import runtime
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -91,7 +92,7 @@ class BenchResult:
                     "lr": train.lr,
                     "sets": list(options.sets),
                     "device": "cuda" if self.plan.uses_gpu else "cpu",
-                    "dtype": "float32" if fp32(self.plan.cfg, self.plan.uses_gpu) else "bfloat16",
+                    "precision": runtime.precision(train, self.plan.uses_gpu).name,
                 },
                 "verify": {
                     "enabled": options.verify,

@@ -73,7 +73,7 @@ def print_table(payload: dict[str, Any], console: Console) -> None:
     title = (
         f"moectl bench: {settings['steps']} steps ({settings['warmup_steps']} warm-up, not timed), "
         f"global batch {settings['global_batch']} × {settings['seq_len']} tokens, "
-        f"{settings['device']} {settings['dtype']}"
+        f"{settings['device']}, {settings['precision']} precision"
     )
     caption = (
         f"reference: {verify['reference']} ({verify['reference_why']}); weights compared after the "

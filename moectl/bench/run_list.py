@@ -30,10 +30,9 @@ from moectl.config import (
 )
 from moectl.errors import UsageError
 from moectl.io.outputs import check_output_dir
-from moectl.model.sizing import count_params, estimate_memory_gib
 from moectl.registry import available_strategies, build_strategy, get_strategy, option_owners, short_name
 from moectl.run import runtime
-from moectl.run.prepare import resolve
+from moectl.run.prepare import memory_estimate_gib, resolve
 from moectl.strategy import Layout, Strategy
 
 REFERENCE_CHOICES = ("auto", "single", "fsdp")
@@ -231,8 +230,10 @@ def choose_reference(choice: str, cfg: RunConfig, uses_gpu: bool, available: lis
     elif not uses_gpu:
         name, why = "single", "auto: CPU run, single always fits"
     else:
-        param_bytes = runtime.training_dtype(cfg.train, True).itemsize
-        need = estimate_memory_gib(cfg.model, cfg.train, count_params(cfg.model).total, param_bytes)
+        # single on one GPU in the run's precision: under mixed fp32 weights and state, bf16 copies
+        single = build_strategy(RunConfig(model=cfg.model, train=cfg.train), 1, get_strategy("single"))
+        cost = single.step_cost(cfg.train, 1, runtime.precision(cfg.train, True))
+        need = memory_estimate_gib(cfg, single, cost, single.micro_batches(cfg.train), on_gpu=True)
         have = gpu_memory_gib()
         if have is not None and need <= SINGLE_FITS_FRACTION * have:
             name, why = "single", f"auto: about {need:.1f} GiB fits one device's {have:.0f} GiB"

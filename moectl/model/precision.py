@@ -55,6 +55,16 @@ class Precision:
     compute_dtype: torch.dtype  # matmuls, attention, activations, token exchanges
 
     @property
+    def param_bytes(self) -> int:
+        """Bytes of a weight, its gradient and an optimizer value; of a gradient reduction over ranks."""
+        return self.param_dtype.itemsize
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes of an activation, a logit, a token row exchanged (ep) and a weight FSDP2 gathers."""
+        return self.compute_dtype.itemsize
+
+    @property
     def casts(self) -> bool:
         """Whether the compute runs on copies of the weights in another dtype (`mixed`)."""
         return self.param_dtype != self.compute_dtype

@@ -125,6 +125,13 @@ def format_mfu(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+#: Bytes per token, layer and hidden unit that autocast keeps beyond bf16 activations where nothing casts a
+#: layer's input (`train.precision=mixed` outside FSDP2): the residual stream and the input norms' outputs
+#: stay fp32. Measured eager on a small Qwen3-MoE layer on the CPU (torch 2.13); an assumption for compiled
+#: GPU layers until a mixed GPU run refits it.
+FP32_RESIDUAL_BYTES = 8
+
+
 def optimizer_states_per_param(train: TrainConfig) -> int:
     """Tensors of optimizer state per parameter: AdamW's two moments, SGD's momentum buffer if any."""
     return 2 if train.optimizer == "adamw" else (1 if train.momentum else 0)
@@ -148,6 +155,7 @@ def estimate_memory_gib(
     *,
     compute_bytes: int | None = None,
     compute_copy_params: float = 0.0,
+    fp32_residual: bool = False,
 ) -> float:
     """Peak memory per rank: weights, gradients, optimizer state, one micro-batch's activations and
     logits. An estimate, not a promise. (Under accumulation the gradients of earlier micro-batches are
@@ -167,9 +175,10 @@ def estimate_memory_gib(
     `compute_bytes` (default `param_bytes`: one dtype for both, as `bf16` and `fp32` train). Under
     `train.precision=mixed` (4 and 2) the compute runs on bf16 copies of `compute_copy_params` weights
     (`Strategy.compute_copy_params`: autocast's casts, alive from the forward that makes them to the
-    backward that reads them, or the units FSDP2 holds gathered). Not counted: under autocast the
-    residual stream and the input norms' outputs stay fp32, about 8·H more bytes per token and layer
-    (measured eager on a small Qwen3-MoE layer on the CPU).
+    backward that reads them, or the units FSDP2 holds gathered). `fp32_residual`: autocast without FSDP2
+    keeps the residual stream and the input norms' outputs in fp32, `FP32_RESIDUAL_BYTES`·H more bytes
+    per token and layer whose activations are kept, and under full checkpointing each layer's kept input
+    in fp32 (the layers FSDP2 wraps get their inputs cast to bf16).
     """
     compute_bytes = param_bytes if compute_bytes is None else compute_bytes
     weights_and_state = params_per_rank * param_bytes * (1 + optimizer_states_per_param(train))
@@ -187,6 +196,10 @@ def estimate_memory_gib(
     activations = tokens * per_token_layer * compute_bytes * layers_kept
     if checkpointing == "full":  # each layer's input is kept for the recomputation
         activations += tokens * cfg.hidden_size * compute_bytes * cfg.num_layers
+    if fp32_residual:
+        activations += tokens * FP32_RESIDUAL_BYTES * cfg.hidden_size * layers_kept
+        if checkpointing == "full":
+            activations += tokens * cfg.hidden_size * (4 - compute_bytes) * cfg.num_layers
     logits_bytes = 2 * compute_bytes + (0 if train.compile else 8)
     if train.loss_chunk_tokens > 0:  # one chunk's logits, plus the head's gradients made in forward
         chunk = min(train.loss_chunk_tokens, tokens)

@@ -1,12 +1,21 @@
 """What a strategy holds and sends per optimizer step (`Strategy.step_cost`): the counts behind the
 `--dry-run`'s memory estimate and `moectl plan`'s prediction. The strategy counts elements and bytes;
 the planner (moectl/plan/predict.py) turns them into GiB and seconds with its hardware figures.
+
+Bytes follow the run's precision (`moectl.model.precision.Precision`): what reduces gradients over ranks
+(DDP's and the hand-made all-reduces, FSDP's reduce-scatter) sends them in the weights' dtype (fp32 under
+`train.precision=mixed`); what carries compute (FSDP's gathers of bf16 weights, ep's token rows, tensor
+parallelism's forward all-reduces) sends the compute dtype's bytes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moectl.model.precision import Precision
 
 
 class Exposure(Enum):
@@ -53,7 +62,9 @@ def ring(group: int) -> float:
     return 2 * (group - 1) / group
 
 
-def fsdp_bytes(params: float, group: int, num_micro_batches: int, param_bytes: int) -> float:
+def fsdp_bytes(params: float, group: int, num_micro_batches: int, precision: Precision) -> float:
     """Bytes FSDP sends per step for `params` sharded over `group` ranks: a gather in forward and one in
-    backward per micro-batch, one reduce-scatter per step."""
-    return (2 * num_micro_batches + 1) * params * param_bytes * (group - 1) / group
+    backward per micro-batch, in the compute dtype (FSDP2's `param_dtype`), and one reduce-scatter per
+    step, in the weights' dtype (its `reduce_dtype`)."""
+    per_param = 2 * num_micro_batches * precision.compute_bytes + precision.param_bytes
+    return per_param * params * (group - 1) / group

@@ -45,12 +45,13 @@ def exchange_rows(model: ModelConfig, tokens: int, ep: int) -> float:
     return tokens * ranks_per_token(model.num_experts, model.top_k, ep) * (ep - 1) / ep
 
 
-def exchange_bytes(model: ModelConfig, tokens: int, ep: int, param_bytes: int) -> float:
+def exchange_bytes(model: ModelConfig, tokens: int, ep: int, row_bytes: int, weight_bytes: int) -> float:
     """Bytes one rank sends to other ranks per MoE layer and micro-batch, forward and backward, as
     summary.json's `a2a_bytes_per_step` counts them: the rows with their choices, the rows back, and in
-    backward the returned rows' gradients and the rows' and weights' gradients."""
-    row = model.hidden_size * param_bytes
-    per_row = (row + model.top_k * CHOICE_BYTES) + row + row + (row + model.top_k * param_bytes)
+    backward the returned rows' gradients and the rows' and weights' gradients. Rows travel in the compute
+    dtype (`row_bytes` per value), the routing weights' gradients in the router's dtype (`weight_bytes`)."""
+    row = model.hidden_size * row_bytes
+    per_row = (row + model.top_k * CHOICE_BYTES) + row + row + (row + model.top_k * weight_bytes)
     return exchange_rows(model, tokens, ep) * per_row
 
 

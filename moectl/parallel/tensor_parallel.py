@@ -208,12 +208,20 @@ def tensor_parallel_params_per_rank(model: ModelConfig, counts: ParamCounts, tp_
 
 
 def tensor_parallel_all_reduces(
-    model: ModelConfig, tokens: int, num_micro_batches: int, tp_size: int, spans_nodes: bool, param_bytes: int
+    model: ModelConfig,
+    tokens: int,
+    num_micro_batches: int,
+    tp_size: int,
+    spans_nodes: bool,
+    forward_bytes: int,
+    backward_bytes: int,
 ) -> Collective:
-    """The activation all-reduces of one step: two per decoder layer in forward, two in backward, of a
-    micro-batch's `tokens` hidden states each."""
-    activation = tokens * model.hidden_size * param_bytes * ring(tp_size)
-    sent = num_micro_batches * model.num_layers * 4 * activation
+    """The activation all-reduces of one step: two per decoder layer in forward, of partial outputs of
+    `forward_bytes` each (the compute dtype), and two in backward, of the gradients of the layer's inputs of
+    `backward_bytes` (the residual stream's dtype: fp32 under autocast, the compute dtype where FSDP2 casts
+    the layer's input), of a micro-batch's `tokens` hidden states each."""
+    activation = tokens * model.hidden_size * ring(tp_size)
+    sent = num_micro_batches * model.num_layers * 2 * (forward_bytes + backward_bytes) * activation
     return Collective("tp all-reduce", sent, tp_size, spans_nodes, Exposure.ACTIVATIONS)
 
 

@@ -185,8 +185,9 @@ CALIBRATION = Calibration()
 
 @dataclass(frozen=True)
 class MeasuredRun:
-    """One measured GPU run of the qwen3-30b-a3b preset (seq 4096, bf16, SGD, synthetic data) with `model`
-    and `train` overriding its settings. `role`: "fit" (sets a fitted figure above), "holdout" (checked,
+    """One measured GPU run of the qwen3-30b-a3b preset (seq 4096, SGD, synthetic data) with `model` and
+    `train` overriding its settings; in pure bf16 (`train.precision=bf16`, what GPU runs trained in before
+    `mixed`) unless `train` names its precision. `role`: "fit" (sets a fitted figure above), "holdout" (checked,
     never fitted), "profiled" (torch.profiler ran on some of its timed steps: checked, not fitted),
     "superseded" (the code that ran has since changed: shown, not held to the bounds), "out of scope" (see
     the note), "pending" (scripted in bench/, not run yet: its prediction is written down in BENCHMARKS.md
@@ -214,6 +215,11 @@ class MeasuredRun:
     train: dict = field(default_factory=dict)
     a2a_bytes_per_step: float | None = None
     predicted_before: tuple[float, float] | None = None
+
+    @property
+    def precision(self) -> str:
+        """The `train.precision` it ran in: bf16 unless `train` says otherwise."""
+        return self.train.get("precision", "bf16")
 
     @property
     def gpu(self) -> str:
@@ -429,6 +435,13 @@ def is_calibrated(kind: str) -> bool:
     Until one does, plan marks the kind's predictions "uncalibrated": figures from the makers' sheets, the
     efficiencies measured on CALIBRATED_ON assumed to carry over."""
     return any(run.gpu == kind and run.role in CHECKED_ROLES for run in MEASURED_RUNS)
+
+
+def precision_calibrated(precision: str) -> bool:
+    """Whether measured runs in `precision` (a `train.precision`) check the model: until one does, plan
+    marks what that precision adds (for `mixed`: fp32 reductions, the optimizer's pass over fp32 state, the
+    casts, the fp32 residual stream) "uncalibrated"."""
+    return any(run.precision == precision and run.role in CHECKED_ROLES for run in MEASURED_RUNS)
 
 
 #: The tiny preset's GPU runs (tiny_*.log and tiny_*_gpu*: 5-24k tokens/s at 0.1 GiB, MFU 0.0 %) are

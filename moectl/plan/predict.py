@@ -4,6 +4,13 @@ What a layout holds and sends is its strategy's own statement (`Strategy.step_co
 a strategy without one is not predicted. This module keeps the hardware's figures (moectl/plan/calibration.py)
 and the arithmetic.
 
+The run's precision is `train.precision` (`auto`: `mixed`, as on a GPU; `plan_precision`). Under `bf16`
+weights, gradients, optimizer state and compute are bf16, as in every measured run; under `mixed` the
+weights, gradients and optimizer state are fp32 (4 bytes) and the compute bf16, and what that adds is
+counted from what the strategy states: the bf16 copies of the weights it computes with, fp32 gradient
+reductions, the optimizer's pass over fp32 state, the casts (`cast_seconds`), and the fp32 residual stream
+where FSDP2 casts no layer input. No mixed GPU run checks these terms yet (`precision_calibrated`).
+
 Memory is the dry-run's estimate (`moectl.model.sizing.estimate_memory_gib`, fitted to H200 peaks) with the
 parameters each rank holds and the gradients alive at the peak, plus the buffers the strategy states: ep's
 exchange buffers (and under checkpointing the rows each layer records for its recompute), DDP's gradient
@@ -37,6 +44,7 @@ import torch
 
 from moectl.config import ModelConfig, RunConfig, TrainConfig, build_config, checkpointing_mode
 from moectl.errors import UsageError
+from moectl.model.precision import Precision, resolve_precision
 from moectl.model.sizing import count_params, estimate_memory_gib, flops_per_token
 from moectl.parallel.cost import Collective, Exposure, StepCost
 from moectl.parallel.dims import ParallelDims
@@ -48,6 +56,7 @@ from moectl.plan.calibration import (
     GpuKind,
     MeasuredRun,
     is_calibrated,
+    precision_calibrated,
 )
 from moectl.registry import build_strategy, get_strategy
 from moectl.run import runtime
@@ -58,10 +67,8 @@ from moectl.strategy import Layout, Strategy
 HEADROOM_GIB = 6.0
 #: Below this hidden size layers are launch-bound and the calibrated figures do not apply.
 SMALLEST_CALIBRATED_HIDDEN = 1024
-#: bf16 weights, gradients and optimizer state, as runs on GPUs hold them: the default of `param_bytes`
-BYTES_PER_PARAM = 2
-#: bf16 activations and logits, whatever the parameters are kept in
-COMPUTE_BYTES = 2
+#: Pure bf16 (`train.precision=bf16`): what every measured run trained in (moectl/plan/calibration.py)
+BF16 = resolve_precision("bf16", on_gpu=True)
 #: The chunk plan tries for train.loss_chunk_tokens when the config sets none: the measured one (BENCHMARKS.md)
 LOSS_CHUNK_TOKENS = 4096
 
@@ -72,10 +79,13 @@ class MemoryParts:
     activations: float
     logits: float
     buffers: float  # the strategy's exchange buffers
+    compute_copies: float = 0.0  # under mixed: the bf16 copies of fp32 weights the compute runs on
 
     @property
     def total(self) -> float:
-        return self.weights_and_optimizer + self.activations + self.logits + self.buffers
+        return (
+            self.weights_and_optimizer + self.activations + self.logits + self.buffers + self.compute_copies
+        )
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,25 @@ class Prediction:
     memory: MemoryParts
     comm_s: dict[str, float]  # exposed seconds per step by collective
     ep_dispatch_s: float = 0.0  # of compute_s: the dispatch work of rows that cross ranks (ep)
+    cast_s: float = 0.0  # of compute_s: under mixed, the casts of weights to bf16 and of gradients back
+    precision: str = "bf16"
+
+
+def plan_precision(train: TrainConfig) -> Precision:
+    """The precision a GPU run of `train` trains in: `train.precision`, `auto` being `mixed` (the GPU
+    default). ValueError for `fp32`: the model's figures are for bf16 compute."""
+    precision = resolve_precision(train.precision, on_gpu=True)
+    if precision.compute_dtype != torch.bfloat16:
+        raise ValueError(
+            f"moectl plan predicts bf16 compute, not train.precision={train.precision}: "
+            "--set train.precision=mixed (fp32 weights, bf16 compute) or bf16"
+        )
+    return precision
+
+
+def fsdp_wraps_layers(cost: StepCost, dims: ParallelDims) -> bool:
+    """Whether FSDP2 wraps the decoder layers (gathers them whole, defers the reduce-scatter)."""
+    return bool(cost.fsdp_unit) and dims.dp > 1
 
 
 # ---- the rules a layout must satisfy --------------------------------------------------------------
@@ -143,16 +172,18 @@ def _as_planned(train: TrainConfig) -> TrainConfig:
 
 # ---- memory -----------------------------------------------------------------------------------------
 def predict_memory(
-    model: ModelConfig,
-    train: TrainConfig,
-    dims: ParallelDims,
-    cost: StepCost,
-    param_bytes: int = BYTES_PER_PARAM,
+    strategy: Strategy, train: TrainConfig, cost: StepCost, precision: Precision
 ) -> MemoryParts:
-    """Peak GiB per GPU, split into what the dry-run's estimate sizes and what the strategy adds, for
-    parameters (and their gradients and optimizer state) of `param_bytes` bytes; activations and logits
-    stay bf16 (2 bytes), as GPU runs compute. The logits term is one chunk's when train.loss_chunk_tokens
-    chunks the loss (`estimate_memory_gib`)."""
+    """Peak GiB per GPU of `strategy` (its `cost`) in `precision`, split into what the dry-run's estimate
+    sizes and what the strategy adds. Weights, gradients and optimizer state take the precision's weight
+    bytes (sharded as the cost states); activations and logits the compute's (bf16). Under `mixed` also the
+    bf16 copies of the weights the compute runs on (`Strategy.compute_copy_params`: autocast's casts, or
+    the units FSDP2 gathers in bf16), FSDP2's unsharded gradients under accumulation in fp32, and, where
+    FSDP2 casts no layer's input, the fp32 residual stream (`estimate_memory_gib`'s `fp32_residual`: an
+    assumption measured on the CPU). The logits term is one chunk's when train.loss_chunk_tokens chunks the
+    loss (`estimate_memory_gib`)."""
+    model, dims = strategy.model_config, strategy.dims
+    param_bytes, compute_bytes = precision.param_bytes, precision.compute_bytes
     counts = count_params(model)
     sharded = cost.params
     num_micro = train.global_batch // (train.micro_batch * dims.dp)
@@ -167,19 +198,33 @@ def predict_memory(
     no_batch = dataclasses.replace(train, micro_batch=0)
     static = estimate_memory_gib(model, no_batch, sharded, param_bytes, grads)
     no_layers = dataclasses.replace(model, num_layers=0)
-    logits = estimate_memory_gib(no_layers, train, 0, COMPUTE_BYTES)
+    logits = estimate_memory_gib(no_layers, train, 0, compute_bytes)
+    fp32_residual = precision.casts and not strategy.layer_inputs_in_compute_dtype(cost)
     activations = (
-        estimate_memory_gib(model, train, 0, COMPUTE_BYTES, 0)
-        - estimate_memory_gib(model, no_batch, 0, COMPUTE_BYTES, 0)
+        estimate_memory_gib(model, train, 0, compute_bytes, 0, fp32_residual=fp32_residual)
+        - estimate_memory_gib(model, no_batch, 0, compute_bytes, 0)
         - logits
     )
     activations += cost.recorded_bytes / 2**30
+    fsdp = fsdp_wraps_layers(cost, dims)
+    buffers = cost.buffer_bytes / 2**30
+    if precision.casts:
+        # The gathered units are FSDP2's bf16 copies (`compute_copy_params` counts them); what stays in
+        # fp32 is DDP's buckets, or FSDP2's whole gradients while micro-batches accumulate.
+        copies = strategy.compute_copy_params(cost, train) * compute_bytes / 2**30
+        fp32_extra = ((cost.grads - sharded if num_micro > 1 else 0) if fsdp else cost.buckets) * param_bytes
+        parts = MemoryParts(static + fp32_extra / 2**30, activations, logits, buffers, copies)
+        if num_micro == 1:  # the other candidate peak: every gradient made, autocast's copies freed
+            after_backward = estimate_memory_gib(model, no_batch, sharded, param_bytes) + fp32_extra / 2**30
+            gathered = copies if fsdp else 0.0
+            if after_backward + gathered > parts.total:
+                return MemoryParts(after_backward, 0.0, 0.0, 0.0, gathered)
+        return parts
     extra_params = cost.buckets
-    if cost.fsdp_unit and dims.dp > 1:
+    if fsdp:
         # Two layers gathered (the current one and the prefetched one), the root (embeddings, lm_head)
         # stays gathered, and accumulation keeps whole gradients until the last micro-batch.
         extra_params = 2 * cost.fsdp_unit + cost.fsdp_root + (cost.grads - sharded if num_micro > 1 else 0)
-    buffers = cost.buffer_bytes / 2**30
     parts = MemoryParts(static + extra_params * param_bytes / 2**30, activations, logits, buffers)
     if num_micro == 1:  # the other candidate peak: every gradient made, the activations freed
         after_backward = estimate_memory_gib(model, no_batch, sharded, param_bytes)
@@ -204,11 +249,13 @@ def compute_seconds(
     gpu: GpuKind,
     cal: Calibration,
     *,
+    precision: Precision,
     hf_experts: bool = False,
-    param_bytes: int = BYTES_PER_PARAM,
 ) -> float:
     """Busy and idle GPU time of one optimizer step on one rank, without communication. `hf_experts`: the
     experts run as transformers' own module (every strategy but ep), not as the dispatch's grouped GEMM.
+    The passes over the parameters (optimizer, accumulation) move `precision`'s weight bytes; under `mixed`
+    the casts between fp32 weights and bf16 compute are added (`cast_seconds`).
 
     The figures were measured on CALIBRATED_ON; on another kind the FLOP terms run at the same share of its
     peak (the efficiencies carry over: the same kernels on the same tensor cores for the H100, an assumption
@@ -258,7 +305,28 @@ def compute_seconds(
     # the gradients for the norm and finiteness check. Accumulation: read, add, write the gradients.
     streamed = sharded * (4 + 2 * states) + (num_micro - 1) * whole_grads * 3
     dispatch = dispatch_seconds(train, cost, cal, gpu)
-    return num_micro * per_micro_batch + streamed * param_bytes / gpu.hbm_bytes_per_s + dispatch
+    seconds = num_micro * per_micro_batch + streamed * precision.param_bytes / gpu.hbm_bytes_per_s + dispatch
+    if precision.casts:
+        seconds += cast_seconds(train, dims, cost, gpu, precision)
+    return seconds
+
+
+def cast_seconds(
+    train: TrainConfig, dims: ParallelDims, cost: StepCost, gpu: GpuKind, precision: Precision
+) -> float:
+    """Under `mixed`, the casts between the fp32 weights and the bf16 compute per step, at the achieved HBM
+    bandwidth: each micro-batch casts the weights it computes with to bf16 (read 4, write 2 bytes each:
+    autocast every weight the rank holds in its forward, and again in the recompute under full
+    checkpointing; FSDP2 its shards before each gather, forward and backward) and their gradients back to
+    fp32 (read 2, write or accumulate 4: every gradient the rank makes, whole under FSDP2). 0 where nothing
+    is cast. Uncalibrated: no mixed GPU run yet."""
+    if not precision.casts:
+        return 0.0
+    num_micro = train.global_batch // (train.micro_batch * dims.dp)
+    full_checkpointing = checkpointing_mode(train.activation_checkpointing) == "full"
+    weight_casts = cost.params * (2 if fsdp_wraps_layers(cost, dims) or full_checkpointing else 1)
+    cast_bytes = (weight_casts + cost.grads) * (precision.param_bytes + precision.compute_bytes)
+    return num_micro * cast_bytes / gpu.hbm_bytes_per_s
 
 
 def dispatch_seconds(train: TrainConfig, cost: StepCost, cal: Calibration, gpu: GpuKind) -> float:
@@ -305,7 +373,8 @@ def comm_seconds(cost: StepCost, gpu: GpuKind, cal: Calibration) -> dict[str, fl
 def collective_bytes(strategy: Strategy, train: TrainConfig, name: str, nodes: int = 1) -> float:
     """Bytes one rank sends per optimizer step in the strategy's collectives called `name` (ep's
     "all-to-all" is summary.json's `a2a_bytes_per_step`), as the plan counts them."""
-    cost = strategy.step_cost(_as_planned(train), strategy.dims.world_size // nodes, BYTES_PER_PARAM)
+    planned_train = _as_planned(train)
+    cost = strategy.step_cost(planned_train, strategy.dims.world_size // nodes, plan_precision(planned_train))
     return sum((c.bytes_sent for c in (cost.collectives if cost else ()) if c.name == name), 0.0)
 
 
@@ -315,45 +384,45 @@ def predict(
     gpu: str = "h200",
     nodes: int = 1,
     cal: Calibration = CALIBRATION,
-    param_bytes: int = BYTES_PER_PARAM,
 ) -> Prediction:
     """Predicted tokens/s per GPU, peak memory per GPU and MFU of a checked strategy (its model, degrees
-    and options) on `nodes` nodes of GPU kind `gpu`, for parameters of `param_bytes` bytes (2: bf16, what
-    GPU runs hold). Raises ValueError where the plan cannot predict: a strategy without a cost model, a
-    batch its data-parallel ranks cannot split."""
+    and options) on `nodes` nodes of GPU kind `gpu`, in the run's precision (`plan_precision`: `auto` is
+    `mixed`). Raises ValueError where the plan cannot predict: a strategy without a cost model, a batch its
+    data-parallel ranks cannot split, fp32 compute."""
     kind, model, dims = GPU_KINDS[gpu], strategy.model_config, strategy.dims
     train = _as_planned(train)
+    precision = plan_precision(train)
     problem = batch_problem(train, dims)
     if problem:
         raise ValueError(problem)
-    cost = strategy.step_cost(train, dims.world_size // nodes, param_bytes)
+    cost = strategy.step_cost(train, dims.world_size // nodes, precision)
     if cost is None:
         raise ValueError(f"{strategy.name} has no cost model")
     hf_experts = not strategy.grouped_experts
-    compute = compute_seconds(
-        model, train, dims, cost, kind, cal, hf_experts=hf_experts, param_bytes=param_bytes
-    )
+    compute = compute_seconds(model, train, dims, cost, kind, cal, precision=precision, hf_experts=hf_experts)
     comm = comm_seconds(cost, kind, cal)
     step = compute + sum(comm.values())
     tokens_per_s = train.global_batch * train.seq_len / step / dims.world_size
-    memory = predict_memory(model, train, dims, cost, param_bytes)
+    memory = predict_memory(strategy, train, cost, precision)
     mfu = flops_per_token(model, train.seq_len) * tokens_per_s / kind.peak_flops
     dispatch = dispatch_seconds(train, cost, cal, kind)
+    casts = cast_seconds(train, dims, cost, kind, precision)
     exposed = sum(comm.values())
-    return Prediction(tokens_per_s, memory.total, mfu, step, compute, exposed, memory, comm, dispatch)
+    return Prediction(
+        tokens_per_s, memory.total, mfu, step, compute, exposed, memory, comm, dispatch, casts, precision.name
+    )
 
 
 def run_prediction(cfg: RunConfig, strategy: Strategy) -> dict[str, float | str | bool] | None:
-    """`moectl plan`'s prediction for a run about to train with `strategy` (its own degrees and options),
-    for summary.json, so every GPU run checks the plan's model. None where the plan has no figures: a CPU
-    run, an unknown GPU, fp32 weights, layers far smaller than the calibrated ones (launch-bound), a
-    strategy without a cost model. `calibrated`: whether measured runs on this GPU kind check the model."""
+    """`moectl plan`'s prediction for a run about to train with `strategy` (its own degrees and options) in
+    its precision, for summary.json, so every GPU run checks the plan's model. None where the plan has no
+    figures: a CPU run, an unknown GPU, fp32 compute, layers far smaller than the calibrated ones
+    (launch-bound), a strategy without a cost model. `calibrated`: whether measured runs on this GPU kind
+    and in this precision check the model."""
     if not runtime.uses_gpu(cfg.train):
         return None
     kind = gpu_kind_for_device(torch.cuda.get_device_name())
-    if kind is None or runtime.training_dtype(cfg.train, True) != torch.bfloat16:
-        return None
-    if cfg.model.hidden_size < SMALLEST_CALIBRATED_HIDDEN:
+    if kind is None or cfg.model.hidden_size < SMALLEST_CALIBRATED_HIDDEN:
         return None
     try:
         prediction = predict(strategy, cfg.train, kind, cfg.parallel.nnodes)
@@ -361,7 +430,8 @@ def run_prediction(cfg: RunConfig, strategy: Strategy) -> dict[str, float | str 
         return None
     return {
         "gpu": kind,
-        "calibrated": is_calibrated(kind),
+        "precision": prediction.precision,
+        "calibrated": is_calibrated(kind) and precision_calibrated(prediction.precision),
         "tokens_per_s_per_device": prediction.tokens_per_s_per_gpu,
         "peak_mem_gib": prediction.peak_mem_gib,
         "mfu": prediction.mfu,
@@ -377,7 +447,12 @@ def gpu_kind_for_device(device_name: str) -> str | None:
 
 def run_config(run: MeasuredRun) -> tuple[TrainConfig, Strategy]:
     """The training settings and the strategy (model, degrees) of one measured run (moectl/plan/calibration.py)."""
-    train = {**run.train, "seq_len": run.seq_len, "global_batch": run.global_batch}
+    train = {
+        **run.train,
+        "precision": run.precision,
+        "seq_len": run.seq_len,
+        "global_batch": run.global_batch,
+    }
     cfg = build_config("qwen3-30b-a3b", {"model": dict(run.model), "train": train})
     layout = Layout(run.world, tp_size=run.tp, ep_size=run.ep)
     train = planned(cfg.train, run.micro_batch, run.activation_checkpointing, run.compile)

@@ -1,5 +1,6 @@
 """`moectl plan`'s table: every layout of a machine predicted by moectl/plan/predict.py, ranked, with the
-`moectl train` command that runs it, what does not fit, and the degrees the model forbids."""
+`moectl train` command that runs it, what does not fit (and, where nothing does, what would), and the
+degrees the model forbids."""
 
 from __future__ import annotations
 
@@ -21,15 +22,23 @@ from moectl.config import (
     parse_set_option,
 )
 from moectl.errors import UsageError
-from moectl.plan.calibration import CALIBRATED_ON, CALIBRATION, GPU_KINDS, Calibration, is_calibrated
+from moectl.model.sizing import FP32_RESIDUAL_BYTES
+from moectl.plan.calibration import (
+    CALIBRATED_ON,
+    CALIBRATION,
+    GPU_KINDS,
+    Calibration,
+    is_calibrated,
+    precision_calibrated,
+)
 from moectl.plan.predict import (
-    BYTES_PER_PARAM,
     HEADROOM_GIB,
     LOSS_CHUNK_TOKENS,
     SMALLEST_CALIBRATED_HIDDEN,
     Prediction,
     batch_problem,
     layout_strategy,
+    plan_precision,
     planned,
     predict,
 )
@@ -40,6 +49,15 @@ from moectl.tables import Column, output_console, show_table
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 #: the most memory per GPU --gpu-mem takes, in GiB (far beyond any GPU)
 MAX_GPU_MEM_GIB = 100_000
+#: GPUs per node a plan where nothing fits tries, doubling up to it, before more nodes (one HGX node)
+GPUS_PER_NODE_TRIED = 8
+#: What `mixed` adds that no measured run checks yet, for the notes and --json
+MIXED_UNCALIBRATED = (
+    "mixed precision: uncalibrated (no mixed GPU run yet): its time terms (fp32 gradient reductions, the "
+    "optimizer's pass over fp32 state, the casts of weights to bf16 and of gradients back) and its fp32 "
+    f"residual stream outside FSDP ({FP32_RESIDUAL_BYTES} bytes per token, layer and hidden unit more "
+    "activations, measured on the CPU) are the model's assumptions until mixed GPU runs refit them"
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,18 @@ class Plan:
     forbidden: list[tuple[PlannedLayout, str]]  # layouts the model, the batch or the strategy rules out
     usable_gib: float
     no_cost_model: list[tuple[PlannedLayout, str]] = field(default_factory=list)  # with the command
+
+    @property
+    def fits(self) -> bool:
+        return any(row.does_not_fit is None for row in self.rows)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A change with which a layout fits where none did, and the fastest layout that then fits."""
+
+    change: str  # as the user makes it: "8 GPUs", "2 nodes", "--set train.optimizer=sgd"
+    row: PlanRow
 
 
 def layout_problem(model: ModelConfig, train: TrainConfig, strategy: str, layout: Layout) -> str | None:
@@ -112,6 +142,7 @@ def make_plan(
     without a cost model listed as such. Fitting rows rank fastest first; where two are predicted equally
     fast (the chunked loss has no time term), the one that holds less memory comes first."""
     num_gpus, usable = gpus_per_node * nodes, gpu_mem_gib - HEADROOM_GIB
+    precision = plan_precision(train)
     rows, forbidden, no_cost_model = [], [], []
     chunks = sorted({0, train.loss_chunk_tokens or LOSS_CHUNK_TOKENS})
     for name in available_strategies():
@@ -139,19 +170,21 @@ def make_plan(
             if problem:
                 forbidden.append((base, problem))
                 continue
-            if strategy.step_cost(train, gpus_per_node, BYTES_PER_PARAM) is None:
+            if strategy.step_cost(train, gpus_per_node, precision) is None:
                 command = train_command(config_name, train, base, layout, gpus_per_node, nodes, sets)
                 no_cost_model.append((base, command))
                 continue
             for variant, variant_train in allowed:
                 p = predict(strategy, variant_train, gpu, nodes, cal)
-                m, why = p.memory, None
+                why = None
                 if p.peak_mem_gib > usable:
-                    why = (
-                        f"{p.peak_mem_gib:.1f} GiB > {usable:.1f} usable: weights + optimizer state "
-                        f"{m.weights_and_optimizer:.1f}, activations {m.activations:.1f}, logits {m.logits:.1f}"
-                        + (f", exchange buffers {m.buffers:.1f}" if m.buffers else "")
-                    )
+                    why = too_large(p, usable)
+                    if precision.casts:  # what the fp32 master copy costs: whether pure bf16 would fit
+                        bf16 = predict(
+                            strategy, dataclasses.replace(variant_train, precision="bf16"), gpu, nodes, cal
+                        )
+                        if bf16.peak_mem_gib <= usable:
+                            why += f"; under bf16 it fits ({bf16.peak_mem_gib:.1f} GiB)"
                 command = train_command(config_name, train, variant, layout, gpus_per_node, nodes, sets)
                 rows.append(PlanRow(variant, p, why, command))
     rows.sort(
@@ -162,6 +195,96 @@ def make_plan(
         )
     )
     return Plan(rows, forbidden, usable, no_cost_model)
+
+
+def too_large(p: Prediction, usable: float) -> str:
+    """How far a prediction is over the usable memory, split into what holds it."""
+    m = p.memory
+    return (
+        f"{p.peak_mem_gib:.1f} GiB > {usable:.1f} usable: weights + optimizer state "
+        f"{m.weights_and_optimizer:.1f}"
+        + (f", bf16 weight copies {m.compute_copies:.1f}" if m.compute_copies else "")
+        + f", activations {m.activations:.1f}, logits {m.logits:.1f}"
+        + (f", exchange buffers {m.buffers:.1f}" if m.buffers else "")
+    )
+
+
+def alternatives(
+    model: ModelConfig,
+    train: TrainConfig,
+    config_name: str,
+    gpu: str,
+    gpus_per_node: int,
+    nodes: int,
+    gpu_mem_gib: float,
+    sets: tuple[str, ...] = (),
+    cal: Calibration = CALIBRATION,
+) -> list[Alternative]:
+    """Where no layout fits: the changes with which one would, each with its fastest fitting layout. More
+    GPUs (doubling the GPUs per node up to `GPUS_PER_NODE_TRIED`, then the nodes, up to four times as
+    many), plain SGD instead of AdamW or momentum (no optimizer state), pure bf16 instead of `mixed`; all
+    of the last two at once where neither alone does. (Activation checkpointing, the chunked loss and
+    every micro-batch are among the variants already tried.)"""
+    found: list[Alternative] = []
+
+    def fastest(change: str, train_: TrainConfig, per_node: int, nodes_: int, sets_: tuple[str, ...]) -> bool:
+        plan = make_plan(model, train_, config_name, gpu, per_node, nodes_, gpu_mem_gib, sets_, cal)
+        if plan.fits:
+            found.append(Alternative(change, plan.rows[0]))
+        return plan.fits
+
+    machines = []
+    per_node = gpus_per_node * 2
+    while per_node <= max(GPUS_PER_NODE_TRIED, gpus_per_node):
+        machines.append((per_node, nodes, f"{per_node} GPUs per node" if nodes > 1 else f"{per_node} GPUs"))
+        per_node *= 2
+    if gpus_per_node >= GPUS_PER_NODE_TRIED:
+        machines += [(gpus_per_node, n, f"{n:,} nodes") for n in (2 * nodes, 4 * nodes) if n <= MAX_NODES]
+    for per_node, nodes_, words in machines:
+        if fastest(words, train, per_node, nodes_, sets):
+            break
+    lighter: list[tuple[dict[str, Any], tuple[str, ...]]] = []  # (train's changes, their --set items)
+    if train.optimizer != "sgd" or train.momentum:
+        sgd_sets = ("train.optimizer=sgd",) if train.optimizer != "sgd" else ()
+        sgd_sets += ("train.momentum=0",) if train.momentum else ()
+        lighter.append(({"optimizer": "sgd", "momentum": 0.0}, sgd_sets))
+    if plan_precision(train).casts:
+        lighter.append(({"precision": "bf16"}, ("train.precision=bf16",)))
+    if len(lighter) > 1:  # both at once, where neither alone fits
+        together = {key: value for changes, _ in lighter for key, value in changes.items()}
+        lighter.append((together, tuple(item for _, items in lighter for item in items)))
+    one_fits = False
+    for number, (changes, more_sets) in enumerate(lighter):
+        if number == 2 and one_fits:
+            break
+        change = " ".join(f"--set {item}" for item in more_sets)
+        changed = dataclasses.replace(train, **changes)
+        one_fits |= fastest(change, changed, gpus_per_node, nodes, (*sets, *more_sets))
+    return found
+
+
+def nothing_fits_line(plan: Plan, train: TrainConfig, machine: str, found: list[Alternative]) -> str:
+    """One line: nothing fits this machine, the closest layout and its size, and what would fit."""
+    precision = plan_precision(train)
+    optimizer = train.optimizer + (f" (momentum {train.momentum:g})" if train.momentum else "")
+    closest = min(plan.rows, key=lambda row: row.prediction.peak_mem_gib, default=None)
+    line = f"Nothing fits {machine} ({plan.usable_gib:g} GiB usable per GPU) with {optimizer} in {precision.name} precision"
+    if closest is not None:
+        line += f": the smallest, {_variant_words(closest.layout)}, needs {closest.prediction.peak_mem_gib:.1f} GiB"
+    if not found:
+        return line + "; nor with more GPUs, plain SGD or bf16."
+    fits = "; ".join(
+        f"{alt.change} ({_variant_words(alt.row.layout)}: {alt.row.prediction.peak_mem_gib:.1f} GiB, "
+        f"{alt.row.prediction.tokens_per_s_per_gpu:,.0f} tokens/s/GPU)"
+        for alt in found
+    )
+    return f"{line}. It fits with {fits}."
+
+
+def _variant_words(lay: PlannedLayout) -> str:
+    checkpointing = ", activation checkpointing" if lay.activation_checkpointing else ""
+    chunk = f", loss chunk {lay.loss_chunk_tokens:,}" if lay.loss_chunk_tokens else ""
+    return f"{_degrees(lay)} at micro-batch {lay.micro_batch}{checkpointing}{chunk}"
 
 
 def train_command(
@@ -190,6 +313,15 @@ def train_command(
     return " ".join(parts)
 
 
+def uncalibrated_kind_note(gpu: str) -> str:
+    kind, reference = GPU_KINDS[gpu].name, GPU_KINDS[CALIBRATED_ON].name
+    return (
+        f"{kind}: uncalibrated. No measured {kind} run checks these predictions yet: the figures are the "
+        f"maker's (peak FLOP/s, memory and bandwidths), the kernels' efficiencies the ones measured on "
+        f"{reference}s"
+    )
+
+
 def machine_words(gpu: str, gpus_per_node: int, nodes: int) -> str:
     """The machine as the title names it: "1 × H200", "8 × H100", "4 nodes × 8 H100"."""
     kind = GPU_KINDS[gpu].name
@@ -213,25 +345,33 @@ def shown_rows(plan: Plan, every_variant: bool) -> list[PlanRow]:
     return shown
 
 
-def plan_json(plan: Plan, settings: dict, every_variant: bool) -> dict:
-    rows = [
-        {
-            **dataclasses.asdict(row.layout),
-            "fits": row.does_not_fit is None,
-            "does_not_fit": row.does_not_fit,
-            **dataclasses.asdict(row.prediction),
-            "command": row.command,
-        }
-        for row in shown_rows(plan, every_variant)
-    ]
+def _row_json(row: PlanRow) -> dict:
+    return {
+        **dataclasses.asdict(row.layout),
+        "fits": row.does_not_fit is None,
+        "does_not_fit": row.does_not_fit,
+        **dataclasses.asdict(row.prediction),
+        "command": row.command,
+    }
+
+
+def plan_json(
+    plan: Plan,
+    settings: dict,
+    every_variant: bool,
+    nothing_fits: str | None = None,
+    would_fit: list[Alternative] = (),
+) -> dict:
     forbidden = [{**dataclasses.asdict(lay), "rule": rule} for lay, rule in plan.forbidden]
     no_cost_model = [{**dataclasses.asdict(lay), "command": command} for lay, command in plan.no_cost_model]
     return {
         "settings": settings,
         "usable_gib": plan.usable_gib,
-        "layouts": rows,
+        "layouts": [_row_json(row) for row in shown_rows(plan, every_variant)],
         "forbidden": forbidden,
         "no_cost_model": no_cost_model,
+        "nothing_fits": nothing_fits,
+        "would_fit": [{"change": alt.change, **_row_json(alt.row)} for alt in would_fit],
     }
 
 
@@ -281,10 +421,22 @@ def plan_command(
         from moectl.model.build import model_config_from_hf_dir
 
         cfg.model = model_config_from_hf_dir(Path(cfg.model.path))
+    try:
+        precision = plan_precision(cfg.train)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     memory = gpu_mem_gib or GPU_KINDS[gpu].memory_gib
     name = config or "tiny"
     plan = make_plan(cfg.model, cfg.train, name, gpu, gpus, nodes, memory, tuple(sets))
+    machine = machine_words(gpu, gpus, nodes)
+    would_fit, nothing_fits = [], None
+    if plan.rows and not plan.fits:  # (where every layout is forbidden, the rules say why)
+        would_fit = alternatives(cfg.model, cfg.train, name, gpu, gpus, nodes, memory, tuple(sets))
+        nothing_fits = nothing_fits_line(plan, cfg.train, machine, would_fit)
     calibrated = is_calibrated(gpu)
+    mixed_calibrated = not precision.casts or precision_calibrated(precision.name)
+    uncalibrated = [] if calibrated else [uncalibrated_kind_note(gpu)]
+    uncalibrated += [] if mixed_calibrated else [MIXED_UNCALIBRATED]
     settings = {
         "config": name,
         "gpu": gpu,
@@ -294,9 +446,14 @@ def plan_command(
         "gpu_mem_gib": memory,
         "global_batch": cfg.train.global_batch,
         "seq_len": cfg.train.seq_len,
+        "optimizer": cfg.train.optimizer,
+        "precision": precision.name,
+        "precision_setting": cfg.train.precision,
+        "precision_calibrated": precision_calibrated(precision.name),
+        "uncalibrated": uncalibrated,
     }
     if as_json:
-        print(json.dumps(plan_json(plan, settings, every_variant), indent=1))
+        print(json.dumps(plan_json(plan, settings, every_variant, nothing_fits, would_fit), indent=1))
         return
     console = output_console()
     headers = ("#", "strategy", "dp", "tp", "ep", "micro", "AC", "compile", "loss chunk", "tokens/s/GPU", "MFU",
@@ -323,15 +480,17 @@ def plan_command(
         for number, row in enumerate(rows, 1)
     ]
     title = (
-        f"{name}: {machine_words(gpu, gpus, nodes)} ({'' if calibrated else 'uncalibrated; '}"
+        f"{name}: {machine} ({'' if calibrated else 'uncalibrated; '}"
         f"{memory:g} GiB, {plan.usable_gib:g} usable), "
-        f"global batch {cfg.train.global_batch} × {cfg.train.seq_len} tokens"
+        f"global batch {cfg.train.global_batch} × {cfg.train.seq_len} tokens, {cfg.train.optimizer}, "
+        f"{precision.name} precision"
     )
     show_table(console, columns, cells, title=title, keys=2)
     # Commands stay whole on one line (copied as they are); the notes below them wrap at words.
     for line in [f"{n:>3}. {row.does_not_fit or row.command}" for n, row in enumerate(rows, 1)]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
-    lines = [f"forbidden: {_degrees(lay)}: {rule}" for lay, rule in plan.forbidden]
+    lines = [nothing_fits] if nothing_fits else []
+    lines += [f"forbidden: {_degrees(lay)}: {rule}" for lay, rule in plan.forbidden]
     lines += [
         f"no cost model: {_degrees(lay)} runs ({command}), but the strategy states no cost for plan to predict"
         for lay, command in plan.no_cost_model
@@ -340,13 +499,9 @@ def plan_command(
         "comm = share of the step spent waiting for communication. The model and its calibration: "
         "moectl/plan/predict.py, moectl/plan/calibration.py, BENCHMARKS.md."
     )
-    if not calibrated:
-        kind, reference = GPU_KINDS[gpu].name, GPU_KINDS[CALIBRATED_ON].name
-        lines.append(
-            f"{kind}: uncalibrated. No measured {kind} run checks these predictions yet: the figures are the "
-            f"maker's (peak FLOP/s, memory and bandwidths), the kernels' efficiencies the ones measured on "
-            f"{reference}s."
-        )
+    auto = " (train.precision=auto: mixed, as on a GPU)" if cfg.train.precision == "auto" else ""
+    lines.append(f"Precision {precision.describe()}{auto}; measured runs trained in bf16.")
+    lines += [f"{note[0].upper()}{note[1:]}." for note in uncalibrated]
     if nodes > 1:
         lines.append(
             f"Between nodes the model assumes {GPU_KINDS[gpu].network_bytes_per_s / 1e9:g} GB/s per GPU: "

@@ -27,6 +27,7 @@ from moectl.model.sizing import (
     format_count,
     seed_flops_per_token,
 )
+from moectl.parallel.cost import StepCost
 from moectl.registry import build_strategy, drop_defaults_of_others
 from moectl.run import runtime
 from moectl.run.preflight import verify_checkpoint
@@ -224,12 +225,34 @@ def memory_note(cfg: RunConfig) -> str:
     return "auto: GPU"
 
 
+def memory_estimate_gib(
+    cfg: RunConfig, strategy: Strategy, cost: StepCost, num_micro_batches: int, on_gpu: bool | None = None
+) -> float:
+    """The dry-run's memory estimate per rank (`estimate_memory_gib`) in the run's precision (`on_gpu`:
+    whether `auto` means a GPU's; None: this machine's), from what `strategy` states it holds (`cost`):
+    under `mixed` fp32 weights, gradients and optimizer state, bf16 activations and copies of the weights
+    (`Strategy.compute_copy_params`), and the fp32 residual stream where FSDP2 does not cast the layers'
+    inputs."""
+    precision = runtime.precision(cfg.train, on_gpu)
+    grads = cost.grads if num_micro_batches > 1 else cost.params
+    return estimate_memory_gib(
+        cfg.model,
+        cfg.train,
+        cost.params,
+        precision.param_bytes,
+        grads,
+        compute_bytes=precision.compute_bytes,
+        compute_copy_params=strategy.compute_copy_params(cost, cfg.train) if precision.casts else 0.0,
+        fp32_residual=precision.casts and not strategy.layer_inputs_in_compute_dtype(cost),
+    )
+
+
 def describe(p: PreparedRun, console: Console) -> None:
     """The --dry-run report: resolved config, parameter counts, flops per token, memory per rank."""
     cfg = p.cfg
     counts = count_params(cfg.model)
     precision = runtime.precision(cfg.train)
-    cost = p.strategy.step_cost(cfg.train, p.nproc_per_node, precision.param_dtype.itemsize)
+    cost = p.strategy.step_cost(cfg.train, p.nproc_per_node, precision)
     console.print(cfg.to_yaml(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"{p.strategy.name} on {p.world_size} process(es):", markup=False, highlight=False)
     rows = [
@@ -251,16 +274,7 @@ def describe(p: PreparedRun, console: Console) -> None:
     if cost is None:
         rows.append(("parameters and memory per rank", f"n/a: {p.strategy.name} states no cost model"))
     else:
-        grads = cost.grads if p.num_micro_batches > 1 else cost.params
-        memory = estimate_memory_gib(
-            cfg.model,
-            cfg.train,
-            cost.params,
-            precision.param_dtype.itemsize,
-            grads,
-            compute_bytes=precision.compute_dtype.itemsize,
-            compute_copy_params=p.strategy.compute_copy_params(cost) if precision.casts else 0.0,
-        )
+        memory = memory_estimate_gib(cfg, p.strategy, cost, p.num_micro_batches)
         rows += [
             ("parameters per rank", f"{format_count(cost.params)} ({round(cost.params):,})"),
             ("memory estimate per rank", f"{memory:.2f} GiB"),
